@@ -1,0 +1,14 @@
+"""scores-as-actions core: the sampler of a diffusion model as a controlled SDE whose action is the score.
+
+Modules: :mod:`~sa_theory.schedules` (forward noise schedules), :mod:`~sa_theory.sde` (the controlled
+sampler SDE / probability-flow ODE), :mod:`~sa_theory.rollout` (native and torchsde rollouts),
+:mod:`~sa_theory.kl` (log-probabilities and the Girsanov path KL, with units).
+"""
+
+from . import kl, rollout, schedules, sde
+from .kl import euler_log_prob, gaussian_log_prob, girsanov_kl_rate, girsanov_kl_step, mean_and_se, path_kl
+from .rollout import Trajectory, rollout as simulate
+from .schedules import ConstantOU, VEGeometric, VPCosine, VPLinear, get_schedule
+from .sde import ControlledSDE, score_as_action
+
+__version__ = "0.1.0"
