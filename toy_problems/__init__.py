@@ -1,0 +1,1 @@
+from .linear_gaussian import LinearGaussianProblem, gaussian_kl
