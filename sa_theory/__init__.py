@@ -2,10 +2,12 @@
 
 Modules: :mod:`~sa_theory.schedules` (forward noise schedules), :mod:`~sa_theory.sde` (the controlled
 sampler SDE / probability-flow ODE), :mod:`~sa_theory.rollout` (native and torchsde rollouts),
+:mod:`~sa_theory.estimators` (policy-gradient estimators, surrogates, baselines), :mod:`~sa_theory.value`
+(value designs and losses),
 :mod:`~sa_theory.kl` (log-probabilities and the Girsanov path KL, with units).
 """
 
-from . import kl, rollout, schedules, sde
+from . import estimators, kl, rollout, schedules, sde, value
 from .kl import euler_log_prob, gaussian_log_prob, girsanov_kl_rate, girsanov_kl_step, mean_and_se, path_kl
 from .rollout import Trajectory, rollout as simulate
 from .schedules import ConstantOU, VEGeometric, VPCosine, VPLinear, get_schedule

@@ -32,6 +32,7 @@ __all__ = [
     "girsanov_kl_step",
     "path_kl",
     "mean_and_se",
+    "gaussian_mean_kl",
 ]
 
 
@@ -83,3 +84,10 @@ def mean_and_se(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tens
     if n < 2:
         raise ValueError(f"need at least 2 samples for a standard error, got {n}")
     return x.mean(dim=dim), x.std(dim=dim, unbiased=True) / math.sqrt(n)
+
+
+def gaussian_mean_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    r""":math:`KL(N(m_p, \mathrm{std}^2 I)\|N(m_q, \mathrm{std}^2 I)) = |m_p - m_q|^2/(2\,\mathrm{std}^2)`, summed over
+    non-batch dims (nats per step), ``(B,)``. For an Euler step, ``std^2 = g^2 dtau`` and
+    ``m_p - m_q = g^2 dtau (a - s)``, which gives :func:`girsanov_kl_step` exactly."""
+    return sum_event((mean_p - mean_q) ** 2) / (2 * torch.as_tensor(std, dtype=mean_p.dtype) ** 2)

@@ -246,33 +246,52 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
 
 
 class _TorchsdeSystem(torch.nn.Module):
-    """The controlled SDE (plus the KL integral as an extra coordinate) in torchsde's interface."""
+    r"""The controlled SDE (plus the KL integral as an extra coordinate) in torchsde's interface.
+
+    torchsde's fixed-step loop accumulates ``t += dt`` in floating point, so on a grid ``taus`` it takes
+    extra tiny steps and queries the Brownian path off the grid (float32, N = 1000: 1001 steps). The system
+    is therefore written in step-index time :math:`u = \tau/d\tau` (``du = 1``, exact in floating point):
+    drift :math:`d\tau\,b(\tau)`, diffusion :math:`\sqrt{d\tau}\,g(\tau)`, KL rate times :math:`d\tau`.
+    The Brownian increments over ``[k, k+1]`` are then the standardised increments :math:`\xi_k`.
+    """
 
     noise_type = "diagonal"
     sde_type = "ito"
 
-    def __init__(self, sde: ControlledSDE, policy, reference, cond, event_shape):
+    def __init__(self, sde: ControlledSDE, policy, reference, cond, event_shape, taus):
         super().__init__()
         self.sde, self.policy, self.reference, self.cond = sde, policy, reference, cond
         self.event_shape = tuple(event_shape)
         self.D = math.prod(self.event_shape)
+        self.taus = taus
+        self.dtau = float(taus[1] - taus[0])
+        self.sqrt_dtau = math.sqrt(self.dtau)
+
+    def _tau(self, u):
+        """Sampler time of step-index time ``u`` (grid values exactly at integer ``u``)."""
+        u = torch.as_tensor(u, dtype=self.taus.dtype, device=self.taus.device)
+        k = int(u)
+        if k == u:
+            return self.taus[k]
+        return self.taus[0] + u * self.dtau
 
     def _split(self, z):
         return z[:, : self.D].reshape(z.shape[0], *self.event_shape)
 
-    def f(self, t, z):
+    def f(self, u, z):
+        tau = self._tau(u)
         y = self._split(z)
-        a = self.policy(t, y, self.cond)
-        b = self.sde.drift(t, y, a).reshape(z.shape[0], self.D)
+        a = self.policy(tau, y, self.cond)
+        b = self.sde.drift(tau, y, a).reshape(z.shape[0], self.D)
         if self.reference is not None:
-            rate = girsanov_kl_rate(self.sde.g2(t), a, self.reference(t, y, self.cond))
+            rate = girsanov_kl_rate(self.sde.g2(tau), a, self.reference(tau, y, self.cond))
         else:
             rate = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        return torch.cat([b, rate[:, None]], dim=1)
+        return torch.cat([b, rate[:, None]], dim=1) * self.dtau
 
-    def g(self, t, z):
+    def g(self, u, z):
         out = torch.zeros_like(z)
-        out[:, : self.D] = self.sde.diffusion(torch.as_tensor(t, dtype=z.dtype, device=z.device))
+        out[:, : self.D] = self.sde.diffusion(self._tau(u)) * self.sqrt_dtau
         return out
 
 
@@ -280,25 +299,26 @@ def _rollout_torchsde(sde, policy, y0, taus, cond, reference, method, seed, save
     import torchsde
 
     B, event = y0.shape[0], y0.shape[1:]
-    system = _TorchsdeSystem(sde, policy, reference, cond, event)
+    N = taus.numel() - 1
+    system = _TorchsdeSystem(sde, policy, reference, cond, event, taus)
     z0 = torch.cat([y0.reshape(B, -1), torch.zeros(B, 1, dtype=y0.dtype, device=y0.device)], dim=1)
-    dt = float(taus[1] - taus[0])
+    us = torch.arange(N + 1, dtype=y0.dtype, device=y0.device)  # step-index time, see _TorchsdeSystem
     bm = torchsde.BrownianInterval(
-        t0=float(taus[0]), t1=float(taus[-1]), size=z0.shape, dtype=y0.dtype, device=y0.device,
+        t0=0.0, t1=float(N), size=z0.shape, dtype=y0.dtype, device=y0.device,
         entropy=0 if seed is None else int(seed),
         levy_area_approximation="space-time" if method == "srk" else "none",
     )
-    ts = taus if save_every is not None else taus[[0, -1]]
-    zs = torchsde.sdeint(system, z0, ts, bm=bm, method=method, dt=dt)
+    ts = us if save_every is not None else us[[0, -1]]
+    zs = torchsde.sdeint(system, z0, ts, bm=bm, method=method, dt=1.0)
     states = zs[:, :, : system.D].reshape(zs.shape[0], B, *event)
     kl_cum = zs[:, :, -1]
     traj = Trajectory(taus=taus, final=states[-1], path_kl=kl_cum[-1] if reference is not None else None)
     if save_every is not None:
-        N = taus.numel() - 1
-        incr = torch.stack([bm(taus[k], taus[k + 1])[:, : system.D] for k in range(N)]) / math.sqrt(dt)
+        incr = torch.stack([bm(us[k], us[k + 1])[:, : system.D] for k in range(N)])
         traj.states, traj.saved_taus = states, taus
         traj.noise = None if sde.ode else incr.reshape(N, B, *event)
         if reference is not None:
             traj.kl_steps = kl_cum[1:] - kl_cum[:-1]
         traj.extras["bm"] = bm
+        traj.extras["bm_time"] = "step index u = tau / dtau (increments over [k, k+1] are standardised)"
     return traj

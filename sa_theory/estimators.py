@@ -1,0 +1,280 @@
+r"""Continuous-time policy-gradient estimators, trust-region surrogates and discrete-time baselines.
+
+Every estimator here is a **per-path surrogate**: a tensor of shape ``(B,)`` whose gradient with
+respect to the policy parameters, averaged over paths, is the estimator (its value is not the objective
+unless stated). Maximise ``surrogate.mean()`` (or minimise its negative). States are always detached:
+the surrogate is re-evaluated on recorded states with the current policy (:func:`policy_means`).
+
+Notation (theory.md §1-2): grid :math:`\tau_k`, step :math:`d\tau`, :math:`g_k^2 = g^2(T-\tau_k)`, policy mean
+:math:`\mu_k = \mu_\theta(\tau_k, Y_k)`, pretrained action :math:`s_k`, standardised noise :math:`\xi_k`,
+terminal reward :math:`R = r(Y_N)`, per-step KL :math:`\ell_k = \frac{g_k^2 d\tau}{2}|\mu_k - s_k|^2` (nats
+per step, summed over dimensions; :func:`sa_theory.kl.girsanov_kl_step`).
+
+=========================  ====================================================================
+estimator                   per-path surrogate (gradient = estimator)
+=========================  ====================================================================
+value gradient (R4)         :math:`\sum_k g_k^2 d\tau\,\langle \mu_\theta(\tau_k,Y_k),\,
+                            \mathrm{sg}[\nabla_y V(\tau_k,Y_k) - \beta(\mu_k - s_k)]\rangle`
+likelihood ratio (R5)       :math:`\sum_k A_k \log\pi_\theta(Y_{k+1}|Y_k) - \beta\sum_k \ell_k(\theta)` with
+                            :math:`A_k` = full return :math:`R-\beta\sum_j\ell_j`, reward-to-go
+                            :math:`G_k = R - \beta\sum_{j>k}\ell_j`, or :math:`G_k - b(\tau_k, Y_k)`
+TD / advantage rate (R5)    same with :math:`A_k = V(\tau_{k+1},Y_{k+1}) - V(\tau_k,Y_k) - \beta\ell_k`
+pathwise (R6)               :math:`R - \beta\sum_k \ell_k` on a rollout built with autograd on
+DDPO-SF (baseline)          :math:`(R - \beta\sum_j \log\tfrac{\pi_\theta}{\pi_{pre}}(Y_{j+1}|Y_j))
+                            \sum_k\log\pi_\theta(Y_{k+1}|Y_k)`, sampled log-ratio KL, no structure
+DPOK (baseline)             :math:`\sum_k (R - b_k)\log\pi_\theta - \beta\sum_k \ell_k(\theta)` (KL not in
+                            the return: a biased gradient of J)
+=========================  ====================================================================
+
+:math:`\nabla_\theta \log\pi_\theta(Y_{k+1}|Y_k) = g_k\sqrt{d\tau}\,(\partial_\theta\mu_k)^\top\xi_k`: the
+Euler transition density's score is the Girsanov stochastic integral :math:`\int g\,(\partial_\theta\mu)^\top
+dB`, which is why the likelihood-ratio estimator has a finite continuous-time limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .kl import euler_log_prob, girsanov_kl_step, sum_event
+from .rollout import Trajectory
+from .sde import ActionFn, ControlledSDE, check_finite
+
+__all__ = [
+    "policy_means",
+    "euler_log_probs",
+    "kl_steps",
+    "reward_to_go",
+    "td_advantages",
+    "value_gradient_surrogate",
+    "likelihood_ratio_surrogate",
+    "pathwise_objective",
+    "reinforce_kl_surrogate",
+    "dpok_surrogate",
+    "ppo_clip_surrogate",
+    "hamiltonian_gap",
+    "trust_region_surrogate",
+    "policy_path_kl",
+    "advantage_rate",
+    "value_grad",
+    "batch_means_gradient",
+]
+
+
+# --------------------------------------------------------------------------- per-step re-evaluation
+def policy_means(policy: ActionFn, taus: torch.Tensor, states: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    """:math:`\\mu_\\theta(\\tau_k, Y_k)` for ``k = 0..N-1`` on detached recorded states: ``(N, B, *event)``."""
+    N = taus.numel() - 1
+    if states.shape[0] != N + 1:
+        raise ValueError(f"'states' must hold all N+1={N + 1} grid states (rollout with save_every=1), "
+                         f"got {states.shape[0]}")
+    return torch.stack([policy(taus[k], states[k].detach(), cond) for k in range(N)])
+
+
+def euler_log_probs(sde: ControlledSDE, taus: torch.Tensor, states: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """:math:`\\log N(Y_{k+1}; Y_k + b(\\tau_k, Y_k, \\mu_k) d\\tau, g_k^2 d\\tau I)`, ``(N, B)``, nats per step
+    (summed over dimensions). Differentiable in ``means``; states are detached."""
+    N = taus.numel() - 1
+    dt = float(taus[1] - taus[0])
+    g = sde.diffusion(taus)
+    out = []
+    for k in range(N):
+        y, y1 = states[k].detach(), states[k + 1].detach()
+        out.append(euler_log_prob(y1, y, sde.drift(taus[k], y, means[k]), g[k], dt))
+    return torch.stack(out)
+
+
+def kl_steps(sde: ControlledSDE, taus: torch.Tensor, means: torch.Tensor, ref_actions: torch.Tensor) -> torch.Tensor:
+    """:math:`\\ell_k = \\frac{g_k^2 d\\tau}{2}|\\mu_k - s_k|^2`, ``(N, B)`` (nats per step)."""
+    dt = float(taus[1] - taus[0])
+    g2 = sde.g2(taus)
+    return torch.stack([girsanov_kl_step(g2[k], dt, means[k], ref_actions[k].detach()) for k in range(means.shape[0])])
+
+
+# --------------------------------------------------------------------------- returns and advantages
+def reward_to_go(terminal_reward: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """:math:`G_k = R - \\beta \\sum_{j>k} \\ell_j` (the return that step ``k``'s noise can influence), ``(N, B)``.
+
+    ``kl`` is ``(N, B)`` per-step KL (detached inside).
+    """
+    kl = kl.detach()
+    future = torch.flip(torch.cumsum(torch.flip(kl, [0]), 0), [0]) - kl  # sum_{j>k}
+    return terminal_reward.detach()[None] - beta * future
+
+
+def td_advantages(values: torch.Tensor, terminal_reward: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """One-step TD errors :math:`\\delta_k = V(\\tau_{k+1},Y_{k+1}) - V(\\tau_k,Y_k) - \\beta\\ell_k`,
+    with :math:`V(\\tau_N, Y_N) := R`. ``values`` is ``(N, B)`` = :math:`V(\\tau_k, Y_k)`, ``k < N``.
+
+    :math:`\\delta_k \\approx q\\,d\\tau` + noise: the advantage-rate (q-function) form of R5.
+    """
+    v = values.detach()
+    v_next = torch.cat([v[1:], terminal_reward.detach()[None]], 0)
+    return v_next - v - beta * kl.detach()
+
+
+def value_grad(value: Callable, tau: torch.Tensor, y: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    """:math:`\\nabla_y V(\\tau, y)` by autograd for a value model ``value(tau, y, cond) -> (B,)``."""
+    with torch.enable_grad():
+        y = y.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(value(tau, y, cond).sum(), y)
+    return g
+
+
+# --------------------------------------------------------------------------- estimators
+def value_gradient_surrogate(means: torch.Tensor, value_grads: torch.Tensor, ref_actions: torch.Tensor,
+                             g2: torch.Tensor, dtau: float, beta: float) -> torch.Tensor:
+    """Value-gradient (deterministic) policy gradient, theory.md R4.
+
+    :math:`\\nabla J = E\\int g^2(\\partial_\\theta\\mu)^\\top[\\nabla_y V^\\theta - \\beta(\\mu - s)]d\\tau`;
+    per-path surrogate :math:`\\sum_k g_k^2 d\\tau\\langle\\mu_k, \\mathrm{sg}[\\nabla V_k - \\beta(\\mu_k-s_k)]\\rangle`.
+    ``means``/``value_grads``/``ref_actions``: ``(N, B, *event)``; ``g2``: ``(N,)`` or ``(N+1,)``. O(dtau)-biased
+    for the discrete chain when ``V`` is the continuous value.
+    """
+    N = means.shape[0]
+    w = (g2[:N] * dtau).reshape(N, *([1] * (means.dim() - 1)))
+    dual = (value_grads - beta * (means - ref_actions)).detach()
+    return torch.stack([sum_event(means[k] * dual[k] * w[k]) for k in range(N)]).sum(0)
+
+
+def likelihood_ratio_surrogate(log_probs: torch.Tensor, advantages: torch.Tensor, kl_theta: torch.Tensor,
+                               beta: float) -> torch.Tensor:
+    """Likelihood-ratio (Girsanov) policy gradient, theory.md R5.
+
+    Per path :math:`\\sum_k A_k\\log\\pi_\\theta(Y_{k+1}|Y_k) - \\beta\\sum_k\\ell_k(\\theta)`. ``log_probs``
+    and ``kl_theta`` ``(N, B)`` must be differentiable in the parameters (from :func:`euler_log_probs` /
+    :func:`kl_steps`); ``advantages`` ``(N, B)`` or ``(B,)`` (broadcast over steps) is detached: pass the
+    full return :math:`R - \\beta\\sum_j\\ell_j`, :func:`reward_to_go`, reward-to-go minus a baseline
+    :math:`b(\\tau_k, Y_k)`, or :func:`td_advantages`.
+    """
+    adv = advantages.detach()
+    if adv.dim() == 1:
+        adv = adv[None].expand_as(log_probs)
+    return (adv * log_probs).sum(0) - beta * kl_theta.sum(0)
+
+
+def pathwise_objective(terminal_reward: torch.Tensor, path_kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """Pathwise (reparameterised) objective, theory.md R6: :math:`R - \\beta\\,KL_{path}` per path, where the
+    rollout was built with autograd on and the Brownian path held fixed; its gradient is the estimator."""
+    return terminal_reward - beta * path_kl
+
+
+def reinforce_kl_surrogate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, terminal_reward: torch.Tensor,
+                           beta: float) -> torch.Tensor:
+    """DDPO-SF baseline: REINFORCE on the N-step chain with the sampled log-ratio KL in the return.
+
+    Per path :math:`(R - \\beta\\sum_j[\\log\\pi_\\theta - \\log\\pi_{pre}](Y_{j+1}|Y_j))\\sum_k\\log\\pi_\\theta(Y_{k+1}|Y_k)`
+    (the return is detached; the direct derivative of the sampled KL has mean zero and is dropped, as in
+    REINFORCE). Unbiased for the discrete objective; no reward-to-go, no baseline, no structure.
+    """
+    ret = terminal_reward.detach() - beta * (log_probs - ref_log_probs).detach().sum(0)
+    return ret * log_probs.sum(0)
+
+
+def dpok_surrogate(log_probs: torch.Tensor, terminal_reward: torch.Tensor, baseline: torch.Tensor,
+                   kl_theta: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPOK baseline (Fan et al. 2023): :math:`\\sum_k (R - b_k)\\log\\pi_\\theta - \\beta\\sum_k\\ell_k(\\theta)`.
+
+    ``baseline`` ``(N, B)`` is a learned value of the state; the KL enters only as a per-step regulariser,
+    not in the return (so this is a biased gradient of the KL-regularised objective).
+    """
+    adv = terminal_reward.detach()[None] - baseline.detach()
+    return (adv * log_probs).sum(0) - beta * kl_theta.sum(0)
+
+
+def ppo_clip_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                       clip_range: float) -> torch.Tensor:
+    """DDPO-IS: per-step PPO-clip :math:`\\sum_k \\min(\\rho_k A, \\mathrm{clip}(\\rho_k, 1\\pm\\epsilon) A)`.
+
+    :math:`\\rho_k = \\pi_\\theta/\\pi_{old}(Y_{k+1}|Y_k)` from log-probs **summed over dimensions**. With N
+    Euler steps :math:`\\log\\rho_k = O(\\sqrt{d\\tau})`, so a fixed ``clip_range`` is an N-dependent trust
+    region (theory.md R8); the path-KL penalty of :func:`trust_region_surrogate` is not.
+    """
+    if not clip_range > 0:
+        raise ValueError(f"'clip_range' must be > 0, got {clip_range}")
+    adv = advantages.detach()
+    if adv.dim() == 1:
+        adv = adv[None].expand_as(log_probs)
+    ratio = torch.exp(log_probs - old_log_probs.detach())
+    return torch.minimum(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv).sum(0)
+
+
+def hamiltonian_gap(new_means: torch.Tensor, old_means: torch.Tensor, ref_actions: torch.Tensor,
+                    value_grads: torch.Tensor, g2: torch.Tensor | float, beta: float) -> torch.Tensor:
+    """Rate :math:`H(a') - H(a)` with :math:`p = \\nabla V^\\theta` (theory.md R7), ``(B,)`` per unit time:
+
+    :math:`g^2[(a'-a)\\cdot(\\nabla V - \\beta(a - s)) - \\tfrac\\beta2|a'-a|^2]`. Includes the KL term of H.
+    """
+    diff = new_means - old_means.detach()
+    dual = (value_grads - beta * (old_means - ref_actions)).detach()
+    return g2 * (sum_event(diff * dual) - 0.5 * beta * sum_event(diff**2))
+
+
+def trust_region_surrogate(new_means: torch.Tensor, old_means: torch.Tensor, ref_actions: torch.Tensor,
+                           value_grads: torch.Tensor, g2: torch.Tensor, dtau: float, beta: float,
+                           kl_penalty: float = 0.0, max_path_kl: float | None = None) -> torch.Tensor:
+    """Continuous-time TRPO/PPO surrogate :math:`L_\\theta(\\theta') - J(\\theta)` per path (theory.md R8).
+
+    :math:`\\sum_k d\\tau\\,[H(\\mu'_k) - H(\\mu_k)]` on the OLD policy's states, minus ``kl_penalty`` times the
+    path KL :math:`KL(P^{\\theta'}\\|P^\\theta) \\approx \\sum_k \\frac{g_k^2 d\\tau}{2}|\\mu'_k-\\mu_k|^2`. With
+    ``max_path_kl``, paths whose KL to the old policy exceeds it contribute no gradient (clipping by a
+    step-count-independent trust region). At :math:`\\theta'=\\theta` value 0 and gradient = value gradient.
+    """
+    N = new_means.shape[0]
+    gap = torch.stack([hamiltonian_gap(new_means[k], old_means[k], ref_actions[k], value_grads[k], g2[k], beta)
+                       for k in range(N)]).sum(0) * dtau
+    pkl = policy_path_kl(new_means, old_means, g2, dtau)
+    out = gap - kl_penalty * pkl
+    if max_path_kl is not None:
+        keep = (pkl.detach() <= max_path_kl).to(out.dtype)
+        out = out * keep + (out * (1 - keep)).detach()
+    return out
+
+
+def policy_path_kl(new_means: torch.Tensor, old_means: torch.Tensor, g2: torch.Tensor, dtau: float) -> torch.Tensor:
+    """Girsanov KL between two policies on the same states, :math:`\\sum_k\\frac{g_k^2 d\\tau}{2}|\\mu'_k - \\mu_k|^2`,
+    ``(B,)`` nats per path (old means detached)."""
+    N = new_means.shape[0]
+    return torch.stack([girsanov_kl_step(g2[k], dtau, new_means[k], old_means[k].detach()) for k in range(N)]).sum(0)
+
+
+def advantage_rate(action: torch.Tensor, mean: torch.Tensor, ref_action: torch.Tensor, value_grad_: torch.Tensor,
+                   g2: torch.Tensor | float, beta: float, action_var_trace: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """q-function (advantage rate) in closed form, theory.md R5, ``(B,)``:
+
+    :math:`q(\\tau,y,a) = g^2(a-\\mu)\\cdot\\nabla V - \\frac{\\beta g^2}{2}(|a-s|^2 - E_\\pi|a'-s|^2)` with
+    :math:`E_\\pi|a'-s|^2 = |\\mu - s|^2 + \\mathrm{tr}\\,\\Sigma` (``action_var_trace``). Zero mean under
+    :math:`a\\sim\\pi = N(\\mu,\\Sigma)`.
+    """
+    e_sq = sum_event((mean - ref_action) ** 2) + action_var_trace
+    return g2 * (sum_event((action - mean) * value_grad_) - 0.5 * beta * (sum_event((action - ref_action) ** 2) - e_sq))
+
+
+# --------------------------------------------------------------------------- Monte-Carlo helpers
+def batch_means_gradient(per_path: torch.Tensor, params: Sequence[torch.Tensor], groups: int = 50
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of ``per_path.mean()`` and its standard error by the method of batch means.
+
+    Paths are split into ``groups`` equal consecutive groups; each group's mean gradient is one draw
+    (groups are i.i.d.), so ``se = std(group gradients)/sqrt(groups)``. Returns flat ``(mean, se)``.
+    """
+    B = per_path.shape[0]
+    if groups < 2 or B < groups:
+        raise ValueError(f"'groups' must be in [2, batch={B}], got {groups}")
+    check_finite("per-path surrogate", per_path.detach())
+    size = B // groups
+    grads = []
+    for gi in range(groups):
+        sl = per_path[gi * size : (gi + 1) * size].mean()
+        gs = torch.autograd.grad(sl, params, retain_graph=True, allow_unused=True)
+        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
+    G = torch.stack(grads)
+    return G.mean(0), G.std(0, unbiased=True) / math.sqrt(groups)
+
+
+def trajectory_tensors(sde: ControlledSDE, traj: Trajectory) -> dict[str, torch.Tensor]:
+    """Convenience: ``g2`` on the grid and ``dtau`` of a recorded trajectory."""
+    return {"g2": sde.g2(traj.taus), "dtau": traj.dtau}
