@@ -61,6 +61,7 @@ __all__ = [
     "advantage_rate",
     "value_grad",
     "batch_means_gradient",
+    "grouped_gradient",
 ]
 
 
@@ -270,6 +271,27 @@ def batch_means_gradient(per_path: torch.Tensor, params: Sequence[torch.Tensor],
     for gi in range(groups):
         sl = per_path[gi * size : (gi + 1) * size].mean()
         gs = torch.autograd.grad(sl, params, retain_graph=True, allow_unused=True)
+        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
+    G = torch.stack(grads)
+    return G.mean(0), G.std(0, unbiased=True) / math.sqrt(groups)
+
+
+def grouped_gradient(group_surrogate: Callable[[slice], torch.Tensor], params: Sequence[torch.Tensor],
+                     batch: int, groups: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`batch_means_gradient`, but builds one autograd graph per group.
+
+    ``group_surrogate(sl)`` returns the per-path surrogate ``(|sl|,)`` of the paths in slice ``sl``; the
+    cost is one forward and one backward pass over the whole batch (instead of ``groups`` backward passes
+    through a shared graph). Returns flat ``(mean, se)`` of the gradient of the mean surrogate.
+    """
+    if groups < 2 or batch < groups:
+        raise ValueError(f"'groups' must be in [2, batch={batch}], got {groups}")
+    size = batch // groups
+    grads = []
+    for gi in range(groups):
+        per_path = group_surrogate(slice(gi * size, (gi + 1) * size))
+        check_finite("per-path surrogate", per_path.detach())
+        gs = torch.autograd.grad(per_path.mean(), params, allow_unused=True)
         grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
     G = torch.stack(grads)
     return G.mean(0), G.std(0, unbiased=True) / math.sqrt(groups)

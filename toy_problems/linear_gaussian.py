@@ -566,3 +566,140 @@ class LinearGaussianProblem:
         L = torch.as_tensor(np.linalg.cholesky(Pi), dtype=dtype)
         z = torch.randn(n, self.d, generator=generator, dtype=dtype)
         return torch.as_tensor(mi, dtype=dtype) + z @ L.T
+
+    # ------------------------------------------------------------------ R7 / R8 (exact) -------------
+    def _hamiltonian_gap_integral(self, theta, theta2, pieces: int, under: str = "new",
+                                  with_kl: bool = True) -> float:
+        """:math:`E\\int_0^T g^2[(a'-a)\\cdot(\\nabla V^\\theta - \\beta(a-s)) - \\frac\\beta2|a'-a|^2]d\\tau`.
+
+        ``under="new"``: states from :math:`\\theta'` (the performance-difference identity, R7);
+        ``under="old"``: states from :math:`\\theta` (the surrogate of R8). ``with_kl=False`` drops the KL
+        terms of H (a wrong variant kept for negative-control tests).
+        """
+        old = self._piece_policy(theta, pieces)
+        new = self._piece_policy(theta2, pieces)
+        vcoef = self._backward(old)
+        b = self.beta if with_kl else 0.0
+
+        def extra(tau, m, P, A, c, g2, K, k):
+            U, u, _ = vcoef(tau)
+            K_old, k_old = old.K(tau), old.k(tau)
+            D, dl = new.K(tau) - K_old, new.k(tau) - k_old
+            G, e = -U - b * K_old, u - b * k_old
+            S2 = P + np.outer(m, m)
+            lin = np.trace(D.T @ G @ S2) + e @ D @ m + dl @ G @ m + dl @ e
+            quad = np.trace(D.T @ D @ S2) + 2 * dl @ D @ m + dl @ dl
+            return np.array([g2 * (lin - 0.5 * b * quad)])
+
+        *_, out = self._forward(new if under == "new" else old, extra=extra, n_extra=1)
+        return float(out[0])
+
+    def performance_difference(self, theta, theta2, pieces: int = 1) -> float:
+        """Exact right side of R7: :math:`E^{\\theta'}\\int [H(a_{\\theta'}) - H(a_\\theta)](\\nabla V^\\theta)d\\tau`,
+        which equals :math:`J(\\theta') - J(\\theta)`."""
+        return self._hamiltonian_gap_integral(theta, theta2, pieces, under="new")
+
+    def surrogate_objective(self, theta, theta2, pieces: int = 1) -> float:
+        """Trust-region surrogate (R8): :math:`L_\\theta(\\theta') = J(\\theta) + E^{\\theta}\\int[H(a')-H(a)]d\\tau`
+        (expectation under the OLD policy's state marginals)."""
+        return self.exact_objective(theta, pieces) + self._hamiltonian_gap_integral(theta, theta2, pieces, "old")
+
+    # ------------------------------------------------------------------ Monte-Carlo estimators ------
+    ESTIMATORS = ("pathwise", "value_gradient", "lr", "lr_reward_to_go", "lr_baseline", "lr_td", "ddpo_sf",
+                  "lr_action_noise")
+
+    def estimate_gradient(self, theta, pieces: int = 1, estimator: str = "lr", steps: int = 100,
+                          paths: int = 10_000, seed: int = 0, groups: int = 50, exploration_std: float = 1.0,
+                          dtype: torch.dtype = torch.float64, backend: str = "native"):
+        """Monte-Carlo estimate of :math:`\\nabla_\\theta J` with the ``sa_theory`` estimators on torch rollouts.
+
+        Returns ``(mean, standard_error)`` numpy arrays (standard error by batch means over ``groups``).
+        ``estimator`` is one of :attr:`ESTIMATORS`; ``value_gradient``, ``lr_baseline`` and ``lr_td`` use
+        the exact :math:`V^\\theta` of this problem (:meth:`policy_value`). ``lr_action_noise`` adds an
+        extra action noise ``exploration_std`` and uses only its likelihood ratio (the Brownian noise is
+        treated as part of the environment): unbiased, but its variance grows like N (theory.md R5).
+        Unbiased for the discrete chain (:meth:`discrete_gradient`): ``pathwise``, ``lr``,
+        ``lr_reward_to_go``, ``lr_baseline``, ``ddpo_sf``; O(dtau)-biased: ``value_gradient``, ``lr_td``.
+        """
+        from sa_theory import estimators as est
+        from sa_theory.rollout import rollout
+        from sa_theory.sde import ControlledSDE
+
+        if estimator not in self.ESTIMATORS:
+            raise ValueError(f"'estimator' must be one of {self.ESTIMATORS}, got {estimator!r}")
+        self._unpack(theta, pieces)
+        th = torch.tensor(np.asarray(theta, dtype=float), dtype=dtype, requires_grad=True)
+        policy, ref = self.policy_action(th, pieces), self.pretrained_action()
+        sde = ControlledSDE(self.schedule)
+        gen = torch.Generator().manual_seed(int(seed))
+        y0 = self.initial_sample(paths, gen, dtype)
+        beta = self.beta
+        if estimator == "pathwise":
+            def pathwise(sl: slice) -> torch.Tensor:
+                g = torch.Generator().manual_seed(int(seed) * 100_003 + sl.start)
+                traj = rollout(sde, policy, y0[sl], steps=steps, reference=ref, generator=g, save_every=None,
+                               backend=backend, seed=int(seed) * 100_003 + sl.start)
+                return est.pathwise_objective(self.reward_torch(traj.final), traj.path_kl, beta)
+
+            return tuple(x.numpy() for x in est.grouped_gradient(pathwise, [th], paths, groups))
+
+        noisy = estimator == "lr_action_noise"
+        with torch.no_grad():
+            traj = rollout(sde, policy, y0, steps=steps, reference=ref, generator=gen, backend=backend, seed=seed,
+                           exploration_std=exploration_std if noisy else 0.0)
+        taus = traj.taus
+        g2, dt = sde.g2(taus), traj.dtau
+        R_all = self.reward_torch(traj.final)
+        needs_v = estimator in ("lr_baseline", "lr_td")
+        values_all = self._values_torch(theta, pieces, taus, traj.states) if needs_v else None
+        vgrads_all = self._value_grads_torch(theta, pieces, taus, traj.states) if estimator == "value_gradient" else None
+
+        def surrogate(sl: slice) -> torch.Tensor:
+            states, refs, R = traj.states[:, sl], traj.ref_actions[:, sl], R_all[sl]
+            means = est.policy_means(policy, taus, states)
+            kl_theta = est.kl_steps(sde, taus, means, refs)
+            kl = kl_theta.detach()
+            if noisy:
+                from sa_theory.kl import gaussian_log_prob
+
+                acts = traj.actions[:, sl]
+                logp = torch.stack([gaussian_log_prob(acts[k], means[k], exploration_std) for k in range(steps)])
+                return est.likelihood_ratio_surrogate(logp, R - beta * kl.sum(0), kl_theta, beta)
+            if estimator == "value_gradient":
+                return est.value_gradient_surrogate(means, vgrads_all[:, sl], refs, g2, dt, beta)
+            logp = est.euler_log_probs(sde, taus, states, means)
+            if estimator == "ddpo_sf":
+                ref_logp = est.euler_log_probs(sde, taus, states, refs)
+                return est.reinforce_kl_surrogate(logp, ref_logp, R, beta)
+            if estimator == "lr":
+                adv = R - beta * kl.sum(0)
+            elif estimator == "lr_reward_to_go":
+                adv = est.reward_to_go(R, kl, beta)
+            elif estimator == "lr_baseline":
+                adv = est.reward_to_go(R, kl, beta) - (values_all[:, sl] + beta * kl)
+            else:  # lr_td
+                adv = est.td_advantages(values_all[:, sl], R, kl, beta)
+            return est.likelihood_ratio_surrogate(logp, adv, kl_theta, beta)
+
+        return tuple(x.numpy() for x in est.grouped_gradient(surrogate, [th], paths, groups))
+
+    def _value_coeffs_on_grid(self, theta, pieces, taus):
+        coeffs = self.policy_value_coeffs(theta, pieces)
+        return [coeffs(float(t)) for t in taus[:-1]]
+
+    def _values_torch(self, theta, pieces, taus, states) -> torch.Tensor:
+        """Exact :math:`V^\\theta(\\tau_k, Y_k)`, ``(N, B)``."""
+        out = []
+        for k, (U, u, u0) in enumerate(self._value_coeffs_on_grid(theta, pieces, taus)):
+            y = states[k].detach()
+            Ut, ut = torch.as_tensor(U, dtype=y.dtype), torch.as_tensor(u, dtype=y.dtype)
+            out.append(-0.5 * ((y @ Ut) * y).sum(-1) + y @ ut + u0)
+        return torch.stack(out)
+
+    def _value_grads_torch(self, theta, pieces, taus, states) -> torch.Tensor:
+        """Exact :math:`\\nabla_y V^\\theta(\\tau_k, Y_k) = -U Y_k + u`, ``(N, B, d)``."""
+        out = []
+        for k, (U, u, _) in enumerate(self._value_coeffs_on_grid(theta, pieces, taus)):
+            y = states[k].detach()
+            out.append(-y @ torch.as_tensor(U, dtype=y.dtype) + torch.as_tensor(u, dtype=y.dtype))
+        return torch.stack(out)

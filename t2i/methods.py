@@ -1,0 +1,256 @@
+r"""RL methods on a recorded :class:`~t2i.rollout.RolloutBatch`: ``prepare`` (advantages, value targets) and
+``losses(batch, steps) -> dict`` (``"loss"`` to minimise plus diagnostics). All share the rollout, reward,
+log-prob and KL code; every formula comes from :mod:`sa_theory`.
+
+Units: per-step log-probs and KLs are **summed over latent dimensions** (nats per step); a path KL is their
+sum over steps (nats per image). Each loss is a **sum over steps, mean over paths** of a per-path surrogate
+(steps not in ``steps`` are skipped; ``train.timestep_fraction < 1`` rescales by K / #steps trained so the
+sum stays unbiased).
+
+* :class:`SAActorCritic` (``sa_ac``) -- continuous-time KL-regularised actor-critic. Advantage
+  :math:`A_k = G_k - V(\tau_k, x_k)` with :math:`G_k = R - \beta\sum_{j>k}\ell_j` (:func:`reward_to_go`)
+  or the
+  TD error :math:`V_{k+1} - V_k - \beta\ell_k` (:func:`td_advantages`). Actor: the likelihood-ratio surrogate
+  :math:`\sum_k A_k\rho_k - \beta\sum_k\ell_k(\theta)` (:func:`likelihood_ratio_surrogate` with the per-step
+  importance weight :math:`\rho_k = \pi_\theta/\pi_{old}(x_{k+1}|x_k)` in place of
+  :math:`\log\pi_\theta`: same
+  gradient at :math:`\theta = \theta_{old}`, importance-corrected after it) with the exact per-step KL
+  :math:`\ell_k(\theta) = \frac{w_k}{2}|a^\theta_k - s_k|^2` to the pretrained model, minus
+  ``kl_penalty`` times the
+  path KL to the old policy :math:`\sum_k\frac{w_k}{2}|a^\theta_k - a^{old}_k|^2`
+  (:func:`policy_path_kl`): a trust
+  region independent of the number of steps, not a per-step ratio clip. Critic: Monte-Carlo regression
+  onto :math:`R - \beta\sum_{j\ge k}\ell_j` (:func:`mc_value_targets`) or TD(0).
+* :class:`DDPOImportanceSampling` (``ddpo_is``) -- per-step PPO-clip (:func:`ppo_clip_surrogate`) with a fixed
+  clip range on ratios of summed log-probs, per-prompt normalised rewards as advantages, no KL.
+* :class:`DPOK` (``dpok``) -- :func:`dpok_surrogate`: :math:`\sum_k (R - V_k)\rho_k -
+\beta\sum_k\ell_k(\theta)` with the
+  ratio clamped to :math:`1\pm c` and a learned value baseline regressed on R.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sa_theory.estimators import (
+    dpok_surrogate,
+    likelihood_ratio_surrogate,
+    policy_path_kl,
+    ppo_clip_surrogate,
+    reward_to_go,
+    td_advantages,
+)
+from sa_theory.value import mc_value_targets, value_regression_loss
+
+from .rollout import RolloutBatch, guided_eps, step_kl, step_log_prob
+from .scheduling import StepKernel
+
+__all__ = ["Method", "SAActorCritic", "DDPOImportanceSampling", "DPOK", "METHOD_CLASSES", "make_method"]
+
+
+class Method:
+    """Base: holds the kernel, the (possibly DDP-wrapped) policy UNet, the value model and the config."""
+
+    name = "method"
+    needs_reference = True  # record the pretrained model's actions during rollouts (KL)
+
+    def __init__(self, cfg, kernel: StepKernel, unet, value_model=None, prediction_type: str = "epsilon"):
+        self.cfg, self.kernel, self.unet, self.value_model = cfg, kernel, unet, value_model
+        self.prediction_type = prediction_type
+        self.steps_scale = 1.0
+
+    # -- shared pieces
+    def policy_eps(self, batch: RolloutBatch, k: int) -> torch.Tensor:
+        """Current policy's guided noise prediction at recorded state ``x_k`` (with autograd)."""
+        return guided_eps(
+            self.unet,
+            batch.latents[k].detach(),
+            int(self.kernel.timesteps[k]),
+            batch.embeds,
+            batch.uncond,
+            self.cfg.sample.guidance_scale,
+            float(self.kernel.alphabar[k]),
+            self.prediction_type,
+        )
+
+    def step_terms(self, batch: RolloutBatch, k: int) -> dict[str, torch.Tensor]:
+        """log-prob, old log-prob, action, old action and KL to the pretrained model at step ``k``."""
+        kern = self.kernel
+        x, x1 = batch.latents[k].detach(), batch.latents[k + 1].detach()
+        eps = self.policy_eps(batch, k)
+        mean = kern.mean(x, eps, k)
+        out = {
+            "log_prob": step_log_prob(kern, k, x1, mean),
+            "old_log_prob": batch.log_probs[k],
+            "action": kern.action(eps, k),
+            "old_action": kern.action(batch.eps[k], k),
+        }
+        if batch.ref_eps is not None:
+            out["kl"] = step_kl(kern, k, mean, kern.mean(x, batch.ref_eps[k], k))
+        else:
+            out["kl"] = torch.zeros_like(out["log_prob"])
+        return out
+
+    def value_cond(self, batch: RolloutBatch, k: int) -> dict:
+        cond = {"text": batch.pooled}
+        if "tweedie" in batch.step_data:
+            cond["tweedie"] = batch.step_data["tweedie"][k]
+        return cond
+
+    def values(self, batch: RolloutBatch, k: int) -> torch.Tensor:
+        return self.value_model(
+            float(self.kernel.taus[k]), batch.latents[k].detach(), self.value_cond(batch, k)
+        )
+
+    @torch.no_grad()
+    def all_values(self, batch: RolloutBatch) -> torch.Tensor:
+        return torch.stack([self.values(batch, k).float() for k in range(batch.num_steps)])
+
+    def critic_loss(self, batch: RolloutBatch, k: int) -> torch.Tensor:
+        if self.value_model is None or not any(p.requires_grad for p in self.value_model.parameters()):
+            return torch.zeros((), device=batch.latents.device)
+        v = self.values(batch, k)
+        return value_regression_loss(v[None], batch.step_data["v_target"][k][None]) * self.cfg.value.coef
+
+    def _clip_adv(self, adv: torch.Tensor) -> torch.Tensor:
+        c = self.cfg.train.adv_clip_max
+        return adv.clamp(-c, c) if c > 0 else adv
+
+    # -- interface
+    def prepare(self, batch: RolloutBatch, rewards: torch.Tensor) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def step_loss(self, batch: RolloutBatch, k: int) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def losses(self, batch: RolloutBatch, steps: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Sum over ``steps`` (default all) of the per-step losses; ``"loss"`` is what to minimise.
+
+        Under DDP, call with one step per backward pass (one UNet forward per backward)."""
+        steps = range(batch.num_steps) if steps is None else steps
+        out: dict[str, torch.Tensor] = {}
+        for k in steps:
+            for name, val in self.step_loss(batch, k).items():
+                out[name] = out[name] + val if name in out else val
+        return out
+
+
+class SAActorCritic(Method):
+    """``sa_ac``: continuous-time KL-regularised actor-critic (module docstring)."""
+
+    name = "sa_ac"
+
+    def prepare(self, batch, rewards):
+        t, beta = self.cfg.train, self.cfg.train.beta
+        kl = batch.kl_steps if batch.kl_steps is not None else torch.zeros_like(batch.log_probs)
+        V = self.all_values(batch) if self.value_model is not None else None
+        if t.advantage == "td":
+            adv = td_advantages(V, rewards, kl, beta)
+        else:
+            adv = reward_to_go(rewards, kl, beta)
+            if V is not None:
+                adv = adv - V
+        batch.step_data["adv"] = self._clip_adv(adv)
+        if self.value_model is not None:
+            if self.cfg.value.loss == "td":
+                v_next = torch.cat([V[1:], rewards[None]], 0)
+                batch.step_data["v_target"] = v_next - beta * kl
+            else:
+                batch.step_data["v_target"] = mc_value_targets(rewards, kl, beta)
+        return {"adv_abs_mean": float(adv.abs().mean())}
+
+    def step_loss(self, batch, k):
+        tr, s = self.cfg.train, self.steps_scale
+        terms = self.step_terms(batch, k)
+        ratio = torch.exp(terms["log_prob"] - terms["old_log_prob"])
+        w = torch.tensor([self.kernel.kl_weight[k]], dtype=ratio.dtype, device=ratio.device)
+        sur = likelihood_ratio_surrogate(
+            ratio[None], batch.step_data["adv"][k][None], terms["kl"][None], tr.beta
+        )
+        pkl = policy_path_kl(terms["action"][None], terms["old_action"][None], w, 1.0)
+        actor = s * (-sur.mean() + tr.kl_penalty * pkl.mean())
+        critic = s * self.critic_loss(batch, k) / batch.num_steps
+        return {
+            "loss": actor + critic,
+            "actor_loss": actor.detach(),
+            "critic_loss": critic.detach(),
+            "kl_to_pretrained": s * terms["kl"].detach().mean(),
+            "kl_to_old": s * pkl.detach().mean(),
+            "ratio_dev": (ratio.detach() - 1).abs().mean() / batch.num_steps,
+        }
+
+
+class DDPOImportanceSampling(Method):
+    """``ddpo_is``: per-step PPO-clip on summed log-probs, per-prompt normalised advantages, no KL."""
+
+    name = "ddpo_is"
+
+    def prepare(self, batch, rewards):
+        batch.path_data["adv"] = self._clip_adv(rewards)  # rewards are already per-prompt normalised
+        return {}
+
+    def step_loss(self, batch, k):
+        terms = self.step_terms(batch, k)
+        sur = ppo_clip_surrogate(
+            terms["log_prob"][None],
+            terms["old_log_prob"][None],
+            batch.path_data["adv"],
+            self.cfg.train.clip_range,
+        )
+        ratio = torch.exp(terms["log_prob"].detach() - terms["old_log_prob"])
+        clipped = ((ratio - 1).abs() > self.cfg.train.clip_range).float().mean()
+        loss = -self.steps_scale * sur.mean()
+        return {
+            "loss": loss,
+            "actor_loss": loss.detach(),
+            "kl_to_pretrained": self.steps_scale * terms["kl"].detach().mean(),
+            "clipfrac": clipped / batch.num_steps,
+            "ratio_dev": (ratio - 1).abs().mean() / batch.num_steps,
+        }
+
+
+class DPOK(Method):
+    """``dpok``: per-step KL regulariser + learned value baseline of the state, clamped ratio."""
+
+    name = "dpok"
+
+    def prepare(self, batch, rewards):
+        batch.path_data["R"] = rewards
+        batch.step_data["V"] = self.all_values(batch)
+        batch.step_data["v_target"] = mc_value_targets(rewards, torch.zeros_like(batch.log_probs), 0.0)
+        return {}
+
+    def step_loss(self, batch, k):
+        tr, s = self.cfg.train, self.steps_scale
+        terms = self.step_terms(batch, k)
+        ratio = torch.exp(terms["log_prob"] - terms["old_log_prob"]).clamp(
+            1 - tr.ratio_clamp, 1 + tr.ratio_clamp
+        )
+        R, V = batch.path_data["R"], batch.step_data["V"][k]
+        if tr.adv_clip_max > 0:  # clip the advantage R - V, as the other methods do
+            V = R - self._clip_adv(R - V)
+        sur = dpok_surrogate(ratio[None], R, V[None], terms["kl"][None], tr.beta)
+        actor = -s * sur.mean()
+        critic = s * self.critic_loss(batch, k) / batch.num_steps
+        return {
+            "loss": actor + critic,
+            "actor_loss": actor.detach(),
+            "critic_loss": critic.detach(),
+            "kl_to_pretrained": s * terms["kl"].detach().mean(),
+        }
+
+
+METHOD_CLASSES: dict[str, Callable[..., Method]] = {
+    "sa_ac": SAActorCritic,
+    "ddpo_is": DDPOImportanceSampling,
+    "dpok": DPOK,
+}
+
+
+def make_method(cfg, kernel, unet, value_model=None, prediction_type="epsilon") -> Method:
+    name = cfg.train.method
+    if name not in METHOD_CLASSES:
+        raise ValueError(f"train.method: unknown method {name!r}; choose one of {sorted(METHOD_CLASSES)}")
+    return METHOD_CLASSES[name](cfg, kernel, unet, value_model, prediction_type)

@@ -1,0 +1,349 @@
+"""Rewards behind one interface, a registry, per-prompt normalisation and a diversity metric.
+
+A reward is ``reward(images, prompts) -> (B,)`` float tensor with ``images`` float ``(B, 3, H, W)`` in
+``[0, 1]`` and ``prompts`` a list of B strings, plus an attribute ``differentiable`` (True when gradients
+flow from the reward to the images). Build one by name with :func:`make_reward`:
+
+==================  ===================================================================  ==============
+name                what                                                                  differentiable
+==================  ===================================================================  ==============
+``jpeg_compress``   minus the JPEG size in kB (PIL, quality 95): higher = more compressible  no
+``jpeg_incompress`` the JPEG size in kB                                                  no
+``brightness``      mean pixel value in [0, 1] (a cheap test/demo reward)                yes
+``aesthetic``       linear/MLP head on CLIP image embeddings (LAION-aesthetic style);     yes
+                    needs ``clip_path`` (CLIPModel folder) and ``weights_path`` (head)
+``clip_score``      cosine(CLIP image emb, CLIP text emb) x 100; needs ``clip_path``      yes
+``imagereward``     ImageReward (optional ``image-reward`` package)                       no
+``hpsv2``           HPSv2 (optional ``hpsv2`` package)                                    no
+``pickscore``       PickScore (CLIP-H folder + processor at ``clip_path``)                yes
+==================  ===================================================================  ==============
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "Reward",
+    "REWARDS",
+    "make_reward",
+    "register_reward",
+    "JpegCompressibility",
+    "JpegIncompressibility",
+    "Brightness",
+    "AestheticScore",
+    "ClipScore",
+    "PerPromptStatTracker",
+    "diversity",
+    "MissingPackageError",
+]
+
+
+class MissingPackageError(ImportError):
+    """An optional package needed by a reward is not installed (the message names the pip package)."""
+
+
+def _require(module: str, pip_name: str, reward: str):
+    try:
+        return __import__(module)
+    except Exception as err:  # ImportError, or a package that fails to import on this stack
+        raise MissingPackageError(
+            f"reward {reward!r} needs the optional package '{pip_name}': "
+            f"pip install {pip_name}  (import of {module!r} failed: {err})"
+        ) from err
+
+
+class Reward:
+    """Base class: ``__call__(images (B,3,H,W) in [0,1], prompts list[str]) -> (B,)``; ``differentiable``."""
+
+    name: str = "reward"
+    differentiable: bool = False
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def to(self, device):
+        if isinstance(self, nn.Module):
+            nn.Module.to(self, device)
+        return self
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """JPEG file size of each image in kB (PIL encoder)."""
+    from PIL import Image
+
+    sizes = []
+    for arr in _to_uint8(images):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+class JpegCompressibility(Reward):
+    """``-size_kB`` of the JPEG encoding (DDPO's compressibility reward). Not differentiable."""
+
+    name, differentiable = "jpeg_compress", False
+
+    def __init__(self, quality: int = 95):
+        self.quality = quality
+
+    def __call__(self, images, prompts):
+        return -jpeg_size_kb(images, self.quality)
+
+
+class JpegIncompressibility(JpegCompressibility):
+    """``+size_kB`` of the JPEG encoding. Not differentiable."""
+
+    name = "jpeg_incompress"
+
+    def __call__(self, images, prompts):
+        return jpeg_size_kb(images, self.quality)
+
+
+class Brightness(Reward):
+    """Mean pixel value in [0, 1] (differentiable; a demo / test reward the tiny model moves quickly)."""
+
+    name, differentiable = "brightness", True
+
+    def __call__(self, images, prompts):
+        return images.float().mean(dim=(1, 2, 3))
+
+
+def _load_clip(clip_path: str | None, reward: str):
+    if not clip_path:
+        raise ValueError(f"reward {reward!r} needs 'reward.clip_path' (a local CLIPModel folder)")
+    if not os.path.isdir(clip_path):
+        raise FileNotFoundError(f"reward.clip_path {clip_path!r} for reward {reward!r} does not exist")
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(clip_path, local_files_only=True).eval().requires_grad_(False)
+    tok = CLIPTokenizer.from_pretrained(clip_path, local_files_only=True)
+    return model, tok
+
+
+def _clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Differentiable CLIP preprocessing: bicubic resize to ``size`` and OpenAI CLIP normalisation."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=images.device).view(1, 3, 1, 1)
+    x = nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
+    return (x - mean) / std
+
+
+def _image_embeds(model, images: torch.Tensor) -> torch.Tensor:
+    size = model.config.vision_config.image_size
+    out = model.get_image_features(pixel_values=_clip_preprocess(images, size).to(model.dtype))
+    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return out / out.norm(dim=-1, keepdim=True)
+
+
+class AestheticScore(nn.Module, Reward):
+    """LAION-aesthetic-style head on normalised CLIP image embeddings.
+
+    ``weights_path``: a ``.safetensors`` or ``.pt`` state dict of either a linear head (``weight``/``bias``,
+    shape ``(1, D)``) or the LAION MLP (``layers.{0,2,4,6,7}.*``: D-1024-128-64-16-1). Differentiable.
+    """
+
+    name, differentiable = "aesthetic", True
+
+    def __init__(self, clip_path: str | None, weights_path: str | None):
+        nn.Module.__init__(self)
+        if not weights_path:
+            raise ValueError("reward 'aesthetic' needs 'reward.weights_path' (the head's state dict)")
+        if not os.path.exists(weights_path):
+            raise FileNotFoundError(
+                f"reward.weights_path {weights_path!r} for reward 'aesthetic' does not exist"
+            )
+        self.clip, _ = _load_clip(clip_path, "aesthetic")
+        sd = _load_state(weights_path)
+        D = self.clip.config.projection_dim
+        if "weight" in sd:
+            self.head = nn.Linear(D, 1)
+        else:
+            self.head = nn.Sequential(
+                nn.Linear(D, 1024),
+                nn.Dropout(0.2),
+                nn.Linear(1024, 128),
+                nn.Dropout(0.2),
+                nn.Linear(128, 64),
+                nn.Dropout(0.1),
+                nn.Linear(64, 16),
+                nn.Linear(16, 1),
+            )
+            sd = {k.removeprefix("layers."): v for k, v in sd.items()}
+        self.head.load_state_dict(sd)
+        self.requires_grad_(False).eval()
+
+    def __call__(self, images, prompts):
+        return self.head(_image_embeds(self.clip, images).float()).squeeze(-1)
+
+
+def _load_state(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class ClipScore(nn.Module, Reward):
+    """Prompt alignment: ``100 * cos(CLIP image embedding, CLIP text embedding)``. Differentiable."""
+
+    name, differentiable = "clip_score", True
+
+    def __init__(self, clip_path: str | None):
+        nn.Module.__init__(self)
+        self.clip, self.tokenizer = _load_clip(clip_path, self.name)
+
+    def __call__(self, images, prompts):
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(
+            images.device
+        )
+        t = self.clip.get_text_features(**tok)
+        t = t if isinstance(t, torch.Tensor) else t.pooler_output
+        t = t / t.norm(dim=-1, keepdim=True)
+        return 100.0 * (_image_embeds(self.clip, images) * t).sum(-1)
+
+
+class PickScore(ClipScore):
+    """PickScore (Kirstain et al.): a CLIP-H model at ``clip_path`` (e.g. a local copy of
+    ``yuvalkirstain/PickScore_v1``), score = ``logit_scale * cos``."""
+
+    name = "pickscore"
+
+    def __call__(self, images, prompts):
+        return super().__call__(images, prompts) / 100.0 * self.clip.logit_scale.exp()
+
+
+class ImageRewardWrapper(Reward):
+    """ImageReward via the optional ``image-reward`` package (which does not import under transformers 5)."""
+
+    name, differentiable = "imagereward", False
+
+    def __init__(self, weights_path: str | None = None):
+        rm = _require("ImageReward", "image-reward", self.name)
+        self.model = rm.load(weights_path or "ImageReward-v1.0")
+
+    def __call__(self, images, prompts):
+        from PIL import Image
+
+        pils = [Image.fromarray(a) for a in _to_uint8(images)]
+        return torch.tensor(
+            [float(self.model.score(p, im)) for p, im in zip(prompts, pils)], device=images.device
+        )
+
+
+class HPSv2Wrapper(Reward):
+    """HPSv2 via the optional ``hpsv2`` package."""
+
+    name, differentiable = "hpsv2", False
+
+    def __init__(self):
+        self.hps = _require("hpsv2", "hpsv2", self.name)
+
+    def __call__(self, images, prompts):
+        from PIL import Image
+
+        pils = [Image.fromarray(a) for a in _to_uint8(images)]
+        return torch.tensor(
+            [float(self.hps.score(im, p)[0]) for p, im in zip(prompts, pils)], device=images.device
+        )
+
+
+REWARDS: dict[str, Callable[..., Reward]] = {
+    "jpeg_compress": lambda **kw: JpegCompressibility(),
+    "jpeg_incompress": lambda **kw: JpegIncompressibility(),
+    "brightness": lambda **kw: Brightness(),
+    "aesthetic": lambda clip_path=None, weights_path=None, **kw: AestheticScore(clip_path, weights_path),
+    "clip_score": lambda clip_path=None, **kw: ClipScore(clip_path),
+    "pickscore": lambda clip_path=None, **kw: PickScore(clip_path),
+    "imagereward": lambda weights_path=None, **kw: ImageRewardWrapper(weights_path),
+    "hpsv2": lambda **kw: HPSv2Wrapper(),
+}
+
+
+def register_reward(name: str, factory: Callable[..., Reward]) -> None:
+    """Add a reward factory ``factory(clip_path=..., weights_path=...) -> Reward`` to the registry."""
+    REWARDS[name] = factory
+
+
+def make_reward(name: str, clip_path: str | None = None, weights_path: str | None = None) -> Reward:
+    """Build a reward by registry name; unknown names raise ``KeyError`` listing the known ones."""
+    if name not in REWARDS:
+        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+    return REWARDS[name](clip_path=clip_path, weights_path=weights_path)
+
+
+# --------------------------------------------------------------------------- per-prompt normalisation
+class PerPromptStatTracker:
+    """Running per-prompt reward mean/std (DDPO): ``normalize`` returns ``(r - mean_p)/(std_p + 1e-6)``.
+
+    Each prompt keeps its last ``buffer_size`` rewards; until it has ``min_count`` of them, the batch-wide
+    mean/std is used instead. ``state_dict``/``load_state_dict`` make it resumable.
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 8):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.stats: dict[str, list[float]] = {}
+
+    def normalize(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        r = rewards.detach().double().cpu()
+        out = torch.empty_like(r)
+        batch_mean, batch_std = r.mean(), r.std() if r.numel() > 1 else torch.tensor(1.0)
+        for p in sorted(set(prompts)):
+            idx = [i for i, q in enumerate(prompts) if q == p]
+            buf = self.stats.setdefault(p, [])
+            buf.extend(r[idx].tolist())
+            del buf[: max(0, len(buf) - self.buffer_size)]
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                t = torch.tensor(buf, dtype=torch.float64)
+                mean, std = t.mean(), t.std()
+            out[idx] = (r[idx] - mean) / (std + 1e-6)
+        return out.to(rewards.dtype).to(rewards.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "stats": {k: list(v) for k, v in self.stats.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.buffer_size, self.min_count = sd["buffer_size"], sd["min_count"]
+        self.stats = {k: list(v) for k, v in sd["stats"].items()}
+
+
+# --------------------------------------------------------------------------- diversity
+def diversity(features: torch.Tensor, prompts: list[str]) -> tuple[float, float]:
+    """Mean pairwise L2 distance between features (e.g. flattened pixels or CLIP embeddings) of images of
+    the **same prompt**, averaged over prompts with >= 2 images. Returns ``(mean, standard error over
+    prompts)`` (SE is NaN with fewer than 2 prompts)."""
+    f = features.detach().float().reshape(features.shape[0], -1)
+    per_prompt = []
+    for p in sorted(set(prompts)):
+        idx = [i for i, q in enumerate(prompts) if q == p]
+        if len(idx) < 2:
+            continue
+        d = torch.cdist(f[idx], f[idx])
+        n = len(idx)
+        per_prompt.append(float(d.sum() / (n * (n - 1))))
+    if not per_prompt:
+        return float("nan"), float("nan")
+    t = torch.tensor(per_prompt)
+    se = float(t.std() / math.sqrt(len(t))) if len(t) > 1 else float("nan")
+    return float(t.mean()), se

@@ -1,0 +1,241 @@
+r"""Sampling rollouts on a Stable Diffusion UNet that record what the RL methods need.
+
+:func:`sample_rollout` runs K steps of a :class:`~t2i.scheduling.StepKernel` (DDIM ``eta>0`` or DDPM) with the
+LoRA policy and records, for every step ``k``:
+
+* the latents :math:`x_k` (``latents``, ``(K+1, B, C, h, w)``; ``latents[0]`` is the initial noise);
+* the policy's guided noise prediction ``eps`` (the action is :math:`a_k =
+-\epsilon_k/\sqrt{1-\bar\alpha_k}`);
+* ``log_probs`` ``(K, B)``: :math:`\log N(x_{k+1}; m_k, \mathrm{std}_k^2 I)` **summed over latent dims**,
+  nats per step (:func:`sa_theory.kl.gaussian_log_prob`); 0 on deterministic steps;
+* with ``record_reference``: the pretrained model's guided ``ref_eps`` (same UNet, adapters disabled) and
+  ``kl_steps`` ``(K, B)``: the exact per-step Gaussian KL :math:`|m_k^\theta -
+  m_k^{pre}|^2/(2\mathrm{std}_k^2)
+  = \frac{w_k}{2}|a_k - s_k|^2` (:func:`sa_theory.kl.gaussian_mean_kl`, nats per step, summed over dims);
+  ``kl_steps.sum(0)`` is the path KL to the pretrained sampler per image.
+
+Classifier-free guidance: both the policy and the pretrained action are the *guided* score with the same
+scale ``w`` (:func:`guided_eps`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sa_theory.kl import gaussian_log_prob, gaussian_mean_kl
+
+from .models import decode_latents, encode_prompts, pretrained
+from .scheduling import StepKernel, eps_from_model_output
+
+__all__ = ["RolloutBatch", "guided_eps", "sample_rollout", "step_log_prob", "step_kl", "sample_images"]
+
+
+def guided_eps(
+    unet,
+    x: torch.Tensor,
+    timestep: int,
+    embeds: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance_scale: float,
+    alphabar: float,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """Guided noise prediction :math:`\\epsilon_u + w(\\epsilon_c - \\epsilon_u)` (float32), one UNet call
+    on the doubled batch. ``uncond=None`` or ``w=1`` gives the conditional prediction."""
+    dtype = next(p for p in unet.parameters()).dtype if not hasattr(unet, "dtype") else unet.dtype
+    if uncond is None or guidance_scale == 1.0:
+        out = unet(x.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype)).sample.float()
+    else:
+        out = unet(
+            torch.cat([x, x]).to(dtype), timestep, encoder_hidden_states=torch.cat([uncond, embeds]).to(dtype)
+        ).sample.float()
+        u, c = out.chunk(2)
+        out = u + guidance_scale * (c - u)
+    return eps_from_model_output(out, x, alphabar, prediction_type)
+
+
+def step_log_prob(kernel: StepKernel, k: int, x_next: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """:math:`\\log N(x_{k+1}; m_k, \\mathrm{std}_k^2 I)` summed over dims, ``(B,)`` nats; 0 if std_k = 0."""
+    if not kernel.stochastic[k]:
+        return torch.zeros(x_next.shape[0], dtype=mean.dtype, device=mean.device)
+    return gaussian_log_prob(x_next, mean, kernel.std_t(k, mean))
+
+
+def step_kl(kernel: StepKernel, k: int, mean: torch.Tensor, ref_mean: torch.Tensor) -> torch.Tensor:
+    """Exact per-step KL :math:`|m - m_{ref}|^2/(2\\mathrm{std}_k^2)`, ``(B,)`` nats; 0 if std_k = 0."""
+    if not kernel.stochastic[k]:
+        return torch.zeros(mean.shape[0], dtype=mean.dtype, device=mean.device)
+    return gaussian_mean_kl(mean, ref_mean, kernel.std_t(k, mean))
+
+
+@dataclass
+class RolloutBatch:
+    """One batch of recorded sampler paths (see module docstring). Tensors on the rollout device."""
+
+    prompts: list[str]
+    embeds: torch.Tensor
+    uncond: torch.Tensor | None
+    pooled: torch.Tensor
+    latents: torch.Tensor
+    eps: torch.Tensor
+    log_probs: torch.Tensor
+    ref_eps: torch.Tensor | None = None
+    kl_steps: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    step_data: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step extras, (K, B, ...)
+    path_data: dict[str, Any] = field(default_factory=dict)  # per-path extras, (B, ...)
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.eps.shape[0]
+
+    @property
+    def path_kl(self) -> torch.Tensor | None:
+        """Path KL to the pretrained sampler per image (nats per path)."""
+        return None if self.kl_steps is None else self.kl_steps.sum(0)
+
+    def select(self, idx: torch.Tensor) -> RolloutBatch:
+        """Sub-batch of paths ``idx`` (step-major tensors indexed on dim 1)."""
+
+        def sel(t, dim):
+            return None if t is None else t.index_select(dim, idx.to(t.device))
+
+        return RolloutBatch(
+            [self.prompts[i] for i in idx.tolist()],
+            sel(self.embeds, 0),
+            sel(self.uncond, 0),
+            sel(self.pooled, 0),
+            sel(self.latents, 1),
+            sel(self.eps, 1),
+            sel(self.log_probs, 1),
+            sel(self.ref_eps, 1),
+            sel(self.kl_steps, 1),
+            sel(self.images, 0),
+            sel(self.rewards, 0),
+            {k: sel(v, 1) for k, v in self.step_data.items()},
+            {k: sel(v, 0) for k, v in self.path_data.items()},
+        )
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+        def cat(name, dim):
+            ts = [getattr(b, name) for b in batches]
+            return None if ts[0] is None else torch.cat(ts, dim)
+
+        return RolloutBatch(
+            sum((b.prompts for b in batches), []),
+            cat("embeds", 0),
+            cat("uncond", 0),
+            cat("pooled", 0),
+            cat("latents", 1),
+            cat("eps", 1),
+            cat("log_probs", 1),
+            cat("ref_eps", 1),
+            cat("kl_steps", 1),
+            cat("images", 0),
+            cat("rewards", 0),
+        )
+
+
+@torch.no_grad()
+def sample_rollout(
+    pipe,
+    kernel: StepKernel,
+    prompts: list[str],
+    guidance_scale: float,
+    generator: torch.Generator,
+    record_reference: bool = True,
+    negative_prompt: str = "",
+    unet=None,
+    decode: bool = True,
+) -> RolloutBatch:
+    """Sample ``len(prompts)`` images with the policy (LoRA on), recording the path (module docstring).
+
+    Noise comes from ``generator`` only (initial latents, then one draw per step), so a rollout is a
+    deterministic function of the generator state and the weights.
+    """
+    unet = unet if unet is not None else pipe.unet
+    device = unet.device
+    B = len(prompts)
+    embeds, pooled = encode_prompts(pipe, prompts, device)
+    uncond = None
+    if guidance_scale != 1.0:
+        uncond = encode_prompts(pipe, [negative_prompt] * B, device)[0]
+    C, h = unet.config.in_channels, unet.config.sample_size
+    x = torch.randn((B, C, h, h), generator=generator, device="cpu").to(device)
+    pt = pipe.scheduler.config.get("prediction_type", "epsilon")
+    lat, eps_l, lps, refs, kls = [x], [], [], [], []
+    for k in range(kernel.num_steps):
+        t, ab = int(kernel.timesteps[k]), float(kernel.alphabar[k])
+        eps = guided_eps(unet, x, t, embeds, uncond, guidance_scale, ab, pt)
+        mean = kernel.mean(x, eps, k)
+        noise = torch.randn(x.shape, generator=generator, device="cpu").to(device)
+        x_next = mean + kernel.std_t(k, mean) * noise
+        lps.append(step_log_prob(kernel, k, x_next, mean))
+        if record_reference:
+            with pretrained(unet):
+                ref = guided_eps(unet, x, t, embeds, uncond, guidance_scale, ab, pt)
+            refs.append(ref)
+            kls.append(step_kl(kernel, k, mean, kernel.mean(x, ref, k)))
+        eps_l.append(eps)
+        lat.append(x_next)
+        x = x_next
+    batch = RolloutBatch(
+        list(prompts),
+        embeds.float(),
+        None if uncond is None else uncond.float(),
+        pooled.float(),
+        torch.stack(lat),
+        torch.stack(eps_l),
+        torch.stack(lps),
+        torch.stack(refs) if record_reference else None,
+        torch.stack(kls) if record_reference else None,
+    )
+    if decode:
+        batch.images = decode_latents(pipe, x)
+    return batch
+
+
+@torch.no_grad()
+def sample_images(
+    pipe,
+    prompts: list[str],
+    sampler: str,
+    num_steps: int,
+    guidance_scale: float,
+    generator: torch.Generator,
+    eta: float = 1.0,
+    negative_prompt: str = "",
+) -> torch.Tensor:
+    """Images in [0, 1] from any sampler in :data:`t2i.scheduling.SAMPLERS` (including multistep
+    DPM-Solver++/UniPC/DEIS, which have no log-probabilities) using the diffusers scheduler's ``step``."""
+    from .scheduling import make_sampling_scheduler
+
+    sch = make_sampling_scheduler(pipe.scheduler.config, sampler)
+    sch.set_timesteps(num_steps)
+    unet = pipe.unet
+    device = unet.device
+    B = len(prompts)
+    embeds, _ = encode_prompts(pipe, prompts, device)
+    uncond = encode_prompts(pipe, [negative_prompt] * B, device)[0] if guidance_scale != 1.0 else None
+    C, h = unet.config.in_channels, unet.config.sample_size
+    x = torch.randn((B, C, h, h), generator=generator).to(device) * sch.init_noise_sigma
+    acp = sch.alphas_cumprod
+    for t in sch.timesteps:
+        xin = sch.scale_model_input(x, t)
+        eps = guided_eps(unet, xin, int(t), embeds, uncond, guidance_scale, float(acp[int(t)]), "epsilon")
+        kw = (
+            {"eta": eta, "generator": generator}
+            if sampler == "ddim"
+            else ({"generator": generator} if sampler == "ddpm" else {})
+        )
+        x = sch.step(eps, t, x, **kw).prev_sample
+    return decode_latents(pipe, x)

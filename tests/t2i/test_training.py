@@ -1,0 +1,145 @@
+"""Training on the tiny pipeline: only LoRA changes, exact resume, fail-fast configs."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from t2i.config import apply_overrides, get_preset, validate
+from t2i.models import lora_state_dict
+from t2i.rewards import Brightness, register_reward
+from t2i.trainer import Trainer, lora_hash
+
+from .conftest import tiny_config
+
+FAST = {"sample.num_steps": 2, "sample.batch_size": 2, "train.batch_size": 2, "train.num_epochs": 1}
+
+
+def _frozen_state(trainer):
+    p = trainer.pipe
+    out = {f"unet.{k}": v.clone() for k, v in p.unet.state_dict().items() if "lora_" not in k}
+    out.update({f"vae.{k}": v.clone() for k, v in p.vae.state_dict().items()})
+    out.update({f"text.{k}": v.clone() for k, v in p.text_encoder.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("method", ["sa_ac", "ddpo_is", "dpok"])
+def test_one_iteration_changes_only_lora_weights(tmp_path, method):
+    tr = Trainer(tiny_config(tmp_path, method, **FAST))
+    frozen = _frozen_state(tr)
+    lora0 = {k: v.clone() for k, v in lora_state_dict(tr.pipe.unet).items()}
+    m = tr.train_epoch()
+    assert m["updates"] == 1 and torch.isfinite(torch.tensor(m["train/loss"]))
+    after = _frozen_state(tr)
+    assert after.keys() == frozen.keys()
+    for k in frozen:
+        assert torch.equal(frozen[k], after[k]), f"non-LoRA tensor {k} changed"
+    lora1 = lora_state_dict(tr.pipe.unet)
+    assert any(not torch.equal(lora0[k], lora1[k]) for k in lora0), "LoRA weights did not change"
+    for k in ("reward_mean", "reward_se", "path_kl_mean", "diversity_pixels"):
+        assert k in m
+
+
+def _strip(records):
+    """Records without wall-clock fields, as JSON text (so NaN == NaN)."""
+    return [
+        json.dumps({k: v for k, v in r.items() if not k.startswith("time_")}, sort_keys=True) for r in records
+    ]
+
+
+def test_checkpoint_kill_resume_gives_identical_next_steps(tmp_path):
+    over = {**FAST, "train.num_epochs": 2, "value.kind": "residual"}
+    full = Trainer(tiny_config(tmp_path / "a", "sa_ac", **over))
+    hist_full = full.train()
+    # interrupted: one epoch, checkpoint, "kill" (drop the object), fresh object resumes from `latest`
+    half = Trainer(tiny_config(tmp_path / "b", "sa_ac", **{**over, "train.num_epochs": 1}))
+    half.train()
+    run_dir = half.cfg.log.output_dir
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read().strip() == "checkpoint-000001"
+    assert os.path.isfile(
+        os.path.join(run_dir, "checkpoints", "checkpoint-000001", "pytorch_lora_weights.safetensors")
+    )
+    del half
+    resumed = Trainer(tiny_config(tmp_path / "b", "sa_ac", **{**over, "resume_from": "auto"}))
+    assert resumed.state.epoch == 1 and resumed.state.global_step == 1
+    hist_res = resumed.train()
+    assert lora_hash(resumed.pipe.unet) == lora_hash(full.pipe.unet)
+    for a, b in zip(full.value.state_dict().values(), resumed.value.state_dict().values()):
+        assert torch.equal(a, b)
+    assert _strip(hist_res) == _strip(hist_full[1:])
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        logged = [json.loads(ln) for ln in f]
+    assert _strip(logged) == _strip(hist_full)
+
+
+def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tmp_path):
+    from t2i.models import build_tiny_pipeline
+
+    tr = Trainer(tiny_config(tmp_path, "ddpo_is", **FAST))
+    tr.train()
+    ckpt = os.path.join(tr.cfg.log.output_dir, "checkpoints", "checkpoint-000001")
+    pipe = build_tiny_pipeline(0)
+    pipe.load_lora_weights(ckpt)
+    ours = {k: v for k, v in tr.pipe.unet.state_dict().items() if "lora_A" in k}
+    theirs = {k: v for k, v in pipe.unet.state_dict().items() if "lora_A" in k}
+    assert len(theirs) == len(ours) > 0
+    assert all(
+        torch.equal(a, b) for a, b in zip(sorted(ours.items()), sorted(theirs.items())) if a[0] == b[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"reward.name": "nope"}, "reward.name"),
+        ({"reward.name": "aesthetic", "reward.clip_path": "/nonexistent"}, "reward.clip_path"),
+        ({"reward.name": "aesthetic"}, "reward.weights_path"),
+        ({"sample.batch_size": 3, "train.batch_size": 2}, "train.batch_size"),
+        ({"train.beta": -1}, "train.beta"),
+        ({"sample.eta": 0}, "sample.eta"),
+        ({"train.method": "ppo"}, "train.method"),
+        ({"train.method": "dpok", "value.kind": "none"}, "value.kind"),
+    ],
+)
+def test_bad_configs_fail_fast_naming_the_field(over, field):
+    cfg = apply_overrides(get_preset("tiny_cpu"), {k: str(v) for k, v in over.items()})
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_unknown_cli_field_and_bad_type_are_named():
+    from t2i.cli import main, parse_overrides
+
+    with pytest.raises(ValueError, match="train.bogus"):
+        apply_overrides(get_preset("tiny_cpu"), parse_overrides(["--train.bogus", "1"]))
+    with pytest.raises(ValueError, match="nosection.x"):
+        apply_overrides(get_preset("tiny_cpu"), {"nosection.x": "1"})
+    with pytest.raises(ValueError, match="train.num_epochs"):
+        apply_overrides(get_preset("tiny_cpu"), {"train.num_epochs": "many"})
+    with pytest.raises(ValueError, match="train.bogus"):
+        main(["train", "--config", "tiny_cpu", "--train.bogus", "3"])
+    with pytest.raises(ValueError, match="unknown config preset"):
+        main(["train", "--config", "nope"])
+    cfg = apply_overrides(
+        get_preset("sd15_sa_ac"), parse_overrides(["--train.beta=0.5", "--prompts", "a|b c"])
+    )
+    assert cfg.train.beta == 0.5 and cfg.prompts == ["a", "b c"]
+
+
+class NaNReward(Brightness):
+    name = "nan_reward"
+
+    def __call__(self, images, prompts):
+        r = super().__call__(images, prompts)
+        r[0] = float("nan")
+        return r
+
+
+def test_nan_reward_raises_floating_point_error_naming_the_reward(tmp_path):
+    register_reward("nan_reward", lambda **kw: NaNReward())
+    tr = Trainer(
+        tiny_config(tmp_path, "sa_ac", **{**FAST, "reward.name": "nan_reward", "sample.num_steps": 1})
+    )
+    with pytest.raises(FloatingPointError, match="nan_reward"):
+        tr.train_epoch()

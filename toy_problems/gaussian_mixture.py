@@ -1,0 +1,613 @@
+r"""Gaussian-mixture data with a linear reward: exact scores, optimal values and actions, tilted laws.
+
+Data and reward (dimension :math:`d \ge 1`, :math:`K \ge 1` components):
+
+.. math::  p_\text{data} = \sum_k \pi_k\,\mathcal N(m_k, S_k), \qquad r(x) = w\cdot x + r_0,
+           \qquad J = E[r(Y_T)] - \beta\,\mathrm{KL}(P^\theta \,\|\, P^\text{pre}).
+
+**Forward marginals and score** (theory.md §1). With :math:`\alpha = \alpha_t`, :math:`v = \sigma_t^2`
+(``schedule.alpha(t)``, ``schedule.marginal_var(t)``) and :math:`C_k = \alpha^2 S_k + v I`,
+
+.. math::  p_t = \sum_k \pi_k\,\mathcal N(\alpha m_k, C_k), \qquad
+           s(t,x) = \sum_k \rho_k(x)\,s_k(x), \quad s_k(x) = -C_k^{-1}(x - \alpha m_k),
+
+where :math:`\rho_k(x) \propto \pi_k \mathcal N(x;\alpha m_k, C_k)` are the responsibilities
+(computed with log-sum-exp).
+
+**Reverse kernel** (theory.md R1, per component): :math:`X_0 \mid X_t = y \sim \sum_k \rho_k(y)\,
+\mathcal N(\Phi_k y + h_k, \Gamma_k)` with :math:`\Phi_k = \alpha S_k C_k^{-1}`,
+:math:`h_k = (I - \alpha\Phi_k) m_k = v C_k^{-1} m_k`, :math:`\Gamma_k = S_k - \alpha^2 S_k C_k^{-1} S_k
+= v S_k C_k^{-1}`. Because :math:`C_k` commutes with :math:`S_k`, all of these are evaluated in the
+eigenbasis :math:`S_k = U_k \mathrm{diag}(\lambda_k) U_k^\top` (no matrix inverses, exact at ``t = 0``).
+
+**Optimal value and action** (R1), :math:`t = T - \tau`, :math:`\mu_k(y) = \Phi_k y + h_k`:
+
+.. math::  V^*(\tau, y) = \beta \log \sum_k \rho_k(y)\,
+           \exp\!\Big(\frac{w\cdot\mu_k(y)}{\beta} + \frac{w^\top\Gamma_k w}{2\beta^2}\Big) + r_0,
+
+.. math::  a^*(\tau, y) = s(t, y) + \nabla_y V^*/\beta = \sum_k q_k(y)\,\big(s_k(y) + \Phi_k w/\beta\big),
+
+with :math:`q_k \propto \rho_k \exp(w\cdot\mu_k/\beta + w^\top\Gamma_k w/2\beta^2)` (the gradient of the
+log-sum-exp, responsibilities included). This is exactly the score, at time :math:`t`, of the forward
+diffusion started from the tilted data :math:`p_\text{data} e^{r/\beta}/Z` (R2), which is the mixture
+:math:`\sum_k \tilde\pi_k \mathcal N(m_k + S_k w/\beta, S_k)`,
+:math:`\tilde\pi_k \propto \pi_k \exp(w\cdot m_k/\beta + w^\top S_k w/2\beta^2)` (:meth:`tilted_law`).
+
+**Terminal law of the optimal sampler** (R2). With the initial law :math:`\mu_0` fixed (``init="p_T"``:
+the exact :math:`p_T`; ``init="standard"``: :math:`N(0, I)`), :math:`Y_T \mid Y_0 = y_0` is the
+pretrained reverse kernel from :math:`y_0` tilted by :math:`e^{r/\beta}`,
+
+.. math::  \sum_k q_k(y_0)\,\mathcal N\big(\Phi_k y_0 + h_k + \Gamma_k w/\beta,\ \Gamma_k\big)
+           \qquad (\text{all at } t = T),
+
+integrated over :math:`y_0 \sim \mu_0`. Since :math:`q_k(y_0)` is nonlinear in :math:`y_0` the result
+is not a finite mixture (unless :math:`K = 1`): :meth:`sample_optimal_terminal` samples it exactly and
+:meth:`optimal_terminal_moments` gives its exact mean and covariance by Gauss-Hermite quadrature. With
+the initial law optimised as well the terminal law is :math:`p_T^\text{pre} e^{r/\beta}/Z`, i.e. the
+tilted mixture when ``init="p_T"``. For VP with :math:`b_\max = 20` the fixed-init optimum equals the
+tilt up to a relative :math:`O(\alpha_T^2) \approx 4\cdot 10^{-5}`; for the OU schedule with
+:math:`b = 1, T = 1` it does not (the sampler remembers :math:`Y_0`).
+
+Arrays: numpy methods take a batch ``y`` of shape ``(B, d)`` or one point ``(d,)`` and scalar times;
+torch versions (:meth:`score_torch`, :meth:`action_fns`, :meth:`initial_sample`) compute in the dtype
+and on the device of their input so they can run inside batched rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from scipy.special import logsumexp as _np_logsumexp
+from scipy.special import softmax as _np_softmax
+
+from sa_theory.schedules import Schedule
+
+__all__ = ["GaussianMixtureProblem", "MixturePosterior"]
+
+_INITS = ("p_T", "standard")
+_LOG_2PI = math.log(2.0 * math.pi)
+_WEIGHT_SUM_TOL = 1e-6
+_SYMMETRY_TOL = 1e-8
+_DEFAULT_QUAD_POINTS = {1: 100, 2: 60, 3: 24}
+_MAX_QUAD_NODES = 5_000_000
+
+
+class MixturePosterior(NamedTuple):
+    r"""The reverse kernel :math:`X_0 \mid X_t = y = \sum_k` ``resp[k]`` :math:`\mathcal N(` ``means[k]``,
+    ``covs[k]`` :math:`)`.
+
+    Shapes: ``resp`` ``(B, K)``, ``means`` ``(B, K, d)``, ``covs`` ``(K, d, d)`` for a batch of ``y``;
+    ``(K,)``, ``(K, d)``, ``(K, d, d)`` for a single point.
+    """
+
+    resp: np.ndarray
+    means: np.ndarray
+    covs: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation helpers (private)
+# ----------------------------------------------------------------------------------------------------
+def _real_array(name: str, value: Any) -> np.ndarray:
+    """``value`` as a float64 array; TypeError if not real numbers, ValueError if NaN/Inf."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        raw = np.asarray(value)
+    except Exception as err:  # pragma: no cover - exotic objects
+        raise TypeError(f"{name!r} must be an array of real numbers, got {type(value).__name__}") from err
+    real = np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)
+    if raw.dtype == bool or not real:
+        raise TypeError(f"{name!r} must be an array of real numbers, got dtype {raw.dtype}")
+    arr = raw.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name!r} contains NaN or Inf")
+    return arr
+
+
+def _real_scalar(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray | torch.Tensor):
+        raise TypeError(f"{name!r} must be a real number, got {value!r}")
+    arr = _real_array(name, value)
+    if arr.ndim != 0 and arr.size != 1:
+        raise ValueError(f"{name!r} must be a scalar, got shape {arr.shape}")
+    return float(arr.reshape(()))
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name!r} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name!r} must be >= 1, got {value}")
+    return int(value)
+
+
+def _as_rng(rng: Any) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, numbers.Integral | np.random.SeedSequence):
+        return np.random.default_rng(rng)
+    raise TypeError(f"'rng' must be a numpy Generator, a seed or None, got {type(rng).__name__}")
+
+
+def _sample_categorical(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One index per row of ``probs`` ``(B, K)`` (rows sum to 1)."""
+    u = rng.random(probs.shape[0])
+    idx = (np.cumsum(probs, axis=1) < u[:, None]).sum(axis=1)
+    return np.minimum(idx, probs.shape[1] - 1)
+
+
+def _rowvec_times(v: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """``v[k] @ M[k]`` for ``v`` ``(K, B, d)`` and ``M`` ``(K, d, d)`` (broadcasting is faster than a
+    batched matmul for the small ``d`` of toy problems)."""
+    d = M.shape[-1]
+    if d > 8:
+        return np.matmul(v, M)
+    out = v[..., 0:1] * M[:, None, 0, :]
+    for j in range(1, d):
+        out = out + v[..., j : j + 1] * M[:, None, j, :]
+    return out
+
+
+class _Kernel(NamedTuple):
+    """Per-component quantities of the forward marginal / reverse kernel at one diffusion time ``t``."""
+
+    alpha: float
+    var: float
+    D: np.ndarray  # (K, d) eigenvalues of C_k = alpha^2 S_k + var I
+    Cinv: np.ndarray  # (K, d, d)
+    Phi: np.ndarray  # (K, d, d)  alpha S_k C_k^{-1}  (symmetric)
+    h: np.ndarray  # (K, d)     var C_k^{-1} m_k
+    Gamma: np.ndarray  # (K, d, d) var S_k C_k^{-1}
+    Phi_w: np.ndarray  # (K, d)  Phi_k w
+    h_w: np.ndarray  # (K,)    w . h_k
+    wGw: np.ndarray  # (K,)    w' Gamma_k w
+
+
+# ----------------------------------------------------------------------------------------------------
+class GaussianMixtureProblem:
+    r"""Gaussian-mixture data, linear reward ``r(x) = w.x + r0``, KL weight ``beta`` (module docstring).
+
+    Parameters
+    ----------
+    weights : (K,) positive, summing to 1 (within 1e-6; renormalised exactly).
+    means : (K, d).
+    covs : (K, d, d) symmetric positive definite.
+    schedule : :class:`sa_theory.schedules.Schedule` of the forward SDE.
+    w : (d,) reward direction; ``r0`` the reward offset.
+    beta : KL weight, finite and > 0.
+    init : initial law :math:`\mu_0` of the sampler: ``"p_T"`` (exact forward marginal at ``T``) or
+        ``"standard"`` (:math:`N(0, I)`).
+    """
+
+    def __init__(self, weights, means, covs, schedule, w, beta, r0=0.0, init="p_T"):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(
+                f"'schedule' must be a sa_theory.schedules.Schedule, got {type(schedule).__name__}")
+        weights = _real_array("weights", weights)
+        if weights.ndim != 1 or weights.size < 1:
+            raise ValueError(f"'weights' must be a 1-d array with K >= 1 entries, got shape {weights.shape}")
+        if np.any(weights <= 0):
+            raise ValueError(f"'weights' must be positive, got {weights}")
+        if abs(weights.sum() - 1.0) > _WEIGHT_SUM_TOL:
+            raise ValueError(
+                f"'weights' must sum to 1 (tolerance {_WEIGHT_SUM_TOL}), got sum {weights.sum()!r}")
+        K = weights.size
+        means = _real_array("means", means)
+        if means.ndim != 2 or means.shape[0] != K or means.shape[1] < 1:
+            raise ValueError(f"'means' must have shape (K, d) with K = {K} and d >= 1, got {means.shape}")
+        d = means.shape[1]
+        covs = _real_array("covs", covs)
+        if covs.shape != (K, d, d):
+            raise ValueError(f"'covs' must have shape (K, d, d) = {(K, d, d)}, got {covs.shape}")
+        for k in range(K):
+            S = covs[k]
+            if np.max(np.abs(S - S.T)) > _SYMMETRY_TOL * max(1.0, np.max(np.abs(S))):
+                raise ValueError(f"'covs'[{k}] is not symmetric positive definite (not symmetric)")
+            try:
+                np.linalg.cholesky(S)
+            except np.linalg.LinAlgError as err:
+                raise ValueError(f"'covs'[{k}] is not symmetric positive definite") from err
+        covs = 0.5 * (covs + np.swapaxes(covs, 1, 2))
+        lam, U = np.linalg.eigh(covs)
+        if np.any(lam <= 0):
+            raise ValueError(f"'covs'[{int(np.argmin(lam.min(axis=1)))}] is not symmetric positive definite")
+        w = _real_array("w", w)
+        if w.shape != (d,):
+            raise ValueError(f"'w' must have shape (d,) = ({d},), got {w.shape}")
+        beta = _real_scalar("beta", beta)
+        if beta <= 0:
+            raise ValueError(f"'beta' must be > 0, got {beta}")
+        r0 = _real_scalar("r0", r0)
+        if not isinstance(init, str) or init not in _INITS:
+            raise ValueError(f"'init' must be one of {_INITS}, got {init!r}")
+
+        self.schedule = schedule
+        self.weights = weights / weights.sum()
+        self.means = means
+        self.covs = covs
+        self.w = w
+        self.beta = beta
+        self.r0 = r0
+        self.init = init
+        self.K, self.d = K, d
+        self._log_pi = np.log(self.weights)
+        self._lam = lam  # (K, d)
+        self._U = U  # (K, d, d), S_k = U_k diag(lam_k) U_k^T
+        self._Uw = np.einsum("kji,j->ki", U, w)  # U_k^T w
+        self._Um = np.einsum("kji,kj->ki", U, means)  # U_k^T m_k
+        self._chol_S = np.linalg.cholesky(covs)
+        self._torch_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def T(self) -> float:
+        return float(self.schedule.T)
+
+    def reward(self, x) -> np.ndarray | float:
+        """:math:`r(x) = w\\cdot x + r_0`; ``(B,)`` for a batch ``(B, d)``, a float for ``(d,)``."""
+        x2, single = self._points("x", x)
+        r = x2 @ self.w + self.r0
+        return float(r[0]) if single else r
+
+    def __repr__(self) -> str:
+        return (f"GaussianMixtureProblem(K={self.K}, d={self.d}, beta={self.beta}, init={self.init!r}, "
+                f"schedule={self.schedule!r})")
+
+    # -- private numerics ----------------------------------------------------------------------------
+    def _points(self, name: str, x) -> tuple[np.ndarray, bool]:
+        arr = _real_array(name, x)
+        if arr.ndim == 1 and arr.shape[0] == self.d:
+            return arr[None, :], True
+        if arr.ndim == 2 and arr.shape[1] == self.d:
+            return arr, False
+        raise ValueError(f"{name!r} must have shape (B, {self.d}) or ({self.d},), got {arr.shape}")
+
+    def _time(self, name: str, t) -> float:
+        t = _real_scalar(name, t)
+        T = self.T
+        if t < -1e-12 * T or t > T * (1 + 1e-12):
+            raise ValueError(f"{name!r} must lie in [0, T] = [0, {T}], got {t}")
+        return min(max(t, 0.0), T)
+
+    def _kernel(self, t: float) -> _Kernel:
+        alpha = float(self.schedule.alpha(t))
+        var = float(self.schedule.marginal_var(t))
+        lam, U = self._lam, self._U
+        D = alpha**2 * lam + var  # (K, d)
+
+        def mat(diag):  # U diag U^T
+            return np.einsum("kij,kj,klj->kil", U, diag, U)
+
+        Cinv = mat(1.0 / D)
+        Phi = mat(alpha * lam / D)
+        Gamma = mat(var * lam / D)
+        h = np.einsum("kij,kj->ki", U, var / D * self._Um)
+        Phi_w = np.einsum("kij,kj->ki", U, alpha * lam / D * self._Uw)
+        h_w = np.sum(self._Uw * var / D * self._Um, axis=1)
+        wGw = np.sum(self._Uw**2 * var * lam / D, axis=1)
+        return _Kernel(alpha, var, D, Cinv, Phi, h, Gamma, Phi_w, h_w, wGw)
+
+    def _components(self, kern: _Kernel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Log joint ``log pi_k + log N(x; alpha m_k, C_k)`` ``(B, K)`` and component scores ``(B, K, d)``."""
+        # coordinates in the eigenbasis of S_k (and C_k): z[b, k] = U_k^T (x_b - alpha m_k)
+        diff = x[None, :, :] - kern.alpha * self.means[:, None, :]  # (K, B, d)
+        z = _rowvec_times(diff, self._U)
+        zD = z / kern.D[:, None, :]
+        log_joint = (self._log_pi - 0.5 * np.sum(z * zD, axis=2).T
+                     - 0.5 * np.sum(np.log(kern.D), axis=1) - 0.5 * self.d * _LOG_2PI)
+        comp_scores = -_rowvec_times(zD, np.swapaxes(self._U, 1, 2))  # (K, B, d)
+        return log_joint, comp_scores.transpose(1, 0, 2)
+
+    def _tilt_exponent(self, kern: _Kernel, y: np.ndarray) -> np.ndarray:
+        """:math:`w\\cdot\\mu_k(y)/\\beta + w^\\top\\Gamma_k w/2\\beta^2`, shape ``(B, K)``."""
+        return (y @ kern.Phi_w.T + kern.h_w) / self.beta + kern.wGw / (2 * self.beta**2)
+
+    # -- forward marginals ---------------------------------------------------------------------------
+    def log_density(self, t, x):
+        r""":math:`\log p_t(x)`; ``(B,)`` for ``x`` ``(B, d)``, a float for ``(d,)``."""
+        t = self._time("t", t)
+        x2, single = self._points("x", x)
+        log_joint, _ = self._components(self._kernel(t), x2)
+        out = _np_logsumexp(log_joint, axis=1)
+        return float(out[0]) if single else out
+
+    def score(self, t, x):
+        r"""Exact score :math:`\nabla\log p_t(x) = \sum_k \rho_k(x)\,(-C_k^{-1}(x - \alpha_t m_k))`;
+        same shape as ``x``."""
+        t = self._time("t", t)
+        x2, single = self._points("x", x)
+        log_joint, comp_scores = self._components(self._kernel(t), x2)
+        out = np.einsum("bk,bki->bi", _np_softmax(log_joint, axis=1), comp_scores)
+        return out[0] if single else out
+
+    def sample_data(self, n, rng=None) -> np.ndarray:
+        """``n`` draws from :math:`p_\\text{data}`, shape ``(n, d)``."""
+        n = _positive_int("n", n)
+        rng = _as_rng(rng)
+        k = rng.choice(self.K, size=n, p=self.weights)
+        z = rng.standard_normal((n, self.d))
+        return self.means[k] + np.einsum("nij,nj->ni", self._chol_S[k], z)
+
+    def sample_marginal(self, t, n, rng=None) -> np.ndarray:
+        r"""``n`` draws from :math:`p_t`: :math:`X_t = \alpha_t X_0 + \sigma_t Z`, shape ``(n, d)``."""
+        t = self._time("t", t)
+        rng = _as_rng(rng)
+        x0 = self.sample_data(n, rng)
+        alpha, var = float(self.schedule.alpha(t)), float(self.schedule.marginal_var(t))
+        return alpha * x0 + math.sqrt(var) * rng.standard_normal(x0.shape)
+
+    # -- reverse kernel ------------------------------------------------------------------------------
+    def posterior_kernel(self, t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r"""``(Phi, h, Gamma)`` of shapes ``(K, d, d)``, ``(K, d)``, ``(K, d, d)``:
+        :math:`X_0 \mid X_t = y, \text{component } k \sim \mathcal N(\Phi_k y + h_k, \Gamma_k)`."""
+        kern = self._kernel(self._time("t", t))
+        return kern.Phi, kern.h, kern.Gamma
+
+    def posterior(self, t, y) -> MixturePosterior:
+        r"""Law of :math:`X_0 \mid X_t = y`: responsibilities :math:`\rho_k(y)`, means
+        :math:`\Phi_k y + h_k`, covariances :math:`\Gamma_k` (see :class:`MixturePosterior` for shapes)."""
+        t = self._time("t", t)
+        y2, single = self._points("y", y)
+        kern = self._kernel(t)
+        log_joint, _ = self._components(kern, y2)
+        resp = _np_softmax(log_joint, axis=1)
+        means = np.einsum("kij,bj->bki", kern.Phi, y2) + kern.h
+        if single:
+            return MixturePosterior(resp[0], means[0], kern.Gamma)
+        return MixturePosterior(resp, means, kern.Gamma)
+
+    # -- optimal control -----------------------------------------------------------------------------
+    def optimal_value(self, tau, y):
+        r""":math:`V^*(\tau, y) = \beta\log E^\text{pre}[e^{r(Y_T)/\beta} \mid Y_\tau = y]
+        = \beta \log\sum_k \rho_k(y) e^{w\cdot\mu_k(y)/\beta + w^\top\Gamma_k w/2\beta^2} + r_0`
+        at :math:`t = T - \tau`; ``(B,)`` or a float. :math:`V^*(T, y) = r(y)`."""
+        tau = self._time("tau", tau)
+        y2, single = self._points("y", y)
+        kern = self._kernel(self.T - tau)
+        log_joint, _ = self._components(kern, y2)
+        v = self.beta * (_np_logsumexp(log_joint + self._tilt_exponent(kern, y2), axis=1)
+                         - _np_logsumexp(log_joint, axis=1)) + self.r0
+        return float(v[0]) if single else v
+
+    def optimal_action(self, tau, y):
+        r""":math:`a^*(\tau, y) = s(T-\tau, y) + \nabla_y V^*/\beta
+        = \sum_k q_k(y)\,(s_k(y) + \Phi_k w/\beta)`, :math:`q_k \propto \rho_k e^{w\cdot\mu_k/\beta +
+        w^\top\Gamma_k w/2\beta^2}`; shape of ``y``. Equals the tilted problem's score at :math:`T-\tau`."""
+        tau = self._time("tau", tau)
+        y2, single = self._points("y", y)
+        kern = self._kernel(self.T - tau)
+        log_joint, comp_scores = self._components(kern, y2)
+        q = _np_softmax(log_joint + self._tilt_exponent(kern, y2), axis=1)
+        out = np.einsum("bk,bki->bi", q, comp_scores + kern.Phi_w / self.beta)
+        return out[0] if single else out
+
+    # -- tilted data ---------------------------------------------------------------------------------
+    def _tilted_log_weights(self) -> np.ndarray:
+        Sw = np.einsum("kij,j->ki", self.covs, self.w)
+        return self._log_pi + self.means @ self.w / self.beta + (Sw @ self.w) / (2 * self.beta**2)
+
+    def tilted_law(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r"""``(weights, means, covs)`` of :math:`p_\text{data} e^{r/\beta}/Z`: component :math:`k` becomes
+        :math:`\mathcal N(m_k + S_k w/\beta, S_k)` with weight
+        :math:`\propto \pi_k \exp(w\cdot m_k/\beta + w^\top S_k w/2\beta^2)`."""
+        weights = _np_softmax(self._tilted_log_weights())
+        means = self.means + np.einsum("kij,j->ki", self.covs, self.w) / self.beta
+        return weights, means, self.covs.copy()
+
+    def tilt_log_normalizer(self) -> float:
+        r""":math:`\log Z = \log E_{p_\text{data}}[e^{r(X)/\beta}]
+        = \log\sum_k \pi_k e^{w\cdot m_k/\beta + w^\top S_k w/2\beta^2} + r_0/\beta`."""
+        return float(_np_logsumexp(self._tilted_log_weights())) + self.r0 / self.beta
+
+    def tilted_problem(self) -> GaussianMixtureProblem:
+        """A :class:`GaussianMixtureProblem` whose data is the tilted mixture (same schedule, reward,
+        ``beta`` and ``init``); its score at ``T - tau`` is :meth:`optimal_action` at ``tau``."""
+        weights, means, covs = self.tilted_law()
+        return GaussianMixtureProblem(weights, means, covs, self.schedule, self.w, self.beta, self.r0,
+                                      self.init)
+
+    # -- terminal law of the optimal sampler ---------------------------------------------------------
+    def _init_components(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Initial law mu_0 as a mixture: log weights ``(J,)``, means ``(J, d)``, roots ``(J, d, d)``."""
+        if self.init == "standard":
+            return np.zeros(1), np.zeros((1, self.d)), np.eye(self.d)[None]
+        kern = self._kernel(self.T)
+        roots = np.einsum("kij,kj->kij", self._U, np.sqrt(kern.D))  # U sqrt(D): root of C_k(T)
+        return self._log_pi, kern.alpha * self.means, roots
+
+    def _tilted_kernel_from(self, y0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        r"""Law of :math:`Y_T \mid Y_0 = y_0` under :math:`a^*`: weights ``q`` ``(B, K)``, means
+        ``(B, K, d)``, covariances ``(K, d, d)``, and :math:`\log Z(y_0) = (V^*(0, y_0) - r_0)/\beta`."""
+        kern = self._kernel(self.T)
+        log_joint, _ = self._components(kern, y0)
+        expo = log_joint + self._tilt_exponent(kern, y0)
+        log_Z = _np_logsumexp(expo, axis=1) - _np_logsumexp(log_joint, axis=1)
+        q = _np_softmax(expo, axis=1)
+        shift = kern.h + np.einsum("kij,j->ki", kern.Gamma, self.w) / self.beta
+        means = np.einsum("kij,bj->bki", kern.Phi, y0) + shift
+        return q, means, kern.Gamma, log_Z
+
+    def sample_initial(self, n, rng=None) -> np.ndarray:
+        """``n`` draws from the sampler's initial law :math:`\\mu_0` (numpy), shape ``(n, d)``."""
+        n = _positive_int("n", n)
+        rng = _as_rng(rng)
+        log_pi, m, roots = self._init_components()
+        j = rng.choice(len(log_pi), size=n, p=np.exp(log_pi))
+        return m[j] + np.einsum("nij,nj->ni", roots[j], rng.standard_normal((n, self.d)))
+
+    def sample_optimal_terminal(self, n, rng=None) -> np.ndarray:
+        r"""Exact draws of :math:`Y_T` under :math:`a^*` with the initial law fixed: :math:`y_0 \sim \mu_0`,
+        then :math:`Y_T \sim \sum_k q_k(y_0)\mathcal N(\Phi_k y_0 + h_k + \Gamma_k w/\beta, \Gamma_k)`
+        (the pretrained kernel from :math:`y_0` tilted by :math:`e^{r/\beta}`, R2). Shape ``(n, d)``."""
+        rng = _as_rng(rng)
+        y0 = self.sample_initial(n, rng)
+        q, means, Gamma, _ = self._tilted_kernel_from(y0)
+        k = _sample_categorical(q, rng)
+        chol = np.linalg.cholesky(Gamma)
+        x = means[np.arange(len(k)), k] + rng.standard_normal(y0.shape)
+        for j in range(self.K):  # x = mean + chol(Gamma_j) z on the rows drawn from component j
+            rows = k == j
+            x[rows] = means[rows, j] + (x[rows] - means[rows, j]) @ chol[j].T
+        return x
+
+    def optimal_terminal_moments(self, init_optimised: bool = False, quad_points: int | None = None):
+        r"""Exact mean ``(d,)`` and covariance ``(d, d)`` of the optimal sampler's terminal law (R2).
+
+        ``init_optimised=False``: initial law :math:`\mu_0` fixed; the terminal law is
+        :math:`\int \mu_0(dy_0) \sum_k q_k(y_0) \mathcal N(\Phi_k y_0 + h_k + \Gamma_k w/\beta, \Gamma_k)`.
+        ``init_optimised=True``: the initial law is optimised too, :math:`\mu_0^* \propto \mu_0
+        e^{V^*(0,\cdot)/\beta}`, and the terminal law is :math:`p_T^\text{pre} e^{r/\beta}/Z` (the same
+        kernel integrated over :math:`\mu_0^*`).
+
+        The integral over :math:`y_0` uses tensor Gauss-Hermite quadrature on each Gaussian component of
+        :math:`\mu_0` (``quad_points`` nodes per dimension; default 100 for d=1, 60 for d=2, 24 for d=3,
+        accurate to ~1e-10 for d <= 2 on problems of moderate scale); the kernel moments are exact.
+        """
+        if quad_points is None:
+            quad_points = _DEFAULT_QUAD_POINTS.get(self.d, 8)
+        quad_points = _positive_int("quad_points", quad_points)
+        log_pi, m0, roots = self._init_components()
+        n_nodes = len(log_pi) * quad_points**self.d
+        if n_nodes > _MAX_QUAD_NODES:
+            raise ValueError(f"'quad_points'={quad_points} in d={self.d} needs {n_nodes} quadrature nodes "
+                             f"(> {_MAX_QUAD_NODES}); lower it or use sample_optimal_terminal")
+        x1, w1 = np.polynomial.hermite.hermgauss(quad_points)
+        grids = np.meshgrid(*([x1] * self.d), indexing="ij")
+        nodes = np.stack([g.ravel() for g in grids], axis=1) * math.sqrt(2.0)  # (Q, d)
+        log_w = np.sum(np.log(np.stack(np.meshgrid(*([w1] * self.d), indexing="ij"), -1).reshape(-1, self.d)),
+                       axis=1) - 0.5 * self.d * math.log(math.pi)
+        y0 = (m0[:, None, :] + np.einsum("jil,ql->jqi", roots, nodes)).reshape(-1, self.d)  # (J*Q, d)
+        log_mass = (log_pi[:, None] + log_w[None, :]).ravel()
+        q, means, Gamma, log_Z = self._tilted_kernel_from(y0)
+        if init_optimised:
+            log_mass = log_mass + log_Z
+        mass = np.exp(log_mass - _np_logsumexp(log_mass))  # (N,)
+        wq = mass[:, None] * q  # (N, K)
+        mean = np.einsum("nk,nki->i", wq, means)
+        dev = means - mean
+        cov = np.einsum("k,kij->ij", wq.sum(axis=0), Gamma) + np.einsum("nk,nki,nkj->ij", wq, dev, dev)
+        return mean, 0.5 * (cov + cov.T)
+
+    def optimal_terminal_law(self, init_optimised: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r"""``(weights, means, covs)`` of the optimal sampler's terminal law where it is a finite mixture.
+
+        * ``init_optimised=True`` and ``init="p_T"``: :math:`p_T^\text{pre} = p_\text{data}`, so the answer
+          is the tilted mixture :meth:`tilted_law`.
+        * ``K = 1``: Gaussian. With :math:`\mu_0 = \mathcal N(c, P)` (``p_T``: :math:`(\alpha_T m, C(T))`;
+          ``standard``: :math:`(0, I)`), fixed init gives :math:`\mathcal N(\Phi c + h + \Gamma w/\beta,
+          \Phi P \Phi + \Gamma)`; optimised init gives the tilt of :math:`p_T^\text{pre} =
+          \mathcal N(\Phi c + h, M)`, :math:`M = \Phi P\Phi + \Gamma`:
+          :math:`\mathcal N(\Phi c + h + M w/\beta, M)`.
+
+        Otherwise the responsibilities make the law a continuous mixture over :math:`y_0`, and this raises
+        ``NotImplementedError``: use :meth:`optimal_terminal_moments` (exact moments) or
+        :meth:`sample_optimal_terminal` (exact samples). For VP with :math:`b_\max = 20` the fixed-init
+        optimum is the tilt up to a relative :math:`O(\alpha_T^2) \approx 4\cdot 10^{-5}`.
+        """
+        if init_optimised and self.init == "p_T":
+            return self.tilted_law()
+        if self.K == 1:
+            kern = self._kernel(self.T)
+            _, c, roots = self._init_components()
+            P = roots[0] @ roots[0].T
+            Phi, Gamma = kern.Phi[0], kern.Gamma[0]
+            M = Phi @ P @ Phi.T + Gamma
+            M = 0.5 * (M + M.T)
+            base = Phi @ c[0] + kern.h[0]
+            mean = base + (M if init_optimised else Gamma) @ self.w / self.beta
+            return np.ones(1), mean[None], M[None]
+        raise NotImplementedError(
+            f"the optimal terminal law with init={self.init!r}, init_optimised={init_optimised} is not a "
+            "finite Gaussian mixture (the responsibilities q_k(y0) are nonlinear in the initial point y0); "
+            "use optimal_terminal_moments() for its exact mean and covariance or sample_optimal_terminal() "
+            "for exact samples")
+
+    # -- torch versions for rollouts -----------------------------------------------------------------
+    def _torch_params(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        key = (dtype, str(device))
+        if key not in self._torch_cache:
+            def tt(a):
+                return torch.as_tensor(a, dtype=dtype, device=device)
+
+            self._torch_cache[key] = {
+                "log_pi": tt(self._log_pi), "means": tt(self.means), "lam": tt(self._lam), "U": tt(self._U),
+                "Uw": tt(self._Uw), "Um": tt(self._Um),
+            }
+        return self._torch_cache[key]
+
+    def _torch_components(self, t, x: torch.Tensor, tilted: bool):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"'y' must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"'y' must have a floating dtype, got {x.dtype}")
+        single = x.dim() == 1
+        x2 = x[None] if single else x
+        if x2.dim() != 2 or x2.shape[1] != self.d:
+            raise ValueError(f"'y' must have shape (B, {self.d}) or ({self.d},), got {tuple(x.shape)}")
+        p = self._torch_params(x.dtype, x.device)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(())
+        alpha = self.schedule.alpha(t)
+        var = self.schedule.marginal_var(t)
+        lam, U = p["lam"], p["U"]
+        D = alpha**2 * lam + var  # (K, d)
+        z = torch.einsum("kji,bkj->bki", U, x2[:, None, :] - alpha * p["means"])
+        zD = z / D
+        log_joint = (p["log_pi"] - 0.5 * (z * zD).sum(-1) - 0.5 * torch.log(D).sum(-1)
+                     - 0.5 * self.d * _LOG_2PI)
+        comp_scores = -torch.einsum("kij,bkj->bki", U, zD)
+        if tilted:
+            Phi_w = torch.einsum("kij,kj->ki", U, alpha * lam / D * p["Uw"])
+            h_w = (p["Uw"] * var / D * p["Um"]).sum(-1)
+            wGw = (p["Uw"] ** 2 * var * lam / D).sum(-1)
+            log_joint = log_joint + (x2 @ Phi_w.T + h_w) / self.beta + wGw / (2 * self.beta**2)
+            comp_scores = comp_scores + Phi_w / self.beta
+        out = torch.einsum("bk,bki->bi", torch.softmax(log_joint, dim=1), comp_scores)
+        return out[0] if single else out
+
+    def score_torch(self, t, x: torch.Tensor) -> torch.Tensor:
+        """Torch version of :meth:`score` (dtype/device of ``x``; ``t`` a float or 0-dim tensor)."""
+        return self._torch_components(t, x, tilted=False)
+
+    def optimal_action_torch(self, tau, y: torch.Tensor) -> torch.Tensor:
+        """Torch version of :meth:`optimal_action` (dtype/device of ``y``; ``tau`` float or 0-dim tensor)."""
+        return self._torch_components(self._torch_t_of_tau(tau, y), y, tilted=True)
+
+    def _torch_t_of_tau(self, tau, y) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"'y' must be a torch.Tensor, got {type(y).__name__}")
+        return self.T - torch.as_tensor(tau, dtype=y.dtype, device=y.device)
+
+    def action_fns(self):
+        r"""``(pretrained_action, optimal_action)``, each ``(tau, y, cond) -> a`` on torch tensors
+        (``sa_theory.sde.ActionFn``): :math:`s(T-\tau, y)` and :math:`a^*(\tau, y)`; ``cond`` is ignored."""
+
+        def pretrained_action(tau: torch.Tensor, y: torch.Tensor, cond: Any = None) -> torch.Tensor:
+            return self._torch_components(self._torch_t_of_tau(tau, y), y, tilted=False)
+
+        def optimal_action(tau: torch.Tensor, y: torch.Tensor, cond: Any = None) -> torch.Tensor:
+            return self._torch_components(self._torch_t_of_tau(tau, y), y, tilted=True)
+
+        return pretrained_action, optimal_action
+
+    def initial_sample(self, n, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+        r"""``n`` draws from the initial law :math:`\mu_0` as a torch tensor ``(n, d)`` (``"p_T"``: the
+        mixture :math:`\sum_k\pi_k\mathcal N(\alpha_T m_k, C_k(T))`; ``"standard"``: :math:`N(0, I)`).
+        Drawn on the generator's device (CPU if none), then moved to ``device``."""
+        n = _positive_int("n", n)
+        gen_device = generator.device if generator is not None else torch.device(device)
+        z = torch.randn(n, self.d, generator=generator, dtype=torch.float64, device=gen_device)
+        if self.init == "standard":
+            return z.to(device=device, dtype=dtype)
+        log_pi, m, roots = self._init_components()
+        probs = torch.as_tensor(np.exp(log_pi), dtype=torch.float64, device=gen_device)
+        j = torch.multinomial(probs, n, replacement=True, generator=generator)
+        m_t = torch.as_tensor(m, dtype=torch.float64, device=gen_device)
+        roots_t = torch.as_tensor(roots, dtype=torch.float64, device=gen_device)
+        x = m_t[j] + torch.einsum("nij,nj->ni", roots_t[j], z)
+        return x.to(device=device, dtype=dtype)
