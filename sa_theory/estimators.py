@@ -51,6 +51,7 @@ __all__ = [
     "td_advantages",
     "value_gradient_surrogate",
     "likelihood_ratio_surrogate",
+    "ode_value_gradient_surrogate",
     "pathwise_objective",
     "reinforce_kl_surrogate",
     "dpok_surrogate",
@@ -139,6 +140,17 @@ def value_gradient_surrogate(means: torch.Tensor, value_grads: torch.Tensor, ref
     w = (g2[:N] * dtau).reshape(N, *([1] * (means.dim() - 1)))
     dual = (value_grads - beta * (means - ref_actions)).detach()
     return torch.stack([sum_event(means[k] * dual[k] * w[k]) for k in range(N)]).sum(0)
+
+
+def ode_value_gradient_surrogate(means: torch.Tensor, value_grads: torch.Tensor, g2: torch.Tensor,
+                                 dtau: float) -> torch.Tensor:
+    r"""Probability-flow ODE policy gradient, theory.md R11: :math:`\nabla J = E\int(\partial_\theta b)^\top
+    \nabla_y V\,d\tau` with :math:`\partial_\theta b = \frac{g^2}{2}\partial_\theta\mu` (half the SDE's
+    action gain) and :math:`V` the ODE's value (:math:`V(\tau, y) = r(\text{flow}_{\tau\to T}(y))`, no path
+    KL: the ODE's path law is singular, its natural regulariser is the terminal KL). Per path
+    :math:`\sum_k \frac{g_k^2}{2}d\tau\langle\mu_k, \mathrm{sg}[\nabla V_k]\rangle`.
+    """
+    return value_gradient_surrogate(means, value_grads, means.detach(), 0.5 * g2, dtau, beta=0.0)
 
 
 def likelihood_ratio_surrogate(log_probs: torch.Tensor, advantages: torch.Tensor, kl_theta: torch.Tensor,
