@@ -1,0 +1,45 @@
+# Two entry points (each creates .venv and installs the project if missing):
+#   make reproduce   -- regenerate every figure in figures/ (CPU, ~15 min on 2 cores) and print a summary
+#   make test        -- run the default test suite (excludes slow and GPU tests)
+# Other targets: make test-slow, make test-gpu, make bench, make lint.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install reproduce quick test test-slow test-gpu bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# constraints.txt pins torch to the CPU wheel on these machines; GPU users: install torch first, then
+	# `pip install -e ".[t2i,dev]"` without the constraints file.
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q -e ".[t2i,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+reproduce: $(STAMP)
+	$(PY) -m figures.make_all
+
+quick: $(STAMP)
+	$(PY) -m figures.make_all --quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_rollout.py
+	$(PY) benchmarks/bench_estimators.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,77 @@
+"""Shared helpers of the figure scripts: sizes, training runs with exact evaluation, plotting style."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from toy_problems.train import build  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIGSIZE = (10, 6)  # inches at dpi 100 -> 1000 x 600 px
+DPI = 100
+METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok")
+LABELS = {"sa_ac": "continuous-time AC (ours)", "ddpo_sf": "DDPO-SF", "ddpo_is": "DDPO-IS", "dpok": "DPOK"}
+COLORS = {"sa_ac": "C0", "ddpo_sf": "C1", "ddpo_is": "C2", "dpok": "C3"}
+
+#: per-method hyper-parameters shared by all figures (same rollouts / budgets; learning rates picked once)
+METHOD_OVERRIDES = {
+    "sa_ac": {"lr": 0.01, "lr_schedule": "cosine"},
+    "ddpo_sf": {"lr": 0.01, "lr_schedule": "cosine"},
+    "ddpo_is": {"lr": 0.01, "lr_schedule": "cosine", "clip_range": 0.1},
+    "dpok": {"lr": 0.01, "lr_schedule": "cosine"},
+}
+
+
+def setup_torch() -> None:
+    torch.set_num_threads(1)  # tiny 2-d problems: one thread is fastest and avoids oversubscription
+
+
+def out_path(out_dir: str | None, name: str) -> str:
+    d = out_dir or HERE
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, name)
+
+
+def save(fig, out_dir: str | None, name: str) -> str:
+    path = out_path(out_dir, name)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def train_curve(algo: str, problem: str, overrides: dict, evals: int = 8, exact: bool = True):
+    """Train ``algo`` and evaluate ``evals`` times along the way (exact J for the affine policy on a
+    linear-Gaussian problem). Returns ``(setup, curve)`` with ``curve`` a dict of arrays over
+    evaluation points: ``queries``, ``objective``, ``reward``, ``path_kl``."""
+    ov = {"progress": False, **METHOD_OVERRIDES.get(algo, {}), **overrides}
+    s = build(algo, problem, ov)
+    its = s.cfg.iterations
+    marks = sorted({int(round(its * (i + 1) / evals)) for i in range(evals)})
+    curve = {"queries": [0], "objective": [], "reward": [], "path_kl": []}
+    e = s.evaluate() if exact else s.evaluate(steps=s.cfg.sampler_steps)
+    for k in ("objective", "reward", "path_kl"):
+        curve[k].append(e[k])
+    for m in marks:
+        s.trainer.train(until=m)
+        e = s.evaluate() if exact else s.evaluate(steps=s.cfg.sampler_steps)
+        curve["queries"].append(s.trainer.queries)
+        for k in ("objective", "reward", "path_kl"):
+            curve[k].append(e[k])
+    return s, {k: np.asarray(v, dtype=float) for k, v in curve.items()}
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.time() - self.t0

@@ -1,0 +1,50 @@
+"""Figure 5: estimator variance and cost to a fixed error against the step count N (theory.md §3, R5).
+
+Plots the estimators benchmark (``benchmarks/bench_estimators.py``, shared code in
+:mod:`toy_problems.estimator_study`): its saved results ``benchmarks/results/estimators.json`` when present
+(full mode), otherwise the study is run here (``--quick``: 3 estimators, N in {10, 40}, 400 paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from figures._common import HERE, out_path, setup_torch
+from toy_problems.estimator_study import plot_study, run_study
+
+NAME = "fig5_estimator_variance.png"
+RESULTS = os.path.join(os.path.dirname(HERE), "benchmarks", "results", "estimators.json")
+
+
+def run(out_dir: str | None = None, quick: bool = False) -> dict:
+    setup_torch()
+    if not quick and os.path.exists(RESULTS):
+        with open(RESULTS) as fh:
+            study = json.load(fh)
+        source = RESULTS
+    elif quick:
+        study = run_study(Ns=(10, 40), paths=400, estimators=("value_gradient", "lr", "ddpo_sf"))
+        source = "computed (quick)"
+    else:
+        study = run_study()
+        source = "computed"
+    path = out_path(out_dir, NAME)
+    plot_study(study, path)
+    get = {(r["estimator"], r["N"]): r for r in study["records"]}
+    Nmax = max(r["N"] for r in study["records"])
+    ratio = get["ddpo_sf", Nmax]["work_to_error"] / get["value_gradient", Nmax]["work_to_error"]
+    return {"path": path, "source": source, f"ddpo_sf/value_gradient cost ratio at N={Nmax}": ratio}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    print(run(a.out, a.quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Training algorithms on the controlled sampler: the continuous-time actor-critic and DDPO/DPOK baselines.
+
+* :mod:`.config` -- one typed, documented config per algorithm and ``key=value`` overrides;
+* :mod:`.trainer` -- the :class:`Environment` a trainer sees and the shared loop (rollouts, JSONL
+  metrics, atomic checkpoints, exact resume, evaluation);
+* :mod:`.actor_critic` -- ``sa_ac``, the continuous-time actor-critic;
+* :mod:`.baselines` -- ``ddpo_sf``, ``ddpo_is``, ``dpok``;
+* :mod:`.policies` -- residual / plain MLP and piecewise-affine policies started at the pretrained score;
+* :mod:`.checkpoint` -- atomic save/load and RNG state.
+
+>>> trainer = make_trainer(SAACConfig(iterations=100), env, policy, value=MLPValue(2))
+>>> trainer.train()
+"""
+
+from .actor_critic import SAActorCritic, values_on_grid
+from .baselines import DDPOIS, DDPOSF, DPOK
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .config import (CONFIGS, DDPOISConfig, DDPOSFConfig, DPOKConfig, SAACConfig, TrainConfig, describe, from_dict,
+                     override, to_dict)
+from .policies import MLPPolicy, PiecewiseAffinePolicy, ResidualMLPPolicy, grid_means
+from .trainer import SOLVERS, Batch, Environment, Trainer
+
+TRAINERS = {"sa_ac": SAActorCritic, "ddpo_sf": DDPOSF, "ddpo_is": DDPOIS, "dpok": DPOK}
+
+
+def make_trainer(cfg: TrainConfig, env: Environment, policy, value=None, evaluator=None) -> Trainer:
+    """The trainer class for ``cfg``'s algorithm, constructed."""
+    return TRAINERS[type(cfg).algo](cfg, env, policy, value=value, evaluator=evaluator)
+
+
+__all__ = ["SAActorCritic", "DDPOSF", "DDPOIS", "DPOK", "Trainer", "Environment", "Batch", "SOLVERS", "TRAINERS",
+           "make_trainer", "TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
+           "override", "describe", "to_dict", "from_dict", "ResidualMLPPolicy", "MLPPolicy",
+           "PiecewiseAffinePolicy", "grid_means", "values_on_grid", "save_checkpoint", "load_checkpoint",
+           "rng_state", "set_rng_state", "seed_everything"]

@@ -1,0 +1,157 @@
+r"""Continuous-time actor-critic (``sa_ac``): the score is the action (theory.md R4, R7-R10).
+
+Per iteration, read top to bottom:
+
+1. **rollout** ``B`` paths of the current policy :math:`\mu_{\theta_\text{old}}` (any solver, any ``N``);
+   record the states :math:`Y_k`, the policy means, the pretrained actions :math:`s_k` and the per-step
+   Girsanov KLs :math:`\ell_k = \frac{g_k^2 d\tau}{2}|\mu_k - s_k|^2`; one reward query per path.
+2. **critic** (policy evaluation, R9): fit :math:`V_\psi(\tau, y)` to the Monte-Carlo returns
+   :math:`R - \beta\sum_{j\ge k}\ell_j` (``value_loss="mc"``, plus :math:`V(T, Y_N) = R`) or by
+   semi-gradient TD(0) (``"td"``); any value design (plain MLP, Tweedie, residual, R10).
+3. **costate**: :math:`p_k = \nabla_y V_\psi(\tau_k, Y_k)` by autograd through the critic, on the OLD
+   states (detached from here on).
+4. **actor** (``epochs`` steps, R8): maximise the trust-region surrogate
+   :math:`\sum_k d\tau\,[H(\tau_k, Y_k, \mu_\theta, p_k) - H(\tau_k, Y_k, \mu_{\theta_\text{old}}, p_k)]
+   - c\,KL(P^\theta\|P^{\theta_\text{old}})` with
+   :math:`H(a) = g^2 a\cdot p - \frac{\beta g^2}{2}|a - s|^2 + \ldots`
+   (:func:`sa_theory.estimators.trust_region_surrogate`); ``kl_penalty`` = :math:`c`, or ``max_path_kl``
+   clipping. At :math:`\theta = \theta_\text{old}` its gradient is the value-gradient policy gradient (R4).
+   ``tau_subset`` > 0 uses a random subset of grid times per epoch (rescaled, unbiased).
+   ``lr_coef`` > 0 adds an importance-weighted likelihood-ratio term with TD advantages
+   :math:`\delta_k = V_{k+1} - V_k - \beta\ell_k` (Euler only), for critics of non-differentiable rewards.
+
+Because the surrogate only needs the time marginals of the state (R4), the rollout solver and step
+count can be chosen freely; the path-KL trust region does not depend on ``N`` (R8).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..estimators import td_advantages, trust_region_surrogate
+from ..kl import euler_log_prob
+from ..sde import check_finite
+from ..value import MLPValue, mc_value_targets
+from .config import SAACConfig
+from .policies import grid_means
+from .trainer import Batch, Trainer
+
+__all__ = ["SAActorCritic", "values_on_grid"]
+
+
+def values_on_grid(value: nn.Module, taus: torch.Tensor, states: torch.Tensor, cond=None) -> torch.Tensor:
+    r""":math:`V(\tau_k, Y_k)` for every row of ``taus (n,)`` / ``states (n, B, *event)``: ``(n, B)``.
+    Differentiable in the critic's parameters and in ``states`` (one batched call for :class:`MLPValue`)."""
+    n, B = states.shape[:2]
+    if isinstance(value, MLPValue) and cond is None:
+        tau_rows = taus[:, None].expand(n, B).reshape(-1)
+        return value(tau_rows, states.reshape(n * B, *states.shape[2:])).reshape(n, B)
+    return torch.stack([value(taus[k], states[k], cond) for k in range(n)])
+
+
+class SAActorCritic(Trainer):
+    """The continuous-time actor-critic (see the module docstring). ``value`` is the critic (required)."""
+
+    cfg: SAACConfig
+
+    def _init_extra(self) -> None:
+        if self.value is None:
+            raise ValueError("SAActorCritic needs a critic: pass value=... (e.g. sa_theory.value.MLPValue)")
+        if self.cfg.value_loss not in ("mc", "td"):
+            raise ValueError(f"'value_loss' must be 'mc' or 'td', got {self.cfg.value_loss!r}")
+        if self.cfg.lr_coef and self.cfg.solver != "euler":
+            raise ValueError("'lr_coef' > 0 needs Euler transition densities: use solver='euler'")
+        vparams = [p for p in self.value.parameters() if p.requires_grad]
+        self.value_optimizer = torch.optim.Adam(vparams, lr=self.cfg.value_lr) if vparams else None
+
+    def extra_state(self) -> dict:
+        return {"value_optimizer": self.value_optimizer.state_dict() if self.value_optimizer else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.value_optimizer is not None:
+            self.value_optimizer.load_state_dict(state["value_optimizer"])
+
+    # ------------------------------------------------------------------ 2. critic
+    def fit_critic(self, batch: Batch, beta: float) -> float:
+        """``value_epochs`` Adam steps on the MC-regression or TD(0) loss, each on the full paths at a random
+        subset of ``max(1, value_batch // B)`` grid times (``k = 0..N``); returns the last loss."""
+        if self.value_optimizer is None:
+            return float("nan")
+        taus, states, R, kl = batch.taus, batch.states, batch.reward, batch.kl_steps
+        N, B = taus.numel() - 1, batch.batch_size
+        targets = torch.cat([mc_value_targets(R, kl, beta), R[None]], 0)  # (N+1, B), V(T, Y_N) = R
+        n_t = min(N + 1, max(1, self.cfg.value_batch // B))
+        loss = torch.zeros(())
+        for _ in range(self.cfg.value_epochs):
+            idx = torch.randperm(N + 1, generator=batch.generator)[:n_t]
+            v = values_on_grid(self.value, taus[idx], states[idx], batch.cond)
+            if self.cfg.value_loss == "mc":
+                loss = ((v - targets[idx]) ** 2).mean()
+            else:  # semi-gradient TD(0): target V(tau_{k+1}, Y_{k+1}) - beta l_k, and R at k = N
+                nxt = (idx + 1).clamp(max=N)
+                with torch.no_grad():
+                    v_next = values_on_grid(self.value, taus[nxt], states[nxt], batch.cond)
+                klk = torch.cat([kl, torch.zeros_like(kl[:1])], 0)[idx]
+                tgt = torch.where((idx == N)[:, None], R[None].expand_as(v), v_next - beta * klk)
+                loss = ((v - tgt) ** 2).mean()
+            self.value_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.value_optimizer.step()
+        return loss.item()
+
+    # ------------------------------------------------------------------ 3. costate
+    def costates(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(V_\psi(\tau_k, Y_k), \nabla_y V_\psi(\tau_k, Y_k))` for ``k < N``, detached."""
+        N = batch.taus.numel() - 1
+        with torch.enable_grad():
+            y = batch.states[:N].detach().requires_grad_(True)
+            v = values_on_grid(self.value, batch.taus[:N], y, batch.cond)
+            (grad,) = torch.autograd.grad(v.sum(), y)
+        return v.detach(), check_finite("critic value gradient", grad)
+
+    # ------------------------------------------------------------------ 4. actor
+    def actor_loss(self, batch: Batch, idx: torch.Tensor, paths: torch.Tensor, p: torch.Tensor,
+                   values: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minus the (rescaled) trust-region surrogate summed over ``paths``, divided by ``B``; also the
+        per-path KL to the old policy (for logging)."""
+        cfg, N, B = self.cfg, batch.taus.numel() - 1, batch.batch_size
+        taus, g2 = batch.taus[idx], self.env.sde.g2(batch.taus)[idx]
+        states = batch.states[idx][:, paths]
+        cond = None if batch.cond is None else batch.cond[paths]
+        new = grid_means(self.policy, taus, states, cond, batch.ref_actions[idx][:, paths])
+        old, ref, pk = batch.means[idx][:, paths], batch.ref_actions[idx][:, paths], p[idx][:, paths]
+        scale = N / idx.numel()
+        sur = scale * trust_region_surrogate(new, old, ref, pk, g2, batch.dtau, beta,
+                                             kl_penalty=cfg.kl_penalty, max_path_kl=cfg.max_path_kl)
+        if cfg.lr_coef:
+            adv = td_advantages(values, batch.reward, batch.kl_steps, beta)[idx][:, paths]
+            gd = self.env.sde.diffusion(batch.taus)[idx]
+            y1 = batch.states[idx + 1][:, paths]
+            logp = torch.stack([euler_log_prob(y1[i], states[i], self.env.sde.drift(taus[i], states[i], new[i]),
+                                               gd[i], batch.dtau) for i in range(idx.numel())])
+            ratio = torch.exp(logp - batch.log_probs[idx][:, paths])
+            sur = sur + cfg.lr_coef * scale * (ratio * adv).sum(0)
+        with torch.no_grad():
+            pkl = scale * 0.5 * (g2.reshape(-1, *[1] * (new.dim() - 1)) * batch.dtau * (new - old) ** 2
+                                 ).reshape(idx.numel(), paths.numel(), -1).sum((0, 2))
+        return -sur.sum() / B, pkl
+
+    def update(self, batch: Batch) -> dict:
+        cfg, beta = self.cfg, self.beta_at(self.iteration)
+        N, B = batch.taus.numel() - 1, batch.batch_size
+        value_loss = self.fit_critic(batch, beta)
+        values, p = self.costates(batch)
+        grad_norm, pkl = 0.0, torch.zeros(B)
+        for _ in range(cfg.epochs):
+            if cfg.tau_subset and cfg.tau_subset < N:
+                idx = torch.randperm(N, generator=batch.generator)[: cfg.tau_subset].sort().values
+            else:
+                idx = torch.arange(N)
+            pkl = torch.zeros(B, dtype=torch.float64)
+            for paths in self.chunks(B):
+                loss, pk = self.actor_loss(batch, idx, paths, p, values, beta)
+                loss.backward()
+                pkl[paths] = pk.to(torch.float64)
+            grad_norm = self.policy_step()
+        return {"grad_norm": grad_norm, "value_loss": value_loss, "policy_kl_to_old": float(pkl.mean())}

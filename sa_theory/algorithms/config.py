@@ -1,0 +1,196 @@
+r"""Typed, documented training configs (ddpo-pytorch ergonomics) and ``key=value`` overrides.
+
+Every field of every config carries a one-line ``help`` in its metadata; :func:`describe` prints them.
+Overrides come from a command line (``--lr 1e-3``, ``--set lr=1e-3``) or a dict; an unknown key raises
+``KeyError`` naming it, and values are converted to the field's declared type (``"none"`` gives
+``None`` for optional fields, booleans accept ``true/false/1/0/yes/no``).
+
+>>> cfg = override(SAACConfig(), {"lr": "3e-3", "sampler_steps": "25"})
+>>> cfg.lr, cfg.sampler_steps
+(0.003, 25)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
+           "override", "describe", "to_dict", "from_dict", "convert_value"]
+
+
+def _f(default: Any, help: str, **kw):
+    """A dataclass field with a documented default."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every trainer (rollouts, budget, optimisation, schedules, logging, checkpoints)."""
+
+    # -- run -------------------------------------------------------------------------------------
+    seed: int = _f(0, "seed of every random draw (rollouts, subsets, initialisation); same seed = same run")
+    iterations: int = _f(200, "training iterations; each rolls out batch_size paths (= batch_size reward queries)")
+    batch_size: int = _f(256, "paths rolled out per iteration (reward queries per iteration)")
+    grad_accum: int = _f(1, "split each gradient step's paths into this many micro-batches (gradient accumulation)")
+    # -- sampler ---------------------------------------------------------------------------------
+    sampler_steps: int = _f(50, "number N of sampler steps of each training rollout (uniform grid on [0, T])")
+    solver: str = _f("euler", "training solver: native 'euler' | 'heun', or torchsde 'tsde_euler' | 'milstein' | 'srk'")
+    # -- objective -------------------------------------------------------------------------------
+    beta: float = _f(1.0, "KL weight beta of J = E r(Y_T) - beta KL(P^theta || P^pre)")
+    beta_schedule: str = _f("constant", "KL schedule: 'constant' or 'linear' (ramp from beta_start to beta)")
+    beta_start: float = _f(0.0, "beta at iteration 0 when beta_schedule='linear'")
+    beta_warmup: int = _f(0, "iterations of the linear beta ramp")
+    # -- optimisation ----------------------------------------------------------------------------
+    lr: float = _f(1e-3, "Adam learning rate of the policy")
+    lr_schedule: str = _f("constant", "learning-rate schedule: 'constant' | 'linear' (decay to 0) | 'cosine'")
+    lr_warmup: int = _f(0, "iterations of linear learning-rate warm-up")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    max_grad_norm: float = _f(10.0, "clip the policy gradient's global norm to this (<= 0: no clipping)")
+    # -- logging / evaluation / checkpoints ------------------------------------------------------
+    log_every: int = _f(1, "write a JSONL metrics record every this many iterations")
+    eval_every: int = _f(0, "call the evaluator every this many iterations (0: never; also at the end if > 0)")
+    log_path: str | None = _f(None, "JSONL metrics file (appended; None: keep metrics in memory only)")
+    checkpoint_path: str | None = _f(None, "checkpoint file (written atomically; None: no checkpoints)")
+    checkpoint_every: int = _f(0, "save a checkpoint every this many iterations (0: only at the end)")
+    progress: bool = _f(True, "show a tqdm progress bar")
+    dtype: str = _f("float32", "torch dtype of rollouts and networks: 'float32' | 'float64'")
+
+    algo = "base"
+
+
+@dataclass
+class SAACConfig(TrainConfig):
+    """Continuous-time actor-critic ('sa_ac'): value learning + trust-region Hamiltonian surrogate (R4, R7-R9)."""
+
+    epochs: int = _f(4, "actor epochs (gradient steps) per rollout batch on the trust-region surrogate")
+    kl_penalty: float = _f(1.0, "weight of the path KL(P^theta' || P^theta_old) penalty in the surrogate (R8)")
+    max_path_kl: float | None = _f(None, "clip: paths whose KL to the old policy exceeds this give no gradient")
+    tau_subset: int = _f(0, "actor: use a random subset of this many grid times per epoch (0: the full grid)")
+    value_loss: str = _f("mc", "critic loss: 'mc' (regression on R - beta sum_{j>=k} l_j) | 'td' (semi-gradient TD(0))")
+    value_lr: float = _f(3e-3, "Adam learning rate of the critic")
+    value_epochs: int = _f(20, "critic gradient steps per rollout batch")
+    value_batch: int = _f(2048, "critic: state samples per step (full paths at value_batch // batch_size grid times)")
+    lr_coef: float = _f(0.0, "weight of an added likelihood-ratio (TD-advantage, importance-weighted) term; "
+                             "use > 0 for critics of non-differentiable rewards")
+    algo = "sa_ac"
+
+
+@dataclass
+class DDPOSFConfig(TrainConfig):
+    """DDPO-SF: REINFORCE on the N-step Euler chain; the sampled log-ratio KL is put in the return so the
+    algorithm optimises the same J (DDPO itself has no KL: set beta=0 for the original)."""
+
+    normalize_advantages: bool = _f(True, "standardise the per-path returns over the batch (DDPO's normalisation)")
+    lr: float = _f(1e-3, "Adam learning rate of the policy")
+    algo = "ddpo_sf"
+
+
+@dataclass
+class DDPOISConfig(TrainConfig):
+    """DDPO-IS: PPO-clip on per-step likelihood ratios with a fixed clip range (KL in the return, see SF)."""
+
+    epochs: int = _f(4, "PPO epochs (gradient steps) per rollout batch")
+    clip_range: float = _f(0.1, "fixed per-step ratio clip range (an N-dependent trust region, theory.md R8)")
+    normalize_advantages: bool = _f(True, "standardise the per-path returns over the batch")
+    algo = "ddpo_is"
+
+
+@dataclass
+class DPOKConfig(TrainConfig):
+    """DPOK: policy gradient with a learned value baseline and a per-step KL regulariser."""
+
+    value_lr: float = _f(3e-3, "Adam learning rate of the value baseline")
+    value_epochs: int = _f(20, "value-baseline gradient steps per rollout batch")
+    value_batch: int = _f(2048, "value baseline: state samples per step (full paths at value_batch // batch_size times)")
+    algo = "dpok"
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {c.algo: c for c in (SAACConfig, DDPOSFConfig, DDPOISConfig, DPOKConfig)}
+
+_TRUE, _FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def convert_value(name: str, typ: Any, value: Any) -> Any:
+    """Convert ``value`` (often a string) to ``typ``; ``ValueError`` naming ``name`` if it cannot."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        typ = args[0]
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, str):
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError(value)
+                return int(f)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config field {name!r} expects {getattr(typ, '__name__', typ)}, got {value!r}") from err
+    return value
+
+
+def override(cfg, updates: dict[str, Any] | None = None, **kw):
+    """A copy of ``cfg`` with fields replaced (values converted to the declared types).
+
+    Unknown keys raise ``KeyError`` naming them and listing the valid fields.
+    """
+    updates = {**(updates or {}), **kw}
+    types_ = _field_types(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    new = {}
+    for key, value in updates.items():
+        k = key.replace("-", "_")
+        if k not in names:
+            raise KeyError(f"unknown config field {key!r} for {type(cfg).__name__}; valid fields: {sorted(names)}")
+        new[k] = convert_value(k, types_[k], value)
+    return dataclasses.replace(cfg, **new)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """Plain dict of the config's fields (JSON-serialisable), with ``algo``."""
+    return {"algo": type(cfg).algo, **dataclasses.asdict(cfg)}
+
+
+def from_dict(d: dict[str, Any]):
+    """Inverse of :func:`to_dict`."""
+    d = dict(d)
+    cls = CONFIGS[d.pop("algo")]
+    return override(cls(), d)
+
+
+def describe(cfg_or_cls) -> str:
+    """One line per field: ``name (type) = default  # help``."""
+    cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
+    types_ = _field_types(cls)
+    lines = [f"{cls.__name__}: {cls.__doc__.splitlines()[0] if cls.__doc__ else ''}"]
+    for f in dataclasses.fields(cls):
+        val = getattr(cfg_or_cls, f.name) if not isinstance(cfg_or_cls, type) else f.default
+        t = types_[f.name]
+        tname = getattr(t, "__name__", str(t).replace("typing.", ""))
+        lines.append(f"  {f.name} ({tname}) = {val!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)
