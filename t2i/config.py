@@ -33,7 +33,7 @@ __all__ = [
     "METHODS",
 ]
 
-METHODS = ("sa_ac", "ddpo_is", "dpok")
+METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok")
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ANIMALS = [
     "cat",
@@ -86,7 +86,8 @@ ANIMALS = [
 
 @dataclass
 class ModelConfig:
-    pretrained: str = SD15  # local folder or Hub id for from_pretrained; "tiny" = in-process tiny pipeline
+    pretrained: str = SD15  # local folder or Hub id; "tiny" = in-process tiny pipeline; "tiny_pixel" = same,
+    # identity pixel-space VAE (t2i.models.PixelSpaceVAE); a folder from t2i.models.save_pixel_pipeline
     revision: str | None = None  # Hub revision (None = default branch)
     tiny_seed: int = 0  # seed of the random weights of the tiny pipeline (pretrained="tiny")
     lora_rank: int = 4  # LoRA rank r on to_q/to_k/to_v/to_out.0 of the UNet attention layers
@@ -112,7 +113,7 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "sa_ac"  # "sa_ac" (continuous-time KL actor-critic), "ddpo_is" (PPO-clip), "dpok"
+    method: str = "sa_ac"  # "sa_ac" (continuous-time AC), "ddpo_sf" (REINFORCE), "ddpo_is" (PPO-clip), "dpok"
     num_epochs: int = 100  # epochs; one epoch = sample, reward, then num_inner_epochs passes of updates
     batch_size: int = 4  # paths per process per backward pass (minibatch)
     gradient_accumulation_steps: int = 2  # minibatches per optimizer update
@@ -135,7 +136,7 @@ class TrainConfig:
     adv_clip_max: float = 5.0  # clamp advantages to [-c, c]
     advantage: str = "value"  # sa_ac: "value" (reward-to-go minus V baseline) or "td" (one-step TD errors)
     per_prompt_norm: bool = (
-        False  # standardise rewards per prompt (running tracker, DDPO); ddpo_is always does
+        False  # standardise rewards per prompt (running tracker, DDPO); ddpo_is and ddpo_sf always do
     )
     stat_buffer_size: int = 32  # per-prompt tracker: rewards kept per prompt
     stat_min_count: int = 8  # per-prompt tracker: below this count use batch statistics

@@ -21,6 +21,10 @@ sum stays unbiased).
   (:func:`policy_path_kl`): a trust
   region independent of the number of steps, not a per-step ratio clip. Critic: Monte-Carlo regression
   onto :math:`R - \beta\sum_{j\ge k}\ell_j` (:func:`mc_value_targets`) or TD(0).
+* :class:`DDPOScoreFunction` (``ddpo_sf``) -- REINFORCE on the K-step chain:
+  :math:`\sum_k A\log\pi_\theta(x_{k+1}|x_k)` with the per-prompt normalised reward as the advantage
+  (DDPO-SF; :func:`likelihood_ratio_surrogate` with :math:`\beta = 0`), no KL, no importance weight (exact
+  gradient on the first update of an epoch only).
 * :class:`DDPOImportanceSampling` (``ddpo_is``) -- per-step PPO-clip (:func:`ppo_clip_surrogate`) with a fixed
   clip range on ratios of summed log-probs, per-prompt normalised rewards as advantages, no KL.
 * :class:`DPOK` (``dpok``) -- :func:`dpok_surrogate`: :math:`\sum_k (R - V_k)\rho_k -
@@ -47,7 +51,15 @@ from sa_theory.value import mc_value_targets, value_regression_loss
 from .rollout import RolloutBatch, guided_eps, step_kl, step_log_prob
 from .scheduling import StepKernel
 
-__all__ = ["Method", "SAActorCritic", "DDPOImportanceSampling", "DPOK", "METHOD_CLASSES", "make_method"]
+__all__ = [
+    "Method",
+    "SAActorCritic",
+    "DDPOScoreFunction",
+    "DDPOImportanceSampling",
+    "DPOK",
+    "METHOD_CLASSES",
+    "make_method",
+]
 
 
 class Method:
@@ -182,6 +194,30 @@ class SAActorCritic(Method):
         }
 
 
+class DDPOScoreFunction(Method):
+    r"""``ddpo_sf``: REINFORCE, :math:`\sum_k A\log\pi_\theta(x_{k+1}|x_k)`, per-prompt normalised rewards
+    as advantages, no KL, no clipping."""
+
+    name = "ddpo_sf"
+
+    def prepare(self, batch, rewards):
+        batch.path_data["adv"] = self._clip_adv(rewards)  # rewards are already per-prompt normalised
+        return {}
+
+    def step_loss(self, batch, k):
+        terms = self.step_terms(batch, k)
+        lp = terms["log_prob"][None]
+        sur = likelihood_ratio_surrogate(lp, batch.path_data["adv"], torch.zeros_like(lp), 0.0)
+        loss = -self.steps_scale * sur.mean()
+        ratio = torch.exp(terms["log_prob"].detach() - terms["old_log_prob"])
+        return {
+            "loss": loss,
+            "actor_loss": loss.detach(),
+            "kl_to_pretrained": self.steps_scale * terms["kl"].detach().mean(),
+            "ratio_dev": (ratio - 1).abs().mean() / batch.num_steps,
+        }
+
+
 class DDPOImportanceSampling(Method):
     """``ddpo_is``: per-step PPO-clip on summed log-probs, per-prompt normalised advantages, no KL."""
 
@@ -244,6 +280,7 @@ class DPOK(Method):
 
 METHOD_CLASSES: dict[str, Callable[..., Method]] = {
     "sa_ac": SAActorCritic,
+    "ddpo_sf": DDPOScoreFunction,
     "ddpo_is": DDPOImportanceSampling,
     "dpok": DPOK,
 }

@@ -7,6 +7,9 @@
   CLIP tokenizer written to a temp folder). Seeded and deterministic. For tests and CPU demos.
 * :func:`add_lora` -- the policy is the UNet with a peft LoRA adapter; :func:`pretrained` is a context
   manager that disables the adapters, giving the pretrained model without a second copy.
+* :class:`PixelSpaceVAE` / :class:`PixelPipeline` -- pixel-space models (identity "VAE", scale 1): a folder
+  written by :func:`save_pixel_pipeline` (marker ``pixel_pipeline.json``) is loaded by :func:`load_pipeline`,
+  so ``model.pretrained=<folder>`` trains a pixel-space model on the same code path (used by ``digits``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ __all__ = [
     "decode_latents",
     "LORA_TARGETS",
     "save_lora",
+    "PixelSpaceVAE",
+    "PixelPipeline",
+    "save_pixel_pipeline",
+    "load_pixel_pipeline",
+    "is_pixel_pipeline",
 ]
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -123,11 +131,14 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 def load_pipeline(model: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
     """``StableDiffusionPipeline.from_pretrained(model)`` (local folder or Hub id), safety checker off.
+    A local folder with a ``pixel_pipeline.json`` marker is loaded by :func:`load_pixel_pipeline` instead.
 
     The scheduler is replaced by a DDIMScheduler from the same config (``clip_sample=False``).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    if os.path.isdir(model) and is_pixel_pipeline(model):
+        return load_pixel_pipeline(model, dtype)
     pipe = StableDiffusionPipeline.from_pretrained(
         model, revision=revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
@@ -212,3 +223,100 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- pixel-space pipelines
+PIXEL_PIPELINE_MARKER = "pixel_pipeline.json"
+
+
+class PixelSpaceVAE(torch.nn.Module):
+    """Identity "VAE" for pixel-space diffusion: the latents *are* the image in [-1, 1].
+
+    ``scaling_factor = 1``; ``decode(z).sample`` returns ``z`` with its channels repeated to
+    ``out_channels`` (a 1-channel model gives grey RGB images), so :func:`decode_latents` yields
+    ``(B, 3, H, W)`` images in [0, 1] as the reward interface expects; ``encode`` is the inverse (channel
+    mean when ``out_channels != latent_channels``). No parameters (one buffer carries dtype and device)."""
+
+    def __init__(self, latent_channels: int = 1, out_channels: int = 3):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(
+            scaling_factor=1.0,
+            latent_channels=latent_channels,
+            out_channels=out_channels,
+            block_out_channels=(latent_channels,),
+        )
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        from types import SimpleNamespace
+
+        c_in, c_out = z.shape[1], self.config.out_channels
+        x = z if c_in == c_out else z.mean(1, keepdim=True).expand(-1, c_out, -1, -1)
+        return SimpleNamespace(sample=x) if return_dict else (x,)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        from types import SimpleNamespace
+
+        z = x if x.shape[1] == self.config.latent_channels else x.mean(1, keepdim=True)
+        dist = SimpleNamespace(sample=lambda generator=None: z, mode=lambda: z, mean=z)
+        return SimpleNamespace(latent_dist=dist) if return_dict else (dist,)
+
+
+class PixelPipeline:
+    """Minimal pipeline container with the attributes the t2i code path uses (``unet``, ``vae``,
+    ``text_encoder``, ``tokenizer``, ``scheduler``), for pixel-space models with a :class:`PixelSpaceVAE`.
+    Not a diffusers ``DiffusionPipeline`` (diffusers cannot load a custom VAE class from a folder);
+    :func:`save_pixel_pipeline` / :func:`load_pixel_pipeline` use each component's ``save_pretrained`` /
+    ``from_pretrained``."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None):
+        self.unet, self.text_encoder = unet, text_encoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.vae = vae if vae is not None else PixelSpaceVAE(unet.config.in_channels)
+
+    def set_progress_bar_config(self, **kw) -> None:  # API parity with diffusers pipelines
+        pass
+
+    def to(self, device=None, dtype=None):
+        for m in (self.unet, self.text_encoder, self.vae):
+            m.to(device=device, dtype=dtype)
+        return self
+
+
+def save_pixel_pipeline(pipe: PixelPipeline, folder: str, extra: dict | None = None) -> None:
+    """``save_pretrained`` of unet / text_encoder / tokenizer / scheduler into ``folder`` plus a marker file
+    (``pixel_pipeline.json``, with ``extra`` metadata) so :func:`load_pipeline` recognises the folder."""
+    os.makedirs(folder, exist_ok=True)
+    pipe.unet.save_pretrained(os.path.join(folder, "unet"))
+    pipe.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    pipe.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, PIXEL_PIPELINE_MARKER), "w") as f:
+        json.dump({"vae": "PixelSpaceVAE", **(extra or {})}, f, indent=1)
+
+
+def load_pixel_pipeline(folder: str, dtype: torch.dtype = torch.float32) -> PixelPipeline:
+    """Inverse of :func:`save_pixel_pipeline` (local files only); DDIM scheduler, ``clip_sample=False``."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), torch_dtype=dtype)
+    text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"), local_files_only=True)
+    sch = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+    sch = DDIMScheduler.from_config(sch.config, clip_sample=False)
+    return PixelPipeline(unet, text.to(dtype), tok, sch)
+
+
+def is_pixel_pipeline(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, PIXEL_PIPELINE_MARKER))

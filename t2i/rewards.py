@@ -15,6 +15,8 @@ name                what                                                        
 ``clip_score``      cosine(CLIP image emb, CLIP text emb) x 100; needs ``clip_path``      yes
 ``imagereward``     ImageReward (optional ``image-reward`` package)                       no
 ``hpsv2``           HPSv2 (optional ``hpsv2`` package)                                    no
+``digit_prob``      p(prompted digit) from ``digits``' CNN classifier (``weights_path``: .pt) yes
+``digit_bold``      p(thick strokes) from ``digits``' style classifier (``weights_path``: .pt) yes
 ``pickscore``       PickScore (CLIP-H folder + processor at ``clip_path``)                yes
 ==================  ===================================================================  ==============
 """
@@ -272,7 +274,16 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "pickscore": lambda clip_path=None, **kw: PickScore(clip_path),
     "imagereward": lambda weights_path=None, **kw: ImageRewardWrapper(weights_path),
     "hpsv2": lambda **kw: HPSv2Wrapper(),
+    "digit_prob": lambda weights_path=None, **kw: _digits_reward("DigitProbReward", weights_path),
+    "digit_bold": lambda weights_path=None, **kw: _digits_reward("BoldReward", weights_path),
 }
+
+
+def _digits_reward(cls: str, weights_path):
+    """``digit_prob`` / ``digit_bold`` live in the ``digits`` package (small CNN classifiers)."""
+    import digits.rewards
+
+    return getattr(digits.rewards, cls)(weights_path)
 
 
 def register_reward(name: str, factory: Callable[..., Reward]) -> None:

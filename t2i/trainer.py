@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from .config import Config, config_to_dict, format_arithmetic, validate
 from .logging_utils import RunLogger
 from .methods import make_method
-from .models import add_lora, build_tiny_pipeline, load_pipeline, lora_parameters, lora_state_dict, save_lora
+from .models import (
+    PixelPipeline,
+    add_lora,
+    build_tiny_pipeline,
+    load_pipeline,
+    lora_parameters,
+    lora_state_dict,
+    save_lora,
+)
 from .rewards import PerPromptStatTracker, diversity, make_reward
 from .rollout import RolloutBatch, sample_rollout
 from .scheduling import make_kernel
@@ -95,6 +103,9 @@ def _atomic_write(path: str, text: str) -> None:
 def build_pipeline(cfg: Config, device, weight_dtype=torch.float32):
     if cfg.model.pretrained == "tiny":
         pipe = build_tiny_pipeline(cfg.model.tiny_seed)
+    elif cfg.model.pretrained == "tiny_pixel":  # tiny UNet/text encoder, identity VAE (images respond)
+        t = build_tiny_pipeline(cfg.model.tiny_seed)
+        pipe = PixelPipeline(t.unet, t.text_encoder, t.tokenizer, t.scheduler)
     else:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision)
     for m in (pipe.vae, pipe.text_encoder, pipe.unet):
@@ -302,7 +313,7 @@ class Trainer:
         div, _ = diversity(feats, batch.prompts)
         metrics["diversity_pixels"] = float(acc.gather(torch.tensor([div], device=acc.device)).nanmean())
         rewards = batch.rewards
-        if t.per_prompt_norm or t.method == "ddpo_is":
+        if t.per_prompt_norm or t.method in ("ddpo_is", "ddpo_sf"):
             all_r = acc.gather(rewards.contiguous())
             from accelerate.utils import gather_object
 

@@ -1,0 +1,363 @@
+"""The digits experiment: pretrain, fine-tune with four methods, evaluate, plot, benchmark table.
+
+``python -m digits.experiment [--quick] [--out DIR] [--cache DIR]`` (or :func:`main` with an argv list).
+
+1. Pretrained model (:mod:`digits.pretrain`, cached by config hash) and two classifiers trained on the
+   training split only (:mod:`digits.rewards`): the **reward classifier** (seed 0) and an independent
+   **evaluation classifier** (seed 1) used for accuracy, diversity and the Frechet distance, so a policy that
+   exploits the reward classifier is not also graded by it.
+2. Fine-tuning through :class:`t2i.trainer.Trainer` (same rollouts, kernels, reward interface, LoRA) with
+   ``sa_ac``, ``ddpo_sf``, ``ddpo_is`` and ``dpok``; the ten prompts ``"a handwritten digit k"``; reward
+   ``digit_prob`` (p(prompted digit)); the same reward-query budget (``epochs x samples per epoch``) and
+   the same learning rate for every method; several seeds.
+3. Evaluation of every final policy on the same prompts and noise (``n_eval`` images): reward, path KL to
+   the pretrained sampler (exact per-step Gaussian KL summed over steps, nats), diversity (mean pairwise
+   distance of evaluation-classifier features within a prompt), Frechet distance of evaluation-classifier
+   features to the held-out test digits ("FD"), evaluation-classifier accuracy; plus the reward under
+   DPM-Solver++ and under the probability-flow ODE (DDIM eta=0) at evaluation.
+4. Step-count sweep: the same runs (seed 0) with K = 10, 20, 50, 100 training steps; each path trains on
+   ``train_steps_per_path`` of its K steps (``train.timestep_fraction``), so the compute of the updates and
+   the query budget are the same for every K.
+5. Figures ``digits_fig1_reward_vs_queries.png``, ``digits_fig2_steps.png``, ``digits_fig3_solver.png``,
+   ``digits_fig4_grids.png`` and ``results.json`` / ``benchmark.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import ALL_PROMPTS, load_split
+from .pretrain import PretrainConfig, cache_root, pretrain, pretrain_info
+
+__all__ = ["ExperimentConfig", "QUICK", "run_finetune", "evaluate_policy", "run_experiment", "main"]
+
+METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok")
+
+
+@dataclass
+class ExperimentConfig:
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    methods: tuple = METHODS
+    seeds: tuple = (0, 1, 2)
+    num_steps: int = 10  # K of the main comparison
+    step_counts: tuple = (10, 20, 50, 100)  # K of the sweep (seed 0)
+    train_steps_per_path: int = 10  # steps trained per path (timestep_fraction = this / K)
+    epochs: int = 12
+    batch_size: int = 16  # samples (reward queries) per epoch
+    minibatch: int = 8
+    learning_rate: float = 3e-3
+    lora_rank: int = 4
+    guidance_scale: float = 1.0
+    beta: float = 0.01  # KL weight (sa_ac, dpok)
+    kl_penalty: float = 0.1  # sa_ac trust region (path KL to the old policy)
+    clip_range: float = 0.1  # ddpo_is (summed log-probs)
+    ratio_clamp: float = 0.1  # dpok
+    value_width: int = 16
+    n_eval: int = 60  # evaluation images (6 per digit)
+    eval_solver_steps: int = 10  # DPM-Solver++ / ODE steps at evaluation
+    classifier_steps: int = 1500
+    reward: str = "digit_bold"  # "digit_bold" (style: thick strokes) or "digit_prob" (prompted digit)
+
+
+def QUICK() -> ExperimentConfig:  # noqa: N802
+    """A reduced experiment: tiny pretraining, 2 methods, 1 seed, few epochs (default-suite test size)."""
+    return ExperimentConfig(
+        pretrain=PretrainConfig(num_train_steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=20),
+        methods=("sa_ac", "ddpo_is"),
+        seeds=(0,),
+        num_steps=4,
+        step_counts=(4,),
+        train_steps_per_path=4,
+        epochs=4,
+        batch_size=8,
+        minibatch=8,
+        n_eval=40,
+        eval_solver_steps=4,
+        classifier_steps=300,
+    )
+
+
+# --------------------------------------------------------------------------- assets
+def prepare_assets(ec: ExperimentConfig, cache_dir: str | None = None) -> dict:
+    """Pretrained model folder, reward / evaluation classifiers (cached) and their info."""
+    from .rewards import classifier_path, load_classifier
+
+    t0 = time.time()
+    folder = pretrain(ec.pretrain, cache_dir)
+    t_pre = time.time() - t0
+    root = cache_root(cache_dir)
+    clf_cfg = {"steps": ec.classifier_steps}
+    target = "bold" if ec.reward == "digit_bold" else "digit"
+    reward_clf, rinfo = load_classifier(root, 0, {**clf_cfg, "target": target})
+    digit_clf, dinfo = load_classifier(root, 0, clf_cfg)
+    eval_clf, einfo = load_classifier(root, 1, clf_cfg)
+    return {
+        "model": folder,
+        "pretrain_info": pretrain_info(folder),
+        "pretrain_wall_s_this_call": t_pre,
+        "reward_name": ec.reward,
+        "reward_classifier_path": classifier_path(root, 0, {**clf_cfg, "target": target}),
+        "digit_classifier": digit_clf,
+        "digit_classifier_info": dinfo,
+        "reward_classifier": reward_clf,
+        "eval_classifier": eval_clf,
+        "reward_classifier_info": rinfo,
+        "eval_classifier_info": einfo,
+    }
+
+
+def make_config(ec: ExperimentConfig, assets: dict, method: str, seed: int, K: int, out_dir: str):
+    from t2i.config import Config
+
+    c = Config()
+    c.model.pretrained = assets["model"]
+    c.model.lora_rank, c.model.lora_alpha = ec.lora_rank, float(ec.lora_rank)
+    c.sample.sampler, c.sample.eta, c.sample.num_steps = "ddim", 1.0, K
+    c.sample.guidance_scale = ec.guidance_scale
+    c.sample.batch_size, c.sample.num_batches_per_epoch = ec.batch_size, 1
+    c.sample.eval_num_steps = K
+    c.train.method, c.train.seed, c.train.num_epochs = method, seed, ec.epochs
+    c.train.batch_size, c.train.gradient_accumulation_steps = ec.minibatch, 1
+    c.train.learning_rate = ec.learning_rate
+    c.train.timestep_fraction = min(1.0, ec.train_steps_per_path / K)
+    c.train.beta = ec.beta if method in ("sa_ac", "dpok") else 0.0
+    c.train.kl_penalty = ec.kl_penalty
+    c.train.clip_range, c.train.ratio_clamp = ec.clip_range, ec.ratio_clamp
+    c.value.kind = {"sa_ac": "residual", "dpok": "critic"}.get(method, "none")
+    c.value.width, c.value.learning_rate = ec.value_width, 1e-3
+    c.reward.name, c.reward.weights_path = ec.reward, assets["reward_classifier_path"]
+    c.prompts = list(ALL_PROMPTS)
+    c.log.output_dir = out_dir
+    c.log.save_every, c.log.keep_last, c.log.image_every = 0, 1, 0
+    c.log.tensorboard, c.log.progress = False, False
+    return c
+
+
+# --------------------------------------------------------------------------- evaluation
+def _mean_se(x) -> tuple[float, float]:
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    n = x.numel()
+    return float(x.mean()), (float(x.std() / math.sqrt(n)) if n > 1 else float("nan"))
+
+
+@torch.no_grad()
+def evaluate_policy(
+    pipe,
+    kernel,
+    assets: dict,
+    ec: ExperimentConfig,
+    use_pretrained: bool = False,
+    seed: int = 12345,
+    solvers: bool = True,
+) -> dict:
+    """Metrics of the current policy (or the pretrained model) on fixed prompts and noise."""
+    import contextlib
+
+    from t2i.models import pretrained
+    from t2i.rollout import sample_images, sample_rollout
+
+    from .rewards import BoldReward, DigitProbReward, accuracy, classifier_features, frechet_distance
+
+    n = ec.n_eval
+    prompts = [ALL_PROMPTS[i % 10] for i in range(n)]
+    labels = torch.tensor([i % 10 for i in range(n)])
+    cls = BoldReward if ec.reward == "digit_bold" else DigitProbReward
+    R = cls(model=assets["reward_classifier"])
+    P = DigitProbReward(model=assets["digit_classifier"])
+    ev = assets["eval_classifier"]
+    ctx = pretrained(pipe.unet) if use_pretrained else contextlib.nullcontext()
+    out: dict = {}
+    with ctx:
+        gen = torch.Generator().manual_seed(seed)
+        b = sample_rollout(pipe, kernel, prompts, ec.guidance_scale, gen, record_reference=not use_pretrained)
+        imgs = b.images
+        r = R(imgs, prompts)
+        out["reward_mean"], out["reward_se"] = _mean_se(r)
+        kl = b.path_kl if b.path_kl is not None else torch.zeros(n)
+        out["path_kl_mean"], out["path_kl_se"] = _mean_se(kl)
+        out["eval_accuracy"] = accuracy(ev, imgs, labels)
+        out["digit_prob_mean"], out["digit_prob_se"] = _mean_se(P(imgs, prompts))
+        feats = classifier_features(ev, imgs)
+        per_prompt = []
+        for k in range(10):
+            f = feats[labels == k]
+            if len(f) > 1:
+                per_prompt.append(float(torch.cdist(f, f).sum() / (len(f) * (len(f) - 1))))
+        out["diversity_mean"], out["diversity_se"] = _mean_se(per_prompt)
+        test_x, _ = load_split("test", 8)
+        test_feats = ev.features(test_x)
+        out["fd"] = frechet_distance(feats, test_feats)
+        out["images"] = imgs[:40].cpu()
+        if solvers:
+            for name, sampler, eta in (("dpmsolver", "dpmsolver++", 0.0), ("ode", "ddim", 0.0)):
+                g2 = torch.Generator().manual_seed(seed + 1)
+                im = sample_images(pipe, prompts, sampler, ec.eval_solver_steps, ec.guidance_scale, g2, eta)
+                out[f"reward_{name}_mean"], out[f"reward_{name}_se"] = _mean_se(R(im, prompts))
+                out[f"fd_{name}"] = frechet_distance(classifier_features(ev, im), test_feats)
+    return out
+
+
+def run_finetune(
+    ec: ExperimentConfig, assets: dict, method: str, seed: int, K: int, out_dir: str, evaluate: bool = True
+) -> dict:
+    """One fine-tuning run through :class:`t2i.trainer.Trainer`; its per-epoch history and final metrics."""
+    from t2i.trainer import Trainer
+
+    cfg = make_config(ec, assets, method, seed, K, out_dir)
+    t0 = time.time()
+    tr = Trainer(cfg)
+    hist = tr.train()
+    t_train = time.time() - t0
+    res = {
+        "method": method,
+        "seed": seed,
+        "K": K,
+        "train_time_s": t_train,
+        "queries": [(i + 1) * ec.batch_size for i in range(len(hist))],
+        "reward": [h["reward_mean"] for h in hist],
+        "reward_se": [h["reward_se"] for h in hist],
+        "path_kl": [h["path_kl_mean"] for h in hist],
+    }
+    if evaluate:
+        t1 = time.time()
+        res["final"] = evaluate_policy(tr.pipe, tr.kernel, assets, ec)
+        res["eval_time_s"] = time.time() - t1
+    return res
+
+
+# --------------------------------------------------------------------------- the whole experiment
+def _strip_images(r: dict) -> dict:
+    r = dict(r)
+    if "final" in r:
+        r["final"] = {k: v for k, v in r["final"].items() if k != "images"}
+    return r
+
+
+def _save_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_experiment(ec: ExperimentConfig, out: str, cache_dir: str | None = None, part: str = "all") -> dict:
+    """Run ``part`` ("main": methods x seeds at K = ``num_steps``; "sweep": seed 0 at the other step counts;
+    "all"), writing ``results_<part>.json`` after every run (so a partial run still gives data)."""
+    from t2i.models import add_lora, load_pipeline
+    from t2i.scheduling import make_kernel
+
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    assets = prepare_assets(ec, cache_dir)
+    info = {
+        "pretrain": {k: v for k, v in assets["pretrain_info"].items() if k != "config"},
+        "pretrain_config": assets["pretrain_info"].get("config"),
+        "reward": ec.reward,
+        "reward_classifier_test_accuracy": assets["reward_classifier_info"]["test_accuracy"],
+        "digit_classifier_test_accuracy": assets["digit_classifier_info"]["test_accuracy"],
+        "eval_classifier_test_accuracy": assets["eval_classifier_info"]["test_accuracy"],
+        "experiment_config": {k: v for k, v in dataclasses.asdict(ec).items() if k != "pretrain"},
+    }
+    res: dict = {"info": info, "pretrained": {}, "runs": []}
+    path = os.path.join(out, f"results_{part}.json")
+    grids: dict = {}
+    # pretrained reference at every K used
+    Ks = sorted({ec.num_steps} | (set(ec.step_counts) if part in ("all", "sweep") else set()))
+    if part in ("all", "main"):
+        Ks = sorted(set(Ks) | {ec.num_steps})
+    pipe = load_pipeline(assets["model"])
+    add_lora(pipe.unet, ec.lora_rank, init_seed=0)  # evaluated with adapters disabled = the pretrained model
+    for K in Ks:
+        _, kern = make_kernel(pipe.scheduler.config, "ddim", K, 1.0)
+        ev = evaluate_policy(pipe, kern, assets, ec, use_pretrained=True)
+        if K == ec.num_steps:
+            grids["pretrained"] = ev["images"]
+        res["pretrained"][str(K)] = {k: v for k, v in ev.items() if k != "images"}
+    del pipe
+    jobs = []
+    if part in ("all", "main"):
+        jobs += [(m, s, ec.num_steps) for s in ec.seeds for m in ec.methods]
+    if part in ("all", "sweep"):
+        jobs += [(m, ec.seeds[0], K) for K in ec.step_counts if K != ec.num_steps for m in ec.methods]
+    for m, s, K in jobs:
+        r = run_finetune(ec, assets, m, s, K, os.path.join(out, "runs", f"{m}_s{s}_K{K}"))
+        if K == ec.num_steps and s == ec.seeds[0]:
+            grids[m] = r["final"]["images"]
+        res["runs"].append(_strip_images(r))
+        res["wall_s"] = time.time() - t0
+        f = r["final"]
+        print(
+            f"[{time.time() - t0:6.0f} s] {m:8s} seed {s} K {K:3d}: reward {f['reward_mean']:.3f} +- "
+            f"{f['reward_se']:.3f}  KL {f['path_kl_mean']:.2f}  FD {f['fd']:.1f}"
+            f"  div {f['diversity_mean']:.2f} "
+            f"(train {r['train_time_s']:.0f} s)",
+            flush=True,
+        )
+        _save_json(path, res)
+    if grids:
+        torch.save(grids, os.path.join(out, f"grids_{part}.pt"))
+    res["wall_s"] = time.time() - t0
+    _save_json(path, res)
+    return res
+
+
+def load_results(out: str) -> dict:
+    """Merge ``results_*.json`` of ``out`` (main and sweep parts)."""
+    merged: dict = {"runs": [], "pretrained": {}}
+    for part in ("all", "main", "sweep"):
+        p = os.path.join(out, f"results_{part}.json")
+        if os.path.isfile(p):
+            with open(p) as f:
+                r = json.load(f)
+            merged["info"] = r["info"]
+            merged["pretrained"].update(r["pretrained"])
+            merged["runs"] += r["runs"]
+            merged.setdefault("wall_s", {})[part] = r.get("wall_s")
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m digits.experiment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="reduced experiment (tiny pretraining, 2 methods)")
+    ap.add_argument("--out", default=None, help="output folder (default: figures/ for PNGs, runs/digits)")
+    ap.add_argument(
+        "--cache", default=None, help="model cache (default $SA_CACHE or ~/.cache/scores-as-actions)"
+    )
+    ap.add_argument(
+        "--part",
+        default="all",
+        choices=("all", "main", "sweep", "figures"),
+        help="run part of the experiment ('figures' only re-plots existing results)",
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--fig-dir", default=None, help="where the PNGs go (default: figures/, or --out if given)"
+    )
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ec = QUICK() if args.quick else ExperimentConfig()
+    out = args.out or os.path.join("runs", "digits_quick" if args.quick else "digits")
+    if args.part != "figures":
+        run_experiment(ec, out, args.cache, args.part)
+    from .figures import make_all
+
+    repo_figs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "figures")
+    fig_dir = args.fig_dir or args.out or (out if args.quick else repo_figs)
+    make_all(out, fig_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
