@@ -48,7 +48,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
     a2.set_yticks(range(len(Ns)), [str(n) for n in Ns])
     a2.set_xlabel("evaluation steps N' (Euler, Monte Carlo)")
     a2.set_ylabel("training steps N")
-    a2.set_title("continuous-time AC: J of the N-step Euler sampler")
+    a2.set_title("continuous-time AC:\nJ of the N'-step Euler sampler")
     for i in range(len(Ns)):
         for j in range(len(Ns)):
             a2.text(j, i, f"{cross[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)

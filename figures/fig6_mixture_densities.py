@@ -14,7 +14,7 @@ import argparse
 import matplotlib.pyplot as plt
 import numpy as np
 
-from figures._common import FIGSIZE, save, setup_torch
+from figures._common import save, setup_torch
 from toy_problems.train import build, mixture_statistics
 
 NAME = "fig6_mixture_densities.png"

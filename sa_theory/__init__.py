@@ -9,8 +9,15 @@ sampler SDE / probability-flow ODE), :mod:`~sa_theory.rollout` (native and torch
 
 from . import estimators, kl, rollout, schedules, sde, value
 from .kl import euler_log_prob, gaussian_log_prob, girsanov_kl_rate, girsanov_kl_step, mean_and_se, path_kl
-from .rollout import Trajectory, rollout as simulate
+from .rollout import Trajectory
+from .rollout import rollout as simulate
 from .schedules import ConstantOU, VEGeometric, VPCosine, VPLinear, get_schedule
 from .sde import ControlledSDE, score_as_action
 
+__all__ = [
+    "estimators", "kl", "rollout", "schedules", "sde", "value",
+    "euler_log_prob", "gaussian_log_prob", "girsanov_kl_rate", "girsanov_kl_step", "mean_and_se", "path_kl",
+    "Trajectory", "simulate", "ConstantOU", "VEGeometric", "VPCosine", "VPLinear", "get_schedule",
+    "ControlledSDE", "score_as_action",
+]
 __version__ = "0.1.0"

@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from sa_theory.algorithms import (DDPOISConfig, SAACConfig, describe, from_dict, load_checkpoint, override,
-                                  save_checkpoint, to_dict)
+from sa_theory.algorithms import (
+    DDPOISConfig,
+    SAACConfig,
+    describe,
+    from_dict,
+    load_checkpoint,
+    override,
+    save_checkpoint,
+    to_dict,
+)
 from toy_problems.cli import main as cli_main
 from toy_problems.cli import parse_overrides
-from toy_problems.train import affine_class_optimum, build, make_env, make_problem, mixture_statistics
+from toy_problems.train import affine_class_optimum, build, make_problem, mixture_statistics
 
 FAST = {"progress": False}
 
@@ -132,7 +140,7 @@ def test_resume_is_bitwise_exact(tmp_path, algo, extra):
     ck = tmp_path / "ck.pt"
     first = build(algo, "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(tmp_path / "m.jsonl")})
     first.trainer.train(until=k)
-    first.trainer.iteration  # the process dies here; only the checkpoint and the log survive
+    # the process dies here (after iteration k); only the checkpoint and the log survive
     del first
     second = build(algo, "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(tmp_path / "m.jsonl"),
                                      "seed": 7})

@@ -344,7 +344,7 @@ class LinearGaussianProblem:
         z = np.concatenate([mi, Pi.ravel(), [0.0], np.zeros(n_extra)])
         for a, b in zip(pol.breaks[:-1], pol.breaks[1:]):
             eps = 1e-12 * self.T  # evaluate each piece strictly inside so K/k do not jump mid-step
-            sol = solve_ivp(lambda s, zz: rhs(min(max(s, a + eps), b - eps), zz), (a, b), z,
+            sol = solve_ivp(lambda s, zz, a=a, b=b, eps=eps: rhs(min(max(s, a + eps), b - eps), zz), (a, b), z,
                             method="DOP853", rtol=_RTOL, atol=_ATOL)
             if not sol.success:
                 raise RuntimeError(f"moment ODE failed on [{a}, {b}]: {sol.message}")
@@ -393,7 +393,8 @@ class LinearGaussianProblem:
         sols = []
         for a, b in zip(pol.breaks[:-1][::-1], pol.breaks[1:][::-1]):
             eps = 1e-12 * self.T
-            sol = solve_ivp(lambda s, zz: rhs(min(max(s, a + eps), b - eps), zz), (b, a), z, method="DOP853",
+            sol = solve_ivp(lambda s, zz, a=a, b=b, eps=eps: rhs(min(max(s, a + eps), b - eps), zz), (b, a), z,
+                            method="DOP853",
                             rtol=_RTOL, atol=_ATOL, dense_output=True)
             if not sol.success:
                 raise RuntimeError(f"value ODE failed on [{a}, {b}]: {sol.message}")

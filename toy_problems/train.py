@@ -23,8 +23,18 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from sa_theory.algorithms import (CONFIGS, Environment, MLPPolicy, PiecewiseAffinePolicy, ResidualMLPPolicy,
-                                  TrainConfig, Trainer, make_trainer, override, seed_everything)
+from sa_theory.algorithms import (
+    CONFIGS,
+    Environment,
+    MLPPolicy,
+    PiecewiseAffinePolicy,
+    ResidualMLPPolicy,
+    TrainConfig,
+    Trainer,
+    make_trainer,
+    override,
+    seed_everything,
+)
 from sa_theory.algorithms.config import _f
 from sa_theory.schedules import ConstantOU, VPLinear
 from sa_theory.sde import ControlledSDE

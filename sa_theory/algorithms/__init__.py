@@ -15,8 +15,18 @@
 from .actor_critic import SAActorCritic, values_on_grid
 from .baselines import DDPOIS, DDPOSF, DPOK
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from .config import (CONFIGS, DDPOISConfig, DDPOSFConfig, DPOKConfig, SAACConfig, TrainConfig, describe, from_dict,
-                     override, to_dict)
+from .config import (
+    CONFIGS,
+    DDPOISConfig,
+    DDPOSFConfig,
+    DPOKConfig,
+    SAACConfig,
+    TrainConfig,
+    describe,
+    from_dict,
+    override,
+    to_dict,
+)
 from .policies import MLPPolicy, PiecewiseAffinePolicy, ResidualMLPPolicy, grid_means
 from .trainer import SOLVERS, Batch, Environment, Trainer
 
