@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -75,3 +76,12 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.time() - self.t0
+
+
+def figure_main(run, doc: str, argv=None) -> None:
+    """Command line of one figure script: ``python -m figures.figN_... [--quick] [--out DIR]``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="reduced size (seconds)")
+    p.add_argument("--out", default=None, help="output directory (default: figures/)")
+    a = p.parse_args(argv)
+    print(run(a.out, a.quick))

@@ -10,12 +10,10 @@ equals Euler for this additive noise)."""
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 import numpy as np
 
-from figures._common import FIGSIZE, LABELS, METHODS, save, setup_torch, train_curve
+from figures._common import FIGSIZE, LABELS, METHODS, figure_main, save, setup_torch, train_curve
 from toy_problems import gaussian_kl
 
 NAME = "fig3_solvers.png"
@@ -70,11 +68,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    print(run(a.out, a.quick))
+    figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

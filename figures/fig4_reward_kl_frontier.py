@@ -7,12 +7,10 @@ unrestricted optimum; the optimum of the 4-piece class lies slightly inside it.
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 import numpy as np
 
-from figures._common import COLORS, FIGSIZE, LABELS, save, setup_torch, train_curve
+from figures._common import COLORS, FIGSIZE, LABELS, figure_main, save, setup_torch, train_curve
 from toy_problems.train import make_problem
 
 NAME = "fig4_reward_kl_frontier.png"
@@ -30,7 +28,8 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
                                               "beta": beta, "seed": 0}, evals=1)
             learned[m].append((c["path_kl"][-1], c["reward"][-1]))
     dense = np.geomspace(0.15, 8.0, 8 if quick else 25)
-    frontier = np.array([[t["path_kl"], t["reward"]] for t in (make_problem("gauss2d", b).optimal_terms() for b in dense)])
+    optima = (make_problem("gauss2d", b).optimal_terms() for b in dense)
+    frontier = np.array([[t["path_kl"], t["reward"]] for t in optima])
     fig, ax = plt.subplots(figsize=FIGSIZE)
     ax.plot(frontier[:, 0], frontier[:, 1], "k-", label="closed-form frontier (a* for each beta)")
     for beta in betas:
@@ -53,11 +52,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    print(run(a.out, a.quick))
+    figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,10 @@ Plots the estimators benchmark (``benchmarks/bench_estimators.py``, shared code 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
-from figures._common import HERE, out_path, setup_torch
+from figures._common import HERE, figure_main, out_path, setup_torch
 from toy_problems.estimator_study import plot_study, run_study
 
 NAME = "fig5_estimator_variance.png"
@@ -39,11 +38,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    print(run(a.out, a.quick))
+    figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

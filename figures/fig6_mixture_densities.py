@@ -9,12 +9,10 @@ estimated by soft assignment to the tilted mixture and printed in the titles.
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 import numpy as np
 
-from figures._common import save, setup_torch
+from figures._common import figure_main, save, setup_torch
 from toy_problems.train import build, mixture_statistics
 
 NAME = "fig6_mixture_densities.png"
@@ -69,11 +67,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    print(run(a.out, a.quick))
+    figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

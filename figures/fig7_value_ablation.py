@@ -5,13 +5,11 @@ the exact grad_y V^theta of the current policy (Feynman-Kac ODE), on the policy'
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from figures._common import FIGSIZE, save, setup_torch
+from figures._common import FIGSIZE, figure_main, save, setup_torch
 from toy_problems.train import affine_class_optimum, build
 
 NAME = "fig7_value_ablation.png"
@@ -75,11 +73,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    print(run(a.out, a.quick))
+    figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

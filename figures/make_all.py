@@ -29,7 +29,8 @@ FIGURES = {
 
 def _headline(res: dict) -> str:
     keys = [k for k in res if k != "path"][:2]
-    return json.dumps({k: res[k] for k in keys}, default=lambda x: round(x, 4) if isinstance(x, float) else str(x))[:110]
+    fmt = lambda x: round(x, 4) if isinstance(x, float) else str(x)
+    return json.dumps({k: res[k] for k in keys}, default=fmt)[:110]
 
 
 def make_all(out_dir: str | None = None, quick: bool = False, only: list[int] | None = None) -> list[dict]:

@@ -132,7 +132,8 @@ def value_gradient_surrogate(means: torch.Tensor, value_grads: torch.Tensor, ref
     """Value-gradient (deterministic) policy gradient, theory.md R4.
 
     :math:`\\nabla J = E\\int g^2(\\partial_\\theta\\mu)^\\top[\\nabla_y V^\\theta - \\beta(\\mu - s)]d\\tau`;
-    per-path surrogate :math:`\\sum_k g_k^2 d\\tau\\langle\\mu_k, \\mathrm{sg}[\\nabla V_k - \\beta(\\mu_k-s_k)]\\rangle`.
+    per-path surrogate
+    :math:`\\sum_k g_k^2 d\\tau\\langle\\mu_k, \\mathrm{sg}[\\nabla V_k - \\beta(\\mu_k-s_k)]\\rangle`.
     ``means``/``value_grads``/``ref_actions``: ``(N, B, *event)``; ``g2``: ``(N,)`` or ``(N+1,)``. O(dtau)-biased
     for the discrete chain when ``V`` is the continuous value.
     """
@@ -179,7 +180,8 @@ def reinforce_kl_surrogate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
                            beta: float) -> torch.Tensor:
     """DDPO-SF baseline: REINFORCE on the N-step chain with the sampled log-ratio KL in the return.
 
-    Per path :math:`(R - \\beta\\sum_j[\\log\\pi_\\theta - \\log\\pi_{pre}](Y_{j+1}|Y_j))\\sum_k\\log\\pi_\\theta(Y_{k+1}|Y_k)`
+    Per path
+    :math:`(R - \\beta\\sum_j[\\log\\pi_\\theta - \\log\\pi_{pre}](Y_{j+1}|Y_j))\\sum_k\\log\\pi_\\theta(Y_{k+1}|Y_k)`
     (the return is detached; the direct derivative of the sampled KL has mean zero and is dropped, as in
     REINFORCE). Unbiased for the discrete objective; no reward-to-go, no baseline, no structure.
     """

@@ -5,7 +5,7 @@ In sampler time :math:`\tau \in [0, T]` (``tau = 0`` noise, ``tau = T`` data), w
 
 .. math::  dY_\tau = \big[-f\,Y_\tau + g^2\,a_\tau\big]\,d\tau + g\,dB_\tau            \qquad\text{(SDE)}
 
-.. math::  dY_\tau = \big[-f\,Y_\tau + \tfrac12 g^2\,a_\tau\big]\,d\tau                 \qquad\text{(probability-flow ODE)}
+.. math::  dY_\tau = \big[-f\,Y_\tau + \tfrac12 g^2\,a_\tau\big]\,d\tau  \qquad\text{(probability-flow ODE)}
 
 The pretrained sampler uses :math:`a = s_\text{pre}(T-\tau, Y)`. A *policy* is any callable
 ``mean(tau, y, cond) -> action`` with ``action.shape == y.shape``; ``tau`` is a 0-dim tensor of ``y``'s

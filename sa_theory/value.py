@@ -103,7 +103,8 @@ def evaluate_values(value: Callable, taus: torch.Tensor, states: torch.Tensor, c
 
 
 def mc_value_targets(terminal_reward: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
-    """Monte-Carlo targets :math:`R - \\beta\\sum_{j\\ge k}\\ell_j` for :math:`V(\\tau_k, Y_k)`, ``(N, B)`` (detached)."""
+    """Monte-Carlo targets :math:`R - \\beta\\sum_{j\\ge k}\\ell_j` for :math:`V(\\tau_k, Y_k)`,
+    ``(N, B)`` (detached)."""
     kl = kl.detach()
     tail = torch.flip(torch.cumsum(torch.flip(kl, [0]), 0), [0])  # sum_{j>=k}
     return terminal_reward.detach()[None] - beta * tail

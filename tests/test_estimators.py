@@ -191,12 +191,14 @@ def test_trust_region_surrogate_is_first_order_exact():
         e[i] = 1.0
 
         def cd(h):
-            return (prob.surrogate_objective(th, th + h * e, pieces) - prob.surrogate_objective(th, th - h * e, pieces)) / (2 * h)
+            L = prob.surrogate_objective
+            return (L(th, th + h * e, pieces) - L(th, th - h * e, pieces)) / (2 * h)
 
         assert abs((4 * cd(1e-3) - cd(2e-3)) / 3 - g[i]) < 1e-6 * max(1.0, abs(g[i]))
     # the gap J - L is second order in the step
     direction = theta_for(prob, pieces, 7)
-    gaps = [abs(prob.exact_objective(th + eps * direction, pieces) - prob.surrogate_objective(th, th + eps * direction, pieces))
+    gaps = [abs(prob.exact_objective(th + eps * direction, pieces)
+                - prob.surrogate_objective(th, th + eps * direction, pieces))
             for eps in (0.1, 0.05, 0.025)]
     ratios = np.array(gaps[:-1]) / np.array(gaps[1:])
     assert np.all((ratios > 3.0) & (ratios < 5.5)), ratios  # ~4: second order
@@ -331,7 +333,8 @@ def test_pathwise_backprop_equals_adjoint_equals_finite_differences_with_fixed_b
         for i in range(th0.size):
             e = np.zeros_like(th0)
             e[i] = 1.0
-            cd = lambda h: (objective(torch.tensor(th0 + h * e), False) - objective(torch.tensor(th0 - h * e), False)) / (2 * h)
+            cd = lambda h: (objective(torch.tensor(th0 + h * e), False)
+                            - objective(torch.tensor(th0 - h * e), False)) / (2 * h)
             fd[i] = float((4 * cd(1e-4) - cd(2e-4)) / 3)
     assert np.abs(fd - grads[False].numpy()).max() < 1e-7 * max(1.0, np.abs(fd).max())
     # negative control: a different Brownian path gives a different pathwise gradient

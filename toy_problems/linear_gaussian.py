@@ -653,7 +653,8 @@ class LinearGaussianProblem:
         R_all = self.reward_torch(traj.final)
         needs_v = estimator in ("lr_baseline", "lr_td")
         values_all = self._values_torch(theta, pieces, taus, traj.states) if needs_v else None
-        vgrads_all = self._value_grads_torch(theta, pieces, taus, traj.states) if estimator == "value_gradient" else None
+        needs_vg = estimator == "value_gradient"
+        vgrads_all = self._value_grads_torch(theta, pieces, taus, traj.states) if needs_vg else None
 
         def surrogate(sl: slice) -> torch.Tensor:
             states, refs, R = traj.states[:, sl], traj.ref_actions[:, sl], R_all[sl]

@@ -105,7 +105,8 @@ class DPOKConfig(TrainConfig):
 
     value_lr: float = _f(3e-3, "Adam learning rate of the value baseline")
     value_epochs: int = _f(20, "value-baseline gradient steps per rollout batch")
-    value_batch: int = _f(2048, "value baseline: state samples per step (full paths at value_batch // batch_size times)")
+    value_batch: int = _f(2048, "value baseline: state samples per step "
+                                 "(full paths at value_batch // batch_size times)")
     algo = "dpok"
 
 

@@ -105,7 +105,8 @@ class MLPPolicy(nn.Module):
 
     def distill(self, target: Callable, sample_states: Callable[[int, torch.Generator], tuple], steps: int = 500,
                 batch: int = 512, lr: float = 3e-3, seed: int = 0) -> float:
-        """Regress onto ``target(tau, y, cond)`` on states from ``sample_states(n, gen) -> (tau (0-dim), y (n, d), cond)``
+        """Regress onto ``target(tau, y, cond)`` on states from
+        ``sample_states(n, gen) -> (tau (0-dim), y (n, d), cond)``
         (e.g. the pretrained sampler's marginals); returns the final mean-squared error."""
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
