@@ -10,6 +10,7 @@ name                what                                                        
 ``jpeg_compress``   minus the JPEG size in kB (PIL, quality 95): higher = more compressible  no
 ``jpeg_incompress`` the JPEG size in kB                                                  no
 ``brightness``      mean pixel value in [0, 1] (a cheap test/demo reward)                yes
+``left_right_contrast`` left-half minus right-half mean intensity (spatial test reward)   yes
 ``aesthetic``       linear/MLP head on CLIP image embeddings (LAION-aesthetic style);     yes
                     needs ``clip_path`` (CLIPModel folder) and ``weights_path`` (head)
 ``clip_score``      cosine(CLIP image emb, CLIP text emb) x 100; needs ``clip_path``      yes
@@ -123,6 +124,22 @@ class Brightness(Reward):
 
     def __call__(self, images, prompts):
         return images.float().mean(dim=(1, 2, 3))
+
+
+class LeftRightContrast(Reward):
+    """Mean intensity of the left half minus the right half, in [-1, 1] (differentiable).
+
+    A spatial test reward: unlike a global brightness shift, which the GroupNorm layers of a small random
+    VAE decoder normalise away, a left/right pattern in the latents survives decoding, so even the tiny
+    random pipeline can move this reward.
+    """
+
+    name, differentiable = "left_right_contrast", True
+
+    def __call__(self, images, prompts):
+        w = images.shape[-1] // 2
+        x = images.float()
+        return x[..., :w].mean(dim=(1, 2, 3)) - x[..., w:].mean(dim=(1, 2, 3))
 
 
 def _load_clip(clip_path: str | None, reward: str):
@@ -269,6 +286,7 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "jpeg_compress": lambda **kw: JpegCompressibility(),
     "jpeg_incompress": lambda **kw: JpegIncompressibility(),
     "brightness": lambda **kw: Brightness(),
+    "left_right_contrast": lambda **kw: LeftRightContrast(),
     "aesthetic": lambda clip_path=None, weights_path=None, **kw: AestheticScore(clip_path, weights_path),
     "clip_score": lambda clip_path=None, **kw: ClipScore(clip_path),
     "pickscore": lambda clip_path=None, **kw: PickScore(clip_path),

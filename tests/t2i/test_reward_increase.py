@@ -44,7 +44,8 @@ def _rewards(tr, n=32, seed=999):
 @pytest.mark.xfail(
     strict=False,
     reason="not yet achieved: with 4 x 16 samples the brightness did not rise (0.313 -> 0.304, SE 0.008); "
-    "hyper-parameters untuned (issue #5 leftover still open)",
+    "on the random tiny SD pipeline, left_right_contrast also did not rise (8 epochs x 16 samples, lr 0.1: "
+    "-0.0013 -> 0.0021, z = 1.1, although the path KL reached 2230 nats) -- issue #5 leftover still open",
 )
 def test_few_sa_ac_iterations_raise_brightness_by_several_standard_errors(tmp_path):
     from digits.data import ALL_PROMPTS

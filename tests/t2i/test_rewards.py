@@ -104,3 +104,12 @@ def test_diversity_is_zero_for_identical_images_and_positive_otherwise():
     assert diversity(same, ["a", "a", "b", "b"])[0] == 0
     d, se = diversity(torch.randn(6, 10), ["a"] * 3 + ["b"] * 3)
     assert d > 0 and se >= 0
+
+
+def test_left_right_contrast_reward():
+    r = make_reward("left_right_contrast")
+    img = torch.zeros(2, 3, 8, 8)
+    img[0, :, :, :4] = 1.0  # left half white
+    img[1, :, :, 4:] = 1.0  # right half white
+    out = r(img, ["a", "b"])
+    assert r.differentiable and torch.allclose(out, torch.tensor([1.0, -1.0]))
