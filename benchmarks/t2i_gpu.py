@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from t2i.models import SD15_SCHEDULER_CONFIG
+
 SD15_UNET = dict(
     sample_size=64,
     in_channels=4,
@@ -67,15 +69,7 @@ SD15_TEXT = dict(
     hidden_act="quick_gelu",
     projection_dim=768,
 )
-SD15_SCHED = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+SD15_SCHED = SD15_SCHEDULER_CONFIG
 
 
 def build_sd15_random(device, dtype):

@@ -218,14 +218,11 @@ class DDPOScoreFunction(Method):
         }
 
 
-class DDPOImportanceSampling(Method):
-    """``ddpo_is``: per-step PPO-clip on summed log-probs, per-prompt normalised advantages, no KL."""
+class DDPOImportanceSampling(DDPOScoreFunction):
+    """``ddpo_is``: per-step PPO-clip on summed log-probs, per-prompt normalised advantages, no KL
+    (``prepare`` as DDPO-SF: the normalised rewards are the advantages)."""
 
     name = "ddpo_is"
-
-    def prepare(self, batch, rewards):
-        batch.path_data["adv"] = self._clip_adv(rewards)  # rewards are already per-prompt normalised
-        return {}
 
     def step_loss(self, batch, k):
         terms = self.step_terms(batch, k)

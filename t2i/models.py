@@ -54,6 +54,18 @@ def _write_char_tokenizer(folder: str) -> None:
         f.write("#version: 0.2\n")
 
 
+#: Stable Diffusion v1.5's training noise schedule (DDIM form; ``steps_offset=1`` avoids diffusers' warning).
+SD15_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
 def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """Tiny Stable Diffusion pipeline from config, random weights seeded by ``seed`` (no download).
 
@@ -106,15 +118,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
             projection_dim=32,
         )
         text_encoder = CLIPTextModel(text_cfg)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
