@@ -167,40 +167,34 @@ def _load_file(path: str) -> DigitCNN:
     return model
 
 
-class BoldReward(Reward, nn.Module):
+class _ClassifierReward(Reward, nn.Module):
+    """A reward read off a frozen :class:`DigitCNN`, given as a module or loaded from ``weights_path``."""
+
+    def __init__(self, weights_path: str | None = None, model: DigitCNN | None = None):
+        nn.Module.__init__(self)
+        if model is None:
+            if weights_path is None or not os.path.isfile(weights_path):
+                raise ValueError(
+                    f"reward {self.name!r} needs reward.weights_path (a classifier .pt), got {weights_path!r}"
+                )
+            model = _load_file(weights_path)
+        self.model = model.eval().requires_grad_(False)
+
+
+class BoldReward(_ClassifierReward):
     """``digit_bold``: p(thick strokes | image) from a 2-class :class:`DigitCNN` trained on the training
     split with :func:`bold_labels` (a style property; the prompt is not used)."""
 
     name, differentiable = "digit_bold", True
 
-    def __init__(self, weights_path: str | None = None, model: DigitCNN | None = None):
-        nn.Module.__init__(self)
-        if model is None:
-            if weights_path is None or not os.path.isfile(weights_path):
-                raise ValueError(
-                    f"reward 'digit_bold' needs reward.weights_path (a .pt), got {weights_path!r}"
-                )
-            model = _load_file(weights_path)
-        self.model = model.eval().requires_grad_(False)
-
     def __call__(self, images, prompts):
         return F.softmax(self.model(to_classifier_input(images)), 1)[:, 1]
 
 
-class DigitProbReward(Reward, nn.Module):
+class DigitProbReward(_ClassifierReward):
     """``digit_prob``: p(prompted digit | image) from a :class:`DigitCNN` (``weights_path``: its ``.pt``)."""
 
     name, differentiable = "digit_prob", True
-
-    def __init__(self, weights_path: str | None = None, model: DigitCNN | None = None):
-        nn.Module.__init__(self)
-        if model is None:
-            if weights_path is None or not os.path.isfile(weights_path):
-                raise ValueError(
-                    f"reward 'digit_prob' needs reward.weights_path (a classifier .pt), got {weights_path!r}"
-                )
-            model = _load_file(weights_path)
-        self.model = model.eval().requires_grad_(False)
 
     def __call__(self, images, prompts):
         target = torch.tensor([digit_of_prompt(p) for p in prompts], device=images.device)

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from .kl import euler_log_prob, girsanov_kl_step, sum_event
-from .rollout import Trajectory
 from .sde import ActionFn, ControlledSDE, check_finite
 
 __all__ = [
@@ -275,28 +274,19 @@ def batch_means_gradient(per_path: torch.Tensor, params: Sequence[torch.Tensor],
 
     Paths are split into ``groups`` equal consecutive groups; each group's mean gradient is one draw
     (groups are i.i.d.), so ``se = std(group gradients)/sqrt(groups)``. Returns flat ``(mean, se)``.
+    All groups backpropagate through the one shared graph of ``per_path``; :func:`grouped_gradient`
+    builds a graph per group instead (cheaper for long rollouts).
     """
-    B = per_path.shape[0]
-    if groups < 2 or B < groups:
-        raise ValueError(f"'groups' must be in [2, batch={B}], got {groups}")
-    check_finite("per-path surrogate", per_path.detach())
-    size = B // groups
-    grads = []
-    for gi in range(groups):
-        sl = per_path[gi * size : (gi + 1) * size].mean()
-        gs = torch.autograd.grad(sl, params, retain_graph=True, allow_unused=True)
-        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
-    G = torch.stack(grads)
-    return G.mean(0), G.std(0, unbiased=True) / math.sqrt(groups)
+    return grouped_gradient(lambda sl: per_path[sl], params, per_path.shape[0], groups, retain_graph=True)
 
 
 def grouped_gradient(group_surrogate: Callable[[slice], torch.Tensor], params: Sequence[torch.Tensor],
-                     batch: int, groups: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`batch_means_gradient`, but builds one autograd graph per group.
+                     batch: int, groups: int = 50, retain_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the mean surrogate and its standard error by batch means, one autograd graph per group.
 
     ``group_surrogate(sl)`` returns the per-path surrogate ``(|sl|,)`` of the paths in slice ``sl``; the
     cost is one forward and one backward pass over the whole batch (instead of ``groups`` backward passes
-    through a shared graph). Returns flat ``(mean, se)`` of the gradient of the mean surrogate.
+    through a shared graph). Returns flat ``(mean, se)``, ``se = std(group gradients)/sqrt(groups)``.
     """
     if groups < 2 or batch < groups:
         raise ValueError(f"'groups' must be in [2, batch={batch}], got {groups}")
@@ -305,12 +295,7 @@ def grouped_gradient(group_surrogate: Callable[[slice], torch.Tensor], params: S
     for gi in range(groups):
         per_path = group_surrogate(slice(gi * size, (gi + 1) * size))
         check_finite("per-path surrogate", per_path.detach())
-        gs = torch.autograd.grad(per_path.mean(), params, allow_unused=True)
+        gs = torch.autograd.grad(per_path.mean(), params, retain_graph=retain_graph, allow_unused=True)
         grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
     G = torch.stack(grads)
     return G.mean(0), G.std(0, unbiased=True) / math.sqrt(groups)
-
-
-def trajectory_tensors(sde: ControlledSDE, traj: Trajectory) -> dict[str, torch.Tensor]:
-    """Convenience: ``g2`` on the grid and ``dtau`` of a recorded trajectory."""
-    return {"g2": sde.g2(traj.taus), "dtau": traj.dtau}

@@ -85,7 +85,7 @@ def uniform_grid(T: float, steps: int, dtype: torch.dtype, device: torch.device 
     return torch.linspace(0.0, T, steps + 1, dtype=dtype, device=device)
 
 
-def _validate(y0: torch.Tensor, backend: str, method: str, ode: bool) -> None:
+def _validate(y0: torch.Tensor, backend: str, method: str) -> None:
     if not isinstance(y0, torch.Tensor) or y0.dim() < 2:
         raise ValueError("'y0' must be a tensor of shape (batch, *event_shape) with at least 2 dimensions")
     if not y0.is_floating_point():
@@ -135,7 +135,7 @@ def rollout(
         need); ``None`` keeps only ``final`` and the accumulated ``path_kl`` (low memory).
     check: raise ``FloatingPointError`` if the final state or KL is NaN/Inf.
     """
-    _validate(y0, backend, method, sde.ode)
+    _validate(y0, backend, method)
     if exploration_std < 0 or not math.isfinite(exploration_std):
         raise ValueError(f"'exploration_std' must be finite and >= 0, got {exploration_std}")
     taus = uniform_grid(sde.T, steps, y0.dtype, y0.device)

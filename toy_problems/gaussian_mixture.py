@@ -66,12 +66,15 @@ from scipy.special import softmax as _np_softmax
 
 from sa_theory.schedules import Schedule
 
+from ._validate import check_beta, check_init, check_spd
+from ._validate import positive_int as _positive_int
+from ._validate import real_array as _real_array
+from ._validate import real_scalar as _real_scalar
+
 __all__ = ["GaussianMixtureProblem", "MixturePosterior"]
 
-_INITS = ("p_T", "standard")
 _LOG_2PI = math.log(2.0 * math.pi)
 _WEIGHT_SUM_TOL = 1e-6
-_SYMMETRY_TOL = 1e-8
 _DEFAULT_QUAD_POINTS = {1: 100, 2: 60, 3: 24}
 _MAX_QUAD_NODES = 5_000_000
 
@@ -92,40 +95,6 @@ class MixturePosterior(NamedTuple):
 # ----------------------------------------------------------------------------------------------------
 # validation helpers (private)
 # ----------------------------------------------------------------------------------------------------
-def _real_array(name: str, value: Any) -> np.ndarray:
-    """``value`` as a float64 array; TypeError if not real numbers, ValueError if NaN/Inf."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    try:
-        raw = np.asarray(value)
-    except Exception as err:  # pragma: no cover - exotic objects
-        raise TypeError(f"{name!r} must be an array of real numbers, got {type(value).__name__}") from err
-    real = np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)
-    if raw.dtype == bool or not real:
-        raise TypeError(f"{name!r} must be an array of real numbers, got dtype {raw.dtype}")
-    arr = raw.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name!r} contains NaN or Inf")
-    return arr
-
-
-def _real_scalar(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray | torch.Tensor):
-        raise TypeError(f"{name!r} must be a real number, got {value!r}")
-    arr = _real_array(name, value)
-    if arr.ndim != 0 and arr.size != 1:
-        raise ValueError(f"{name!r} must be a scalar, got shape {arr.shape}")
-    return float(arr.reshape(()))
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name!r} must be an integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name!r} must be >= 1, got {value}")
-    return int(value)
-
-
 def _as_rng(rng: Any) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
@@ -205,13 +174,7 @@ class GaussianMixtureProblem:
         if covs.shape != (K, d, d):
             raise ValueError(f"'covs' must have shape (K, d, d) = {(K, d, d)}, got {covs.shape}")
         for k in range(K):
-            S = covs[k]
-            if np.max(np.abs(S - S.T)) > _SYMMETRY_TOL * max(1.0, np.max(np.abs(S))):
-                raise ValueError(f"'covs'[{k}] is not symmetric positive definite (not symmetric)")
-            try:
-                np.linalg.cholesky(S)
-            except np.linalg.LinAlgError as err:
-                raise ValueError(f"'covs'[{k}] is not symmetric positive definite") from err
+            covs[k] = check_spd("covs", covs[k], index=k)
         covs = 0.5 * (covs + np.swapaxes(covs, 1, 2))
         lam, U = np.linalg.eigh(covs)
         if np.any(lam <= 0):
@@ -219,12 +182,9 @@ class GaussianMixtureProblem:
         w = _real_array("w", w)
         if w.shape != (d,):
             raise ValueError(f"'w' must have shape (d,) = ({d},), got {w.shape}")
-        beta = _real_scalar("beta", beta)
-        if beta <= 0:
-            raise ValueError(f"'beta' must be > 0, got {beta}")
+        beta = check_beta(beta)
         r0 = _real_scalar("r0", r0)
-        if not isinstance(init, str) or init not in _INITS:
-            raise ValueError(f"'init' must be one of {_INITS}, got {init!r}")
+        check_init(init)
 
         self.schedule = schedule
         self.weights = weights / weights.sum()

@@ -38,7 +38,7 @@ from scipy.integrate import solve_ivp
 
 from sa_theory.schedules import Schedule
 
-from ._validate import as_matrix, as_vector, check_beta, check_init, check_spd, check_symmetric
+from ._validate import as_matrix, as_vector, check_beta, check_init, check_spd, check_symmetric, real_scalar
 
 __all__ = ["LinearGaussianProblem", "gaussian_kl"]
 
@@ -87,11 +87,9 @@ class LinearGaussianProblem:
         self.m0 = as_vector("m0", m0)
         d = self.d = self.m0.shape[0]
         self.S0 = check_spd("S0", as_matrix("S0", S0, d))
-        self.Q = np.zeros((d, d)) if Q is None else check_symmetric("Q", as_matrix("Q", Q, d))
+        self.Q = np.zeros((d, d)) if Q is None else check_symmetric("Q", as_matrix("Q", Q, d), tol=1e-10)
         self.w = np.zeros(d) if w is None else as_vector("w", w, d)
-        self.r0 = float(r0)
-        if not np.isfinite(self.r0):
-            raise ValueError("'r0' must be finite")
+        self.r0 = real_scalar("r0", r0)
         self.beta = check_beta(beta)
         self.init = check_init(init)
         self.schedule = schedule
