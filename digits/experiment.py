@@ -248,9 +248,40 @@ def _save_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def run_experiment(ec: ExperimentConfig, out: str, cache_dir: str | None = None, part: str = "all") -> dict:
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _job(ec: ExperimentConfig, cache_dir: str | None, m: str, s: int, K: int, out: str) -> dict:
+    """One fine-tuning run in a worker process (assets come from the cache the parent filled)."""
+    return run_finetune(ec, prepare_assets(ec, cache_dir), m, s, K, os.path.join(out, "runs", f"{m}_s{s}_K{K}"))
+
+
+def _run_jobs(ec, assets, jobs, out, cache_dir, workers: int):
+    """Yield the results of ``jobs`` ((method, seed, K) triples): in order in this process if ``workers``
+    is 1, else as they finish in ``workers`` spawned processes with one torch thread each (the most
+    expensive runs, largest K, are submitted first so the pool stays balanced)."""
+    if workers <= 1:
+        for m, s, K in jobs:
+            yield run_finetune(ec, assets, m, s, K, os.path.join(out, "runs", f"{m}_s{s}_K{K}"))
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    order = sorted(jobs, key=lambda j: -j[2])
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                initargs=(1,)) as pool:
+        futs = [pool.submit(_job, ec, cache_dir, m, s, K, out) for m, s, K in order]
+        for f in cf.as_completed(futs):
+            yield f.result()
+
+
+def run_experiment(
+    ec: ExperimentConfig, out: str, cache_dir: str | None = None, part: str = "all", workers: int = 1
+) -> dict:
     """Run ``part`` ("main": methods x seeds at K = ``num_steps``; "sweep": seed 0 at the other step counts;
-    "all"), writing ``results_<part>.json`` after every run (so a partial run still gives data)."""
+    "all"), writing ``results_<part>.json`` after every run (so a partial run still gives data). ``workers``
+    > 1 runs the fine-tuning runs in that many processes (one torch thread each)."""
     from t2i.models import add_lora, load_pipeline
     from t2i.scheduling import make_kernel
 
@@ -287,8 +318,8 @@ def run_experiment(ec: ExperimentConfig, out: str, cache_dir: str | None = None,
         jobs += [(m, s, ec.num_steps) for s in ec.seeds for m in ec.methods]
     if part in ("all", "sweep"):
         jobs += [(m, ec.seeds[0], K) for K in ec.step_counts if K != ec.num_steps for m in ec.methods]
-    for m, s, K in jobs:
-        r = run_finetune(ec, assets, m, s, K, os.path.join(out, "runs", f"{m}_s{s}_K{K}"))
+    for r in _run_jobs(ec, assets, jobs, out, cache_dir, workers):
+        m, s, K = r["method"], r["seed"], r["K"]
         if K == ec.num_steps and s == ec.seeds[0]:
             grids[m] = r["final"]["images"]
         res["runs"].append(_strip_images(r))
@@ -341,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         choices=("all", "main", "sweep", "figures"),
         help="run part of the experiment ('figures' only re-plots existing results)",
     )
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="parallel fine-tuning processes (2 on a 2-core CPU)"
+    )
     ap.add_argument(
         "--fig-dir", default=None, help="where the PNGs go (default: figures/, or --out if given)"
     )
@@ -350,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     ec = QUICK() if args.quick else ExperimentConfig()
     out = args.out or os.path.join("runs", "digits_quick" if args.quick else "digits")
     if args.part != "figures":
-        run_experiment(ec, out, args.cache, args.part)
+        if args.workers < 1:
+            ap.error("--workers must be >= 1")
+        run_experiment(ec, out, args.cache, args.part, args.workers)
     from .figures import make_all
 
     repo_figs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "figures")

@@ -102,9 +102,10 @@ def fig2(
         ax.set_xticklabels(["10", "20", "50", "100"])
         ax.set_xlabel("sampling steps K used in training")
         ax.set_title(title, fontsize=10)
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
@@ -136,7 +137,7 @@ def fig4(grids, path, n_per=4):
     plt.close(fig)
 
 
-def benchmark_table(res, K, target=0.9, kl_level=10.0) -> dict:
+def benchmark_table(res, K, target=0.6, kl_level=5.0) -> dict:
     """Per method (main runs at K): queries to reach ``target`` (3-epoch running mean of the on-policy
     reward; mean over the seeds that reach it), reward at path KL ``kl_level`` (linear interpolation along
     the training curve, first crossing), final eval metrics with SE over seeds, and the relative spread
@@ -226,4 +227,31 @@ def make_all(results_dir: str, fig_dir: str) -> dict:
     bench["wall_s"] = res.get("wall_s")
     with open(os.path.join(results_dir, "benchmark.json"), "w") as f:
         json.dump(bench, f, indent=1)
+    print(format_benchmark(bench))
     return bench
+
+
+def format_benchmark(bench: dict) -> str:
+    """The benchmark as a Markdown table (mean +- SE over seeds)."""
+    K, tgt, lvl = bench["K"], bench["target_reward"], bench["kl_level_nats"]
+    lines = [
+        f"| method (K={K}) | final reward | path KL (nats) | FD | diversity | queries to reward {tgt} "
+        f"(seeds reaching) | reward at KL {lvl:g} | reward spread over K |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in bench["methods"].items():
+        f = r["final"]
+
+        def ms(key, f=f):
+            return f"{f[key]['mean']:.3f} ± {f[key]['se_over_seeds']:.3f}"
+
+        q = r["queries_to_target_mean_over_reaching"]
+        at = [x for x in r["reward_at_kl_level_per_seed"] if x is not None]
+        lines.append(
+            f"| {LABELS.get(m, m)} | {ms('reward_mean')} | {ms('path_kl_mean')} | {f['fd']['mean']:.1f} | "
+            f"{f['diversity_mean']['mean']:.1f} | {'-' if q is None else f'{q:.0f}'} "
+            f"({r['seeds_reaching_target']}/{r['seeds']}) | "
+            f"{(f'{sum(at) / len(at):.3f} ({len(at)} seeds)') if at else '-'} | "
+            f"{100 * r['final_reward_rel_spread_over_K']:.0f}% |"
+        )
+    return "\n".join(lines)

@@ -46,7 +46,7 @@ class PretrainConfig:
     text_hidden: int = 32  # CLIP text encoder hidden size (= UNet cross_attention_dim)
     text_layers: int = 2  # CLIP text encoder layers
     max_length: int = 32  # tokenizer / text encoder positions (prompts are ~23 characters)
-    num_train_steps: int = 800  # optimizer steps
+    num_train_steps: int = 2400  # optimizer steps (measured: 800 -> prompted-digit accuracy ~chance, 2400 -> 98%)
     batch_size: int = 32  # images per step
     learning_rate: float = 3e-3  # AdamW, linear warm-up then cosine decay
     warmup_steps: int = 50  # warm-up steps

@@ -60,6 +60,7 @@ __all__ = [
     "policy_path_kl",
     "advantage_rate",
     "value_grad",
+    "pathwise_costates",
     "batch_means_gradient",
     "grouped_gradient",
 ]
@@ -123,6 +124,45 @@ def value_grad(value: Callable, tau: torch.Tensor, y: torch.Tensor, cond: Any = 
         y = y.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(value(tau, y, cond).sum(), y)
     return g
+
+
+def pathwise_costates(sde: ControlledSDE, policy: ActionFn, reference: ActionFn, taus: torch.Tensor,
+                      states: torch.Tensor, reward: Callable, beta: float, cond: Any = None) -> torch.Tensor:
+    r"""Sampled costates of Euler paths by the discrete adjoint, with the Brownian increments held fixed.
+
+    For the chain :math:`Y_{k+1} = Y_k + b(\tau_k, Y_k, \mu_\theta(\tau_k, Y_k))\,d\tau + g_k\sqrt{d\tau}\,\xi_k`
+    and the per-path return :math:`G_k = r(Y_N) - \beta\sum_{j\ge k}\ell_j`,
+    :math:`\ell_j = \frac{g_j^2 d\tau}{2}|\mu_\theta(\tau_j, Y_j) - s(\tau_j, Y_j)|^2` (nats per step, summed
+    over dimensions), returns :math:`P_k = \partial G_k / \partial Y_k` for ``k = 0..N`` by the recursion
+
+    .. math:: P_N = \nabla r(Y_N),\qquad
+              P_k = P_{k+1} + d\tau\,(\partial_y b_k)^\top P_{k+1} - \beta\,\nabla_y \ell_k,
+
+    where :math:`b_k(y) = b(\tau_k, y, \mu_\theta(\tau_k, y))` (the policy is differentiated in ``y``, not in
+    its parameters). Because the noise does not depend on the state, :math:`E[P_k \mid Y_k = y] =
+    \nabla_y V^\theta_N(\tau_k, y)`, the value gradient of the **N-step chain** (unbiased at any N; the
+    continuous-time costate of R4 as ``N -> oo``). Needs a differentiable reward and Euler paths.
+
+    Shapes: ``taus (N+1,)``, ``states (N+1, B, *event)`` (recorded, detached); returns ``(N+1, B, *event)``
+    (detached), in reward units per unit of ``y``.
+    """
+    N = taus.numel() - 1
+    dtau = taus[1] - taus[0]
+    g2 = sde.g2(taus)
+    out = torch.empty_like(states)
+    with torch.enable_grad():
+        y = states[N].detach().requires_grad_(True)
+        (p,) = torch.autograd.grad(reward(y, cond).sum(), y)
+        out[N] = p
+        for k in range(N - 1, -1, -1):
+            y = states[k].detach().requires_grad_(True)
+            mu = policy(taus[k], y, cond)
+            ell = 0.5 * g2[k] * dtau * sum_event((mu - reference(taus[k], y, cond)) ** 2)
+            f = (sde.drift(taus[k], y, mu) * p).sum() * dtau - beta * ell.sum()
+            (gk,) = torch.autograd.grad(f, y)
+            p = p + gk
+            out[k] = p
+    return check_finite("pathwise costates", out.detach())
 
 
 # --------------------------------------------------------------------------- estimators

@@ -20,6 +20,12 @@ Per iteration, read top to bottom:
    ``lr_coef`` > 0 adds an importance-weighted likelihood-ratio term with TD advantages
    :math:`\delta_k = V_{k+1} - V_k - \beta\ell_k` (Euler only), for critics of non-differentiable rewards.
 
+With a differentiable reward and Euler paths, the sampled discrete-adjoint costates :math:`P_k`
+(:func:`sa_theory.estimators.pathwise_costates`, :math:`E[P_k|Y_k] = \nabla_y V^\theta`) can replace the
+critic's gradient in step 3 (``costate="pathwise"``: the actor's fixed point is then the optimum of the N-step
+chain, not of the critic's approximation) or train the critic's gradient (``value_grad_coef`` > 0: Sobolev
+regression :math:`|\nabla_y V_\psi - P_k|^2` added to the value loss).
+
 Because the surrogate only needs the time marginals of the state (R4), the rollout solver and step
 count can be chosen freely; the path-KL trust region does not depend on ``N`` (R8).
 """
@@ -29,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..estimators import td_advantages, trust_region_surrogate
+from ..estimators import pathwise_costates, td_advantages, trust_region_surrogate
 from ..kl import euler_log_prob
 from ..sde import check_finite
 from ..value import MLPValue, mc_value_targets
@@ -62,8 +68,26 @@ class SAActorCritic(Trainer):
             raise ValueError(f"'value_loss' must be 'mc' or 'td', got {self.cfg.value_loss!r}")
         if self.cfg.lr_coef and self.cfg.solver != "euler":
             raise ValueError("'lr_coef' > 0 needs Euler transition densities: use solver='euler'")
+        if self.cfg.costate not in ("critic", "pathwise"):
+            raise ValueError(f"'costate' must be 'critic' or 'pathwise', got {self.cfg.costate!r}")
+        if self.cfg.value_grad_coef < 0:
+            raise ValueError(f"'value_grad_coef' must be >= 0, got {self.cfg.value_grad_coef}")
+        if self.needs_pathwise_costates:
+            if self.cfg.solver != "euler":
+                raise ValueError("costate='pathwise' / 'value_grad_coef' > 0 use the Euler adjoint: solver='euler'")
+            if not self.env.reward_differentiable:
+                raise ValueError("costate='pathwise' / 'value_grad_coef' > 0 need a differentiable reward")
         vparams = [p for p in self.value.parameters() if p.requires_grad]
         self.value_optimizer = torch.optim.Adam(vparams, lr=self.cfg.value_lr) if vparams else None
+
+    @property
+    def needs_pathwise_costates(self) -> bool:
+        return self.cfg.costate == "pathwise" or self.cfg.value_grad_coef > 0
+
+    def pathwise_costates(self, batch: Batch, beta: float) -> torch.Tensor:
+        """Sampled costates :math:`P_k`, ``k = 0..N`` (:func:`sa_theory.estimators.pathwise_costates`)."""
+        return pathwise_costates(self.env.sde, self.policy, self.env.pretrained_action, batch.taus, batch.states,
+                                 self.env.reward, beta, batch.cond)
 
     def extra_state(self) -> dict:
         return {"value_optimizer": self.value_optimizer.state_dict() if self.value_optimizer else None}
@@ -73,9 +97,10 @@ class SAActorCritic(Trainer):
             self.value_optimizer.load_state_dict(state["value_optimizer"])
 
     # ------------------------------------------------------------------ 2. critic
-    def fit_critic(self, batch: Batch, beta: float) -> float:
-        """``value_epochs`` Adam steps on the MC-regression or TD(0) loss, each on the full paths at a random
-        subset of ``max(1, value_batch // B)`` grid times (``k = 0..N``); returns the last loss."""
+    def fit_critic(self, batch: Batch, beta: float, costates: torch.Tensor | None = None) -> float:
+        """``value_epochs`` Adam steps on the MC-regression or TD(0) loss (plus ``value_grad_coef`` times the
+        Sobolev term on ``costates``), each on the full paths at a random subset of ``max(1, value_batch // B)``
+        grid times (``k = 0..N``); returns the last loss."""
         if self.value_optimizer is None:
             return float("nan")
         taus, states, R, kl = batch.taus, batch.states, batch.reward, batch.kl_steps
@@ -83,9 +108,11 @@ class SAActorCritic(Trainer):
         targets = torch.cat([mc_value_targets(R, kl, beta), R[None]], 0)  # (N+1, B), V(T, Y_N) = R
         n_t = min(N + 1, max(1, self.cfg.value_batch // B))
         loss = torch.zeros(())
+        sobolev = self.cfg.value_grad_coef > 0 and costates is not None
         for _ in range(self.cfg.value_epochs):
             idx = torch.randperm(N + 1, generator=batch.generator)[:n_t]
-            v = values_on_grid(self.value, taus[idx], states[idx], batch.cond)
+            y = states[idx].detach().requires_grad_(sobolev)
+            v = values_on_grid(self.value, taus[idx], y, batch.cond)
             if self.cfg.value_loss == "mc":
                 loss = ((v - targets[idx]) ** 2).mean()
             else:  # semi-gradient TD(0): target V(tau_{k+1}, Y_{k+1}) - beta l_k, and R at k = N
@@ -95,6 +122,10 @@ class SAActorCritic(Trainer):
                 klk = torch.cat([kl, torch.zeros_like(kl[:1])], 0)[idx]
                 tgt = torch.where((idx == N)[:, None], R[None].expand_as(v), v_next - beta * klk)
                 loss = ((v - tgt) ** 2).mean()
+            if sobolev:
+                (gv,) = torch.autograd.grad(v.sum(), y, create_graph=True)
+                err = (gv - costates[idx]) ** 2
+                loss = loss + self.cfg.value_grad_coef * err.reshape(err.shape[0], err.shape[1], -1).sum(-1).mean()
             self.value_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.value_optimizer.step()
@@ -140,8 +171,11 @@ class SAActorCritic(Trainer):
     def update(self, batch: Batch) -> dict:
         cfg, beta = self.cfg, self.beta_at(self.iteration)
         N, B = batch.taus.numel() - 1, batch.batch_size
-        value_loss = self.fit_critic(batch, beta)
+        P = self.pathwise_costates(batch, beta) if self.needs_pathwise_costates else None
+        value_loss = self.fit_critic(batch, beta, P)
         values, p = self.costates(batch)
+        if cfg.costate == "pathwise":
+            p = P[:N]
         grad_norm, pkl = 0.0, torch.zeros(B)
         for _ in range(cfg.epochs):
             if cfg.tau_subset and cfg.tau_subset < N:

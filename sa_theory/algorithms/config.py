@@ -76,6 +76,10 @@ class SAACConfig(TrainConfig):
     value_batch: int = _f(2048, "critic: state samples per step (full paths at value_batch // batch_size grid times)")
     lr_coef: float = _f(0.0, "weight of an added likelihood-ratio (TD-advantage, importance-weighted) term; "
                              "use > 0 for critics of non-differentiable rewards")
+    costate: str = _f("critic", "costate p_k in the actor's surrogate: 'critic' (grad_y V_psi) | 'pathwise' (sampled "
+                                "discrete adjoint P_k, unbiased for the N-step chain; differentiable reward, Euler)")
+    value_grad_coef: float = _f(0.0, "weight of the Sobolev critic term |grad_y V_psi - P_k|^2 (P_k: pathwise "
+                                     "costates; differentiable reward, Euler); 0: value regression only")
     algo = "sa_ac"
 
 
