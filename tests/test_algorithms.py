@@ -108,6 +108,19 @@ def test_policies_start_at_the_pretrained_score():
             assert torch.equal(s.policy(t, y), s.env.pretrained_action(t, y))
 
 
+def test_pathwise_costate_options_are_validated_and_run():
+    with pytest.raises(ValueError, match="'costate'"):
+        build("sa_ac", "gauss2d", {**FAST, "costate": "adjoint"})
+    with pytest.raises(ValueError, match="solver='euler'"):
+        build("sa_ac", "gauss2d", {**FAST, "costate": "pathwise", "solver": "heun"})
+    with pytest.raises(ValueError, match="'value_grad_coef'"):
+        build("sa_ac", "gauss2d", {**FAST, "value_grad_coef": -1.0})
+    for ov in ({"costate": "pathwise"}, {"value_grad_coef": 1.0}):
+        s = build("sa_ac", "gmm2d", {**FAST, **ov, "iterations": 2, "batch_size": 16, "sampler_steps": 6})
+        hist = s.trainer.train()
+        assert len(hist) == 2 and np.isfinite(hist[-1]["objective"]) and np.isfinite(hist[-1]["value_loss"])
+
+
 def test_baselines_require_euler_transition_densities():
     with pytest.raises(ValueError, match="solver='euler'"):
         build("ddpo_is", "gauss2d", {**FAST, "solver": "heun"})
@@ -227,12 +240,12 @@ def test_actor_critic_on_the_memory_ou_problem_targets_the_fixed_init_optimum():
     assert np.linalg.norm(got["mean"] - m_fixed) < np.linalg.norm(got["mean"] - m_tilt)
 
 
-def _gmm_check(s, n=8192, tol_w=None, tol_m=None):
-    """Soft-assignment weights and means of learned vs exact (fixed-init optimum) terminal samples; the
-    tolerance is 4 combined Monte-Carlo standard errors plus a stated approximation allowance."""
+def _gmm_check(s, n=8192, steps=None):
+    """Soft-assignment weights and means of learned vs exact (fixed-init optimum) terminal samples, and
+    their combined (independent-sample) Monte-Carlo standard errors."""
     prob = s.prob
     W, M, C = prob.tilted_law()
-    ev = s.trainer.evaluate(n, steps=s.cfg.sampler_steps, return_samples=True, beta=prob.beta)
+    ev = s.trainer.evaluate(n, steps=steps or s.cfg.sampler_steps, return_samples=True, beta=prob.beta)
     x = ev["final"].double().numpy()
     ex = prob.sample_optimal_terminal(n, rng=123)
     w_hat, m_hat = mixture_statistics(x, W, M, C)
@@ -250,3 +263,32 @@ def test_residual_mlp_policy_reaches_the_unrestricted_optimum_on_a_2d_gaussian()
     ev = s.evaluate(steps=200, n_paths=16384)
     J_star = s.prob.optimal_objective()
     assert abs(ev["objective"] - J_star) <= 0.02 * abs(J_star) + 4 * ev["objective_se"]
+
+
+def test_actor_with_exact_costates_reaches_the_tilted_mixture():
+    """The actor step alone (trust-region surrogate, residual MLP policy) on the Gaussian mixture, with the
+    critic replaced by the exact value gradient p = beta (a* - s) = grad V*: the learned terminal law's
+    mode weights and means match exact samples of the tilted mixture within 4 combined Monte-Carlo SE
+    (16384 paths each, evaluated with 200 Euler steps; the N = 200 chain of a* itself is within 1.5 SE).
+    Measured: weights 0.0695 / 0.501 / 0.430 against 0.0656 / 0.504 / 0.431. This checks the actor and
+    the policy class; with the *learned* critics the small-mode weight stays at 0.076-0.085 (issue #4
+    notes), so the full actor-critic's version of this test is not claimed."""
+    s = build("sa_ac", "gmm2d", {**FAST, "iterations": 300, "batch_size": 256, "sampler_steps": 20, "lr": 1e-2,
+                                 "lr_schedule": "cosine", "epochs": 8, "kl_penalty": 0.1, "critic": "tweedie"})
+    prob = s.prob
+    pre, opt = prob.action_fns()
+
+    def exact_costates(batch):
+        N = batch.taus.numel() - 1
+        p = torch.stack([prob.beta * (opt(batch.taus[k], batch.states[k]) - pre(batch.taus[k], batch.states[k]))
+                         for k in range(N)])
+        return torch.zeros(p.shape[:2], dtype=p.dtype), p.detach()
+
+    s.trainer.costates = exact_costates
+    s.trainer.train()
+    w_hat, w_ex, m_hat, m_ex, se_w, se_m, W, _ = _gmm_check(s, n=16384, steps=200)
+    assert np.all(np.abs(w_hat - w_ex) < 4 * se_w), (w_hat, w_ex, se_w)
+    assert np.all(np.abs(m_hat - m_ex) < 4 * se_m), (m_hat, m_ex, se_m)
+    # sensitivity: the pretrained weights are > 15 SE from the tilted ones (and the learned critics' small-mode
+    # weight, 0.076-0.085, is 4-7 SE off)
+    assert np.all(np.abs(prob.weights - W) > 15 * se_w)

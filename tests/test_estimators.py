@@ -378,3 +378,72 @@ def test_probability_flow_ode_gradient_is_value_gradient_with_half_the_action_ga
     wrong = est.value_gradient_surrogate(means, lam, means.detach(), g2, tr.dtau, beta=0.0).mean()
     (g_wrong,) = torch.autograd.grad(wrong, th)
     assert (g_wrong - g_bp).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ pathwise costates
+def test_pathwise_costates_are_the_derivative_of_the_return_with_the_noise_held_fixed():
+    """P_k = d/dY_k [r(Y_N) - beta sum_{j>=k} l_j] along Euler paths with fixed noise: autograd recursion vs
+    central finite differences (1e-6); dropping the KL term (beta = 0 in the recursion) must fail."""
+    from sa_theory.algorithms import ResidualMLPPolicy
+    from toy_problems.train import make_problem
+
+    torch.manual_seed(0)
+    prob = make_problem("gmm2d", 1.0)
+    pre, _ = prob.action_fns()
+    pol = ResidualMLPPolicy(pre, 2, hidden=16, depth=2).double()
+    with torch.no_grad():
+        for p in pol.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    sde = ControlledSDE(prob.schedule)
+    w = torch.tensor(prob.w, dtype=torch.float64)
+
+    def reward(x, cond=None):
+        return torch.sin(x @ w) + 0.5 * (x**2).sum(-1)  # nonlinear, differentiable
+
+    N, B, beta = 8, 3, 0.7
+    taus = torch.linspace(0, prob.T, N + 1, dtype=torch.float64)
+    dtau, g = taus[1] - taus[0], sde.diffusion(taus)
+    xi = torch.randn(N, B, 2, dtype=torch.float64)
+
+    def forward(k, y):  # states k..N and the return G_k
+        states, ell = [y], torch.zeros(y.shape[0], dtype=torch.float64)
+        for j in range(k, N):
+            mu = pol(taus[j], y)
+            ell = ell + 0.5 * sde.g2(taus[j]) * dtau * ((mu - pre(taus[j], y)) ** 2).sum(-1)
+            y = y + sde.drift(taus[j], y, mu) * dtau + g[j] * dtau.sqrt() * xi[j]
+            states.append(y)
+        return torch.stack(states), reward(y) - beta * ell
+
+    with torch.no_grad():
+        states, _ = forward(0, prob.initial_sample(B, torch.Generator().manual_seed(1)))
+    P = est.pathwise_costates(sde, pol, pre, taus, states, reward, beta)
+    P0 = est.pathwise_costates(sde, pol, pre, taus, states, reward, 0.0)
+    assert P.shape == states.shape
+    eps = 1e-5
+    for k in (0, 3, N - 1, N):
+        fd = torch.empty(B, 2, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(2):
+                e = torch.zeros(2, dtype=torch.float64)
+                e[i] = eps
+                fd[:, i] = (forward(k, states[k] + e)[1] - forward(k, states[k] - e)[1]) / (2 * eps)
+        scale = max(1.0, float(fd.abs().max()))
+        assert float((P[k] - fd).abs().max()) < 1e-6 * scale, (k, P[k], fd)
+        if k < N:
+            assert float((P0[k] - fd).abs().max()) > 1e-3 * scale  # the KL term matters
+    # with costate P_{k+1} for step k, the value-gradient surrogate's parameter gradient is exactly the
+    # pathwise gradient of G_0 (backprop through the chain with the noise held fixed); P_k is O(dtau) off
+    params = list(pol.parameters())
+    g_path = torch.autograd.grad(forward(0, states[0])[1].sum(), params)
+    means = torch.stack([pol(taus[k], states[k]) for k in range(N)])
+    refs = torch.stack([pre(taus[k], states[k]) for k in range(N)]).detach()
+
+    def sur_grad(costates):
+        sur = est.value_gradient_surrogate(means, costates, refs, sde.g2(taus), float(dtau), beta)
+        return torch.autograd.grad(sur.sum(), params, retain_graph=True)
+
+    def rel(a, b):
+        return float(sum(((x - y) ** 2).sum() for x, y in zip(a, b)).sqrt() / sum((y**2).sum() for y in b).sqrt())
+
+    assert rel(sur_grad(P[1:]), g_path) < 1e-9
+    assert rel(sur_grad(P[:N]), g_path) > 1e-3

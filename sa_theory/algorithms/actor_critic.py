@@ -22,8 +22,9 @@ Per iteration, read top to bottom:
 
 With a differentiable reward and Euler paths, the sampled discrete-adjoint costates :math:`P_k`
 (:func:`sa_theory.estimators.pathwise_costates`, :math:`E[P_k|Y_k] = \nabla_y V^\theta`) can replace the
-critic's gradient in step 3 (``costate="pathwise"``: the actor's fixed point is then the optimum of the N-step
-chain, not of the critic's approximation) or train the critic's gradient (``value_grad_coef`` > 0: Sobolev
+critic's gradient in step 3 (``costate="pathwise"``, step k uses :math:`P_{k+1}`: the surrogate's gradient is
+then exactly the pathwise gradient of the N-step chain and the actor's fixed point is that chain's optimum,
+not the critic's approximation of it) or train the critic's gradient (``value_grad_coef`` > 0: Sobolev
 regression :math:`|\nabla_y V_\psi - P_k|^2` added to the value loss).
 
 Because the surrogate only needs the time marginals of the state (R4), the rollout solver and step
@@ -175,7 +176,9 @@ class SAActorCritic(Trainer):
         value_loss = self.fit_critic(batch, beta, P)
         values, p = self.costates(batch)
         if cfg.costate == "pathwise":
-            p = P[:N]
+            # step k's action moves Y_{k+1}: its costate is P_{k+1} (then the surrogate's gradient at theta_old
+            # is exactly the pathwise gradient R6 of the N-step chain; P_k itself would add an O(dtau) bias)
+            p = P[1:]
         grad_norm, pkl = 0.0, torch.zeros(B)
         for _ in range(cfg.epochs):
             if cfg.tau_subset and cfg.tau_subset < N:

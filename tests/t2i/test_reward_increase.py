@@ -6,7 +6,9 @@ saturated images whose brightness does not move), so the reward test uses a real
 model: the pixel-space digits diffusion model of :mod:`digits` (``digits.experiment.QUICK().pretrain``, 150
 steps, cached by config hash in ``$TMPDIR/sa_digits_test_cache``; shared with ``tests/test_digits.py``),
 loaded by ``t2i.models.load_pipeline`` with the identity :class:`t2i.models.PixelSpaceVAE`, trained with
-the t2i Trainer on the built-in ``brightness`` reward.
+the t2i Trainer on the built-in ``brightness`` reward: ``sa_ac`` with the residual critic as baseline, 12
+epochs x 16 samples (192 reward queries), 4 DDIM steps, lr 1e-2 (about 10 s of training on one CPU thread;
+measured: brightness 0.313 -> 0.401, SE 0.010, z = 8.6; with 4 epochs and no critic it was 0.313 -> 0.304).
 
 Reward rise: the policy after training and the pretrained model (adapters disabled) each sample ``N = 32``
 images (same prompts and evaluation seed, not used in training). With sample means :math:`\\bar r_1,
@@ -41,12 +43,6 @@ def _rewards(tr, n=32, seed=999):
     return Brightness()(b.images, prompts), b.path_kl
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="not yet achieved: with 4 x 16 samples the brightness did not rise (0.313 -> 0.304, SE 0.008); "
-    "on the random tiny SD pipeline, left_right_contrast also did not rise (8 epochs x 16 samples, lr 0.1: "
-    "-0.0013 -> 0.0021, z = 1.1, although the path KL reached 2230 nats) -- issue #5 leftover still open",
-)
 def test_few_sa_ac_iterations_raise_brightness_by_several_standard_errors(tmp_path):
     from digits.data import ALL_PROMPTS
     from digits.experiment import QUICK
@@ -59,12 +55,12 @@ def test_few_sa_ac_iterations_raise_brightness_by_several_standard_errors(tmp_pa
         "sample.batch_size": 16,
         "sample.guidance_scale": 1.0,
         "train.batch_size": 8,
-        "train.num_epochs": 4,
-        "train.learning_rate": 3e-3,
+        "train.num_epochs": 12,
+        "train.learning_rate": 1e-2,
         "train.beta": 1e-3,
         "train.kl_penalty": 0.1,
         "train.per_prompt_norm": True,
-        "value.kind": "none",
+        "value.kind": "residual",
         "log.save_every": 0,
         "prompts": "|".join(ALL_PROMPTS),
     }
