@@ -1,6 +1,7 @@
 """Training on the tiny pipeline: only LoRA changes, exact resume, fail-fast configs."""
 
 import json
+import math
 import os
 
 import pytest
@@ -143,3 +144,23 @@ def test_nan_reward_raises_floating_point_error_naming_the_reward(tmp_path):
     )
     with pytest.raises(FloatingPointError, match="nan_reward"):
         tr.train_epoch()
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing_train_fp32_lora_on_cpu(tmp_path):
+    """model.mixed_precision='bf16' (CPU autocast) + gradient checkpointing: frozen weights are bf16, LoRA
+    parameters stay fp32 and are the only ones that change, the loss is finite."""
+    over = {**FAST, "model.mixed_precision": "bf16", "model.gradient_checkpointing": True,
+            "value.kind": "none", "log.save_every": 0}
+    tr = Trainer(tiny_config(tmp_path, "sa_ac", **over))
+    unet = tr.pipe.unet
+    assert unet.is_gradient_checkpointing
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
+    frozen = [p for n, p in unet.named_parameters() if "lora_" not in n]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    frozen0 = [p.detach().clone() for p in frozen]
+    m = tr.train_epoch()
+    assert math.isfinite(m["train/loss"])
+    assert any(not torch.equal(before[n], p) for n, p in lora.items())
+    assert all(torch.equal(a, p) for a, p in zip(frozen0, frozen))
