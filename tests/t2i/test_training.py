@@ -149,9 +149,18 @@ def test_nan_reward_raises_floating_point_error_naming_the_reward(tmp_path):
 def test_bf16_mixed_precision_and_gradient_checkpointing_train_fp32_lora_on_cpu(tmp_path):
     """model.mixed_precision='bf16' (CPU autocast) + gradient checkpointing: frozen weights are bf16, LoRA
     parameters stay fp32 and are the only ones that change, the loss is finite."""
+    from accelerate.state import AcceleratorState
+
     over = {**FAST, "model.mixed_precision": "bf16", "model.gradient_checkpointing": True,
             "value.kind": "none", "log.save_every": 0}
-    tr = Trainer(tiny_config(tmp_path, "sa_ac", **over))
+    AcceleratorState._reset_state(True)  # the process-wide accelerate state was set by earlier tests
+    try:
+        _check_bf16_trainer(Trainer(tiny_config(tmp_path, "sa_ac", **over)))
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def _check_bf16_trainer(tr):
     unet = tr.pipe.unet
     assert unet.is_gradient_checkpointing
     lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
