@@ -252,9 +252,13 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _run_dir(out: str, m: str, s: int, K: int) -> str:
+    return os.path.join(out, "runs", f"{m}_s{s}_K{K}")
+
+
 def _job(ec: ExperimentConfig, cache_dir: str | None, m: str, s: int, K: int, out: str) -> dict:
     """One fine-tuning run in a worker process (assets come from the cache the parent filled)."""
-    return run_finetune(ec, prepare_assets(ec, cache_dir), m, s, K, os.path.join(out, "runs", f"{m}_s{s}_K{K}"))
+    return run_finetune(ec, prepare_assets(ec, cache_dir), m, s, K, _run_dir(out, m, s, K))
 
 
 def _run_jobs(ec, assets, jobs, out, cache_dir, workers: int):
@@ -263,7 +267,7 @@ def _run_jobs(ec, assets, jobs, out, cache_dir, workers: int):
     expensive runs, largest K, are submitted first so the pool stays balanced)."""
     if workers <= 1:
         for m, s, K in jobs:
-            yield run_finetune(ec, assets, m, s, K, os.path.join(out, "runs", f"{m}_s{s}_K{K}"))
+            yield run_finetune(ec, assets, m, s, K, _run_dir(out, m, s, K))
         return
     import concurrent.futures as cf
     import multiprocessing as mp

@@ -147,7 +147,7 @@ def pathwise_costates(sde: ControlledSDE, policy: ActionFn, reference: ActionFn,
     (detached), in reward units per unit of ``y``.
     """
     N = taus.numel() - 1
-    dtau = taus[1] - taus[0]
+    dtau = float(taus[1] - taus[0])
     g2 = sde.g2(taus)
     out = torch.empty_like(states)
     with torch.enable_grad():
@@ -157,7 +157,7 @@ def pathwise_costates(sde: ControlledSDE, policy: ActionFn, reference: ActionFn,
         for k in range(N - 1, -1, -1):
             y = states[k].detach().requires_grad_(True)
             mu = policy(taus[k], y, cond)
-            ell = 0.5 * g2[k] * dtau * sum_event((mu - reference(taus[k], y, cond)) ** 2)
+            ell = girsanov_kl_step(g2[k], dtau, mu, reference(taus[k], y, cond))
             f = (sde.drift(taus[k], y, mu) * p).sum() * dtau - beta * ell.sum()
             (gk,) = torch.autograd.grad(f, y)
             p = p + gk

@@ -131,6 +131,17 @@ class Method:
         return adv.clamp(-c, c) if c > 0 else adv
 
     # -- interface
+    def _actor_critic_terms(self, actor: torch.Tensor, batch: RolloutBatch, k: int, terms: dict) -> dict:
+        """``loss`` = actor + the step's share of the critic loss, and their logged parts."""
+        s = self.steps_scale
+        critic = s * self.critic_loss(batch, k) / batch.num_steps
+        return {
+            "loss": actor + critic,
+            "actor_loss": actor.detach(),
+            "critic_loss": critic.detach(),
+            "kl_to_pretrained": s * terms["kl"].detach().mean(),
+        }
+
     def prepare(self, batch: RolloutBatch, rewards: torch.Tensor) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError
 
@@ -183,12 +194,8 @@ class SAActorCritic(Method):
         )
         pkl = policy_path_kl(terms["action"][None], terms["old_action"][None], w, 1.0)
         actor = s * (-sur.mean() + tr.kl_penalty * pkl.mean())
-        critic = s * self.critic_loss(batch, k) / batch.num_steps
         return {
-            "loss": actor + critic,
-            "actor_loss": actor.detach(),
-            "critic_loss": critic.detach(),
-            "kl_to_pretrained": s * terms["kl"].detach().mean(),
+            **self._actor_critic_terms(actor, batch, k, terms),
             "kl_to_old": s * pkl.detach().mean(),
             "ratio_dev": (ratio.detach() - 1).abs().mean() / batch.num_steps,
         }
@@ -265,14 +272,7 @@ class DPOK(Method):
         if tr.adv_clip_max > 0:  # clip the advantage R - V, as the other methods do
             V = R - self._clip_adv(R - V)
         sur = dpok_surrogate(ratio[None], R, V[None], terms["kl"][None], tr.beta)
-        actor = -s * sur.mean()
-        critic = s * self.critic_loss(batch, k) / batch.num_steps
-        return {
-            "loss": actor + critic,
-            "actor_loss": actor.detach(),
-            "critic_loss": critic.detach(),
-            "kl_to_pretrained": s * terms["kl"].detach().mean(),
-        }
+        return self._actor_critic_terms(-s * sur.mean(), batch, k, terms)
 
 
 METHOD_CLASSES: dict[str, Callable[..., Method]] = {

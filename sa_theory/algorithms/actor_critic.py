@@ -174,11 +174,14 @@ class SAActorCritic(Trainer):
         N, B = batch.taus.numel() - 1, batch.batch_size
         P = self.pathwise_costates(batch, beta) if self.needs_pathwise_costates else None
         value_loss = self.fit_critic(batch, beta, P)
-        values, p = self.costates(batch)
         if cfg.costate == "pathwise":
             # step k's action moves Y_{k+1}: its costate is P_{k+1} (then the surrogate's gradient at theta_old
             # is exactly the pathwise gradient R6 of the N-step chain; P_k itself would add an O(dtau) bias)
             p = P[1:]
+            with torch.no_grad():  # the critic's values only (lr_coef's TD advantages), not its gradient
+                values = values_on_grid(self.value, batch.taus[:N], batch.states[:N], batch.cond)
+        else:
+            values, p = self.costates(batch)
         grad_norm, pkl = 0.0, torch.zeros(B)
         for _ in range(cfg.epochs):
             if cfg.tau_subset and cfg.tau_subset < N:
