@@ -84,16 +84,29 @@ class ResidualValue(nn.Module):
     :math:`c_2 = t/T` (``t = T - tau``): the terminal condition :math:`V(T) = r` is built in.
 
     ``tweedie`` is a :class:`TweedieValue` (or any value callable), ``net`` any ``(tau, y, cond) -> (B,)``.
+    ``x0_input=True`` feeds the network the denoised estimate as well, ``net(tau, cat([y, x0_hat], 1), cond)``
+    (``tweedie`` must then have ``x0_hat`` and ``reward``, and ``net`` take twice the channels): the posterior's
+    mode switching is already sharp in :math:`\\hat x_0`, so the network only has to learn a smooth correction.
+    On the Gaussian mixture this cuts the critic's value-gradient error at the mode-selection times about
+    2.5x (0.14 -> 0.056 RMS against :math:`|\\nabla V^*|` ~ 0.6, issue #4 notes).
     """
 
-    def __init__(self, tweedie: Callable, net: nn.Module, T: float = 1.0):
+    def __init__(self, tweedie: Callable, net: nn.Module, T: float = 1.0, x0_input: bool = False):
         super().__init__()
-        self.tweedie, self.net, self.T = tweedie, net, T
+        if x0_input and not (hasattr(tweedie, "x0_hat") and hasattr(tweedie, "reward")):
+            raise TypeError("ResidualValue(x0_input=True) needs a 'tweedie' with x0_hat() and reward() "
+                            f"(a TweedieValue), got {type(tweedie).__name__}")
+        self.tweedie, self.net, self.T, self.x0_input = tweedie, net, T, bool(x0_input)
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, tau, y, cond=None):
         t = (self.T - torch.as_tensor(tau, dtype=y.dtype, device=y.device)) / self.T
-        return (1 + t * self.gamma) * self.tweedie(tau, y, cond) + t * self.net(tau, y, cond)
+        if self.x0_input:
+            x0 = self.tweedie.x0_hat(tau, y, cond)
+            base, nn_in = self.tweedie.reward(x0, cond), torch.cat([y, x0], dim=1)
+        else:
+            base, nn_in = self.tweedie(tau, y, cond), y
+        return (1 + t * self.gamma) * base + t * self.net(tau, nn_in, cond)
 
 
 def evaluate_values(value: Callable, taus: torch.Tensor, states: torch.Tensor, cond: Any = None) -> torch.Tensor:

@@ -115,6 +115,8 @@ def test_pathwise_costate_options_are_validated_and_run():
         build("sa_ac", "gauss2d", {**FAST, "costate": "pathwise", "solver": "heun"})
     with pytest.raises(ValueError, match="'value_grad_coef'"):
         build("sa_ac", "gauss2d", {**FAST, "value_grad_coef": -1.0})
+    with pytest.raises(ValueError, match="'value_lr_schedule'"):
+        build("sa_ac", "gauss2d", {**FAST, "value_lr_schedule": "step"})
     for ov in ({"costate": "pathwise"}, {"value_grad_coef": 1.0}):
         s = build("sa_ac", "gmm2d", {**FAST, **ov, "iterations": 2, "batch_size": 16, "sampler_steps": 6})
         hist = s.trainer.train()
@@ -139,7 +141,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 @pytest.mark.parametrize("algo,extra", [
     ("sa_ac", {"tau_subset": 4, "lr_schedule": "cosine", "beta_schedule": "linear", "beta_warmup": 3,
-               "grad_accum": 2, "critic": "residual"}),
+               "grad_accum": 2, "critic": "residual", "critic_x0_input": True, "value_lr_schedule": "cosine"}),
     ("ddpo_is", {"lr_warmup": 2}),
     ("dpok", {}),
 ])
@@ -292,3 +294,46 @@ def test_actor_with_exact_costates_reaches_the_tilted_mixture():
     # sensitivity: the pretrained weights are > 15 SE from the tilted ones (and the learned critics' small-mode
     # weight, 0.076-0.085, is 4-7 SE off)
     assert np.all(np.abs(prob.weights - W) > 15 * se_w)
+
+
+def test_log_ratio_value_targets_are_unbiased_and_nearly_deterministic_at_the_optimum():
+    """``value_loss='mc_cv'``: R - beta sum_{j>=k} lambda_j (sampled Euler log-ratios) has the same mean as the
+    'mc' target R - beta sum l_j (their difference is a martingale: |mean| < 4 SE), and under the optimal policy
+    a* it is V*(tau_k, Y_k) up to O(dtau): its spread around the closed-form V* is a small fraction of the 'mc'
+    target's. Negative control: under a non-optimal policy (s + 2(a* - s)) the variance reduction is gone."""
+    from torch import nn
+
+    class Fixed(nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.f, self.dummy = f, nn.Parameter(torch.zeros(()))
+
+        def forward(self, tau, y, cond=None):
+            return self.f(tau, y, cond)
+
+    s = build("sa_ac", "gmm2d", {**FAST, "batch_size": 4096, "sampler_steps": 100, "value_loss": "mc_cv",
+                                 "critic": "tweedie"})
+    prob, tr = s.prob, s.trainer
+    pre, opt = prob.action_fns()
+
+    def spreads(policy):
+        tr.policy = Fixed(policy)
+        batch = tr.collect(0)
+        cv = tr.value_targets(batch, prob.beta)
+        tr.cfg = override(tr.cfg, {"value_loss": "mc"})
+        mc = tr.value_targets(batch, prob.beta)
+        tr.cfg = override(tr.cfg, {"value_loss": "mc_cv"})
+        out = []
+        for k in (0, 50):
+            d = (cv[k] - mc[k]).double().numpy()
+            assert abs(d.mean()) < 4 * d.std(ddof=1) / np.sqrt(d.size), (k, d.mean(), d.std())
+            v_star = prob.optimal_value(float(batch.taus[k]), batch.states[k].double().numpy())
+            out.append(np.std(cv[k].double().numpy() - v_star) / np.std(mc[k].double().numpy() - v_star))
+        return np.array(out)
+
+    ratio = spreads(opt)
+    assert np.all(ratio < 0.25), ratio
+    bad = spreads(lambda tau, y, cond=None: pre(tau, y) + 2 * (opt(tau, y) - pre(tau, y)))
+    assert np.all(bad > 0.5), bad
+    with pytest.raises(ValueError, match="mc_cv"):
+        build("sa_ac", "gauss2d", {**FAST, "value_loss": "mc_cv", "solver": "heun"})

@@ -311,6 +311,28 @@ def test_tweedie_value_is_exact_pretrained_value_for_linear_reward():
     assert np.abs(twq(torch.tensor(0.3, dtype=torch.float64), y).numpy() - Vq(0.3, y.numpy())).max() > 1e-3
 
 
+
+def test_residual_value_with_x0_input_keeps_the_terminal_condition_and_feeds_the_denoiser():
+    from sa_theory.value import MLPValue, ResidualValue
+
+    prob = make_problem(1, VP, quadratic=False)
+    tw = TweedieValue(prob.schedule, lambda t, y, c: prob.score_torch(t, y), lambda x, c: prob.reward_torch(x))
+    torch.manual_seed(0)
+    net = MLPValue(2 * prob.d, hidden=8, depth=1).double()
+    with torch.no_grad():
+        net.net[-1].bias.fill_(0.7)  # a non-zero network output
+    v = ResidualValue(tw, net, T=float(prob.schedule.T), x0_input=True)
+    y = torch.as_tensor(np.random.default_rng(0).normal(size=(20, prob.d)))
+    T = torch.tensor(float(prob.schedule.T), dtype=torch.float64)
+    assert torch.allclose(v(T, y), prob.reward_torch(y))  # V(T, y) = r(y) (x0_hat = y at t = 0)
+    tau = torch.tensor(0.4, dtype=torch.float64)
+    t = (prob.schedule.T - 0.4) / prob.schedule.T
+    x0 = tw.x0_hat(tau, y)
+    assert torch.allclose(v(tau, y), tw(tau, y) + t * net(tau, torch.cat([y, x0], 1)))
+    with pytest.raises(TypeError, match="tweedie"):
+        ResidualValue(lambda tau, y, c=None: y.sum(1), net, x0_input=True)
+
+
 # ----------------------------------------------------------------------------- pathwise (R6), ODE (R11)
 def test_pathwise_backprop_equals_adjoint_equals_finite_differences_with_fixed_brownian_path():
     prob = make_problem(2, OU)

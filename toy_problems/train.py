@@ -85,6 +85,8 @@ class ToyConfig:
     depth: int = _f(2, "hidden layers of the policy network")
     critic: str = _f("mlp", "critic / value baseline: 'mlp' (plain) | 'tweedie' (r(x0_hat), no parameters) | "
                             "'residual' (c1 r(x0_hat) + c2 NN)")
+    critic_x0_input: bool = _f(False, "residual critic: its network also sees Tweedie's x0_hat(y) (more accurate "
+                                      "value gradients where the posterior switches modes)")
     critic_hidden: int = _f(64, "hidden width of the critic")
     critic_depth: int = _f(2, "hidden layers of the critic")
     eval_paths: int = _f(4096, "paths of a Monte-Carlo evaluation")
@@ -179,7 +181,9 @@ def make_critic(prob, toy: ToyConfig):
     if toy.critic == "tweedie":
         return tw
     if toy.critic == "residual":
-        return ResidualValue(tw, MLPValue(d, toy.critic_hidden, toy.critic_depth, T=T), T=T)
+        width = 2 * d if toy.critic_x0_input else d
+        return ResidualValue(tw, MLPValue(width, toy.critic_hidden, toy.critic_depth, T=T), T=T,
+                             x0_input=toy.critic_x0_input)
     raise ValueError(f"unknown critic {toy.critic!r}; choose 'mlp', 'tweedie' or 'residual'")
 
 

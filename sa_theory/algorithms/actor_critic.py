@@ -6,8 +6,14 @@ Per iteration, read top to bottom:
    record the states :math:`Y_k`, the policy means, the pretrained actions :math:`s_k` and the per-step
    Girsanov KLs :math:`\ell_k = \frac{g_k^2 d\tau}{2}|\mu_k - s_k|^2`; one reward query per path.
 2. **critic** (policy evaluation, R9): fit :math:`V_\psi(\tau, y)` to the Monte-Carlo returns
-   :math:`R - \beta\sum_{j\ge k}\ell_j` (``value_loss="mc"``, plus :math:`V(T, Y_N) = R`) or by
-   semi-gradient TD(0) (``"td"``); any value design (plain MLP, Tweedie, residual, R10).
+   :math:`R - \beta\sum_{j\ge k}\ell_j` (``value_loss="mc"``, plus :math:`V(T, Y_N) = R`), or onto
+   :math:`R - \beta\sum_{j\ge k}\lambda_j` with the sampled Euler log-ratios
+   :math:`\lambda_j = \log\frac{\pi_\theta}{\pi_\text{pre}}(Y_{j+1}|Y_j)
+   = \ell_j + (\mu_j - s_j)\cdot g_j\sqrt{d\tau}\,\xi_j`
+   (``"mc_cv"``: the added martingale increments do not change the conditional mean, and at the optimum,
+   :math:`\mu - s = \nabla V^*/\beta`, they cancel the martingale part of :math:`V^*(Y)`, so the target is
+   nearly deterministic given :math:`Y_k`), or by semi-gradient TD(0) (``"td"``); any value design (plain MLP,
+   Tweedie, residual, R10). ``value_lr_schedule`` decays the critic's step size.
 3. **costate**: :math:`p_k = \nabla_y V_\psi(\tau_k, Y_k)` by autograd through the critic, on the OLD
    states (detached from here on).
 4. **actor** (``epochs`` steps, R8): maximise the trust-region surrogate
@@ -33,6 +39,8 @@ count can be chosen freely; the path-KL trust region does not depend on ``N`` (R
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -42,7 +50,7 @@ from ..sde import check_finite
 from ..value import MLPValue, mc_value_targets
 from .config import SAACConfig
 from .policies import grid_means
-from .trainer import Batch, Trainer
+from .trainer import Batch, Trainer, _lr_lambda
 
 __all__ = ["SAActorCritic", "values_on_grid"]
 
@@ -65,12 +73,17 @@ class SAActorCritic(Trainer):
     def _init_extra(self) -> None:
         if self.value is None:
             raise ValueError("SAActorCritic needs a critic: pass value=... (e.g. sa_theory.value.MLPValue)")
-        if self.cfg.value_loss not in ("mc", "td"):
-            raise ValueError(f"'value_loss' must be 'mc' or 'td', got {self.cfg.value_loss!r}")
+        if self.cfg.value_loss not in ("mc", "mc_cv", "td"):
+            raise ValueError(f"'value_loss' must be 'mc', 'mc_cv' or 'td', got {self.cfg.value_loss!r}")
+        if self.cfg.value_loss == "mc_cv" and self.cfg.solver != "euler":
+            raise ValueError("value_loss='mc_cv' uses Euler transition log-ratios: use solver='euler'")
         if self.cfg.lr_coef and self.cfg.solver != "euler":
             raise ValueError("'lr_coef' > 0 needs Euler transition densities: use solver='euler'")
         if self.cfg.costate not in ("critic", "pathwise"):
             raise ValueError(f"'costate' must be 'critic' or 'pathwise', got {self.cfg.costate!r}")
+        if self.cfg.value_lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError("'value_lr_schedule' must be 'constant', 'linear' or 'cosine', got "
+                             f"{self.cfg.value_lr_schedule!r}")
         if self.cfg.value_grad_coef < 0:
             raise ValueError(f"'value_grad_coef' must be >= 0, got {self.cfg.value_grad_coef}")
         if self.needs_pathwise_costates:
@@ -80,6 +93,10 @@ class SAActorCritic(Trainer):
                 raise ValueError("costate='pathwise' / 'value_grad_coef' > 0 need a differentiable reward")
         vparams = [p for p in self.value.parameters() if p.requires_grad]
         self.value_optimizer = torch.optim.Adam(vparams, lr=self.cfg.value_lr) if vparams else None
+        self.value_scheduler = None
+        if self.value_optimizer is not None:
+            sched_cfg = dataclasses.replace(self.cfg, lr_schedule=self.cfg.value_lr_schedule, lr_warmup=0)
+            self.value_scheduler = torch.optim.lr_scheduler.LambdaLR(self.value_optimizer, _lr_lambda(sched_cfg))
 
     @property
     def needs_pathwise_costates(self) -> bool:
@@ -91,13 +108,32 @@ class SAActorCritic(Trainer):
                                  self.env.reward, beta, batch.cond)
 
     def extra_state(self) -> dict:
-        return {"value_optimizer": self.value_optimizer.state_dict() if self.value_optimizer else None}
+        if self.value_optimizer is None:
+            return {"value_optimizer": None, "value_scheduler": None}
+        return {"value_optimizer": self.value_optimizer.state_dict(),
+                "value_scheduler": self.value_scheduler.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         if self.value_optimizer is not None:
             self.value_optimizer.load_state_dict(state["value_optimizer"])
+            if state.get("value_scheduler") is not None:
+                self.value_scheduler.load_state_dict(state["value_scheduler"])
 
     # ------------------------------------------------------------------ 2. critic
+    def value_targets(self, batch: Batch, beta: float) -> torch.Tensor:
+        r"""Monte-Carlo critic targets for :math:`V(\tau_k, Y_k)`, ``k = 0..N``, ``(N+1, B)`` (reward units; the
+        last row is :math:`R`): :math:`R - \beta\sum_{j\ge k}\ell_j` (``value_loss='mc'``) or, for
+        'mc_cv', :math:`R - \beta\sum_{j\ge k}\lambda_j` with the sampled per-step log-ratios
+        :math:`\lambda_j = \log\pi_\theta(Y_{j+1}|Y_j) - \log\pi_\text{pre}(Y_{j+1}|Y_j)` (nats, per step):
+        :math:`\lambda_j - \ell_j` is a martingale increment, so both have the conditional mean
+        :math:`V^\theta_N(\tau_k, Y_k)`; at the optimum the 'mc_cv' target is nearly deterministic given
+        :math:`Y_k`."""
+        if self.cfg.value_loss == "mc_cv":
+            step_costs = batch.log_probs - batch.ref_log_probs
+        else:
+            step_costs = batch.kl_steps
+        return torch.cat([mc_value_targets(batch.reward, step_costs, beta), batch.reward[None]], 0)
+
     def fit_critic(self, batch: Batch, beta: float, costates: torch.Tensor | None = None) -> float:
         """``value_epochs`` Adam steps on the MC-regression or TD(0) loss (plus ``value_grad_coef`` times the
         Sobolev term on ``costates``), each on the full paths at a random subset of ``max(1, value_batch // B)``
@@ -106,7 +142,7 @@ class SAActorCritic(Trainer):
             return float("nan")
         taus, states, R, kl = batch.taus, batch.states, batch.reward, batch.kl_steps
         N, B = taus.numel() - 1, batch.batch_size
-        targets = torch.cat([mc_value_targets(R, kl, beta), R[None]], 0)  # (N+1, B), V(T, Y_N) = R
+        targets = self.value_targets(batch, beta)
         n_t = min(N + 1, max(1, self.cfg.value_batch // B))
         loss = torch.zeros(())
         sobolev = self.cfg.value_grad_coef > 0 and costates is not None
@@ -114,7 +150,7 @@ class SAActorCritic(Trainer):
             idx = torch.randperm(N + 1, generator=batch.generator)[:n_t]
             y = states[idx].detach().requires_grad_(sobolev)
             v = values_on_grid(self.value, taus[idx], y, batch.cond)
-            if self.cfg.value_loss == "mc":
+            if self.cfg.value_loss in ("mc", "mc_cv"):
                 loss = ((v - targets[idx]) ** 2).mean()
             else:  # semi-gradient TD(0): target V(tau_{k+1}, Y_{k+1}) - beta l_k, and R at k = N
                 nxt = (idx + 1).clamp(max=N)
@@ -130,6 +166,7 @@ class SAActorCritic(Trainer):
             self.value_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.value_optimizer.step()
+        self.value_scheduler.step()
         return loss.item()
 
     # ------------------------------------------------------------------ 3. costate

@@ -70,8 +70,12 @@ class SAACConfig(TrainConfig):
     kl_penalty: float = _f(1.0, "weight of the path KL(P^theta' || P^theta_old) penalty in the surrogate (R8)")
     max_path_kl: float | None = _f(None, "clip: paths whose KL to the old policy exceeds this give no gradient")
     tau_subset: int = _f(0, "actor: use a random subset of this many grid times per epoch (0: the full grid)")
-    value_loss: str = _f("mc", "critic loss: 'mc' (regression on R - beta sum_{j>=k} l_j) | 'td' (semi-gradient TD(0))")
+    value_loss: str = _f("mc", "critic loss: 'mc' (regression on R - beta sum_{j>=k} l_j) | 'mc_cv' (on R - beta "
+                               "sum_{j>=k} log(pi/pi_pre)(Y_{j+1}|Y_j): same mean, less variance near the optimum; "
+                               "Euler) | 'td' (semi-gradient TD(0))")
     value_lr: float = _f(3e-3, "Adam learning rate of the critic")
+    value_lr_schedule: str = _f("constant", "critic learning-rate schedule over the iterations: 'constant' | 'linear' "
+                                            "| 'cosine' (decaying it averages out the critic's batch noise)")
     value_epochs: int = _f(20, "critic gradient steps per rollout batch")
     value_batch: int = _f(2048, "critic: state samples per step (full paths at value_batch // batch_size grid times)")
     lr_coef: float = _f(0.0, "weight of an added likelihood-ratio (TD-advantage, importance-weighted) term; "
