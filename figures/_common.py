@@ -30,6 +30,11 @@ METHOD_OVERRIDES = {
     "dpok": {"lr": 0.01, "lr_schedule": "cosine"},
 }
 
+#: the continuous-time AC on the Gaussian mixture (figure 6, bench_queries): residual MLP policy, 8 actor
+#: epochs with a light KL-to-old penalty, residual critic that also sees Tweedie's x0_hat, decaying critic lr
+GMM_SA_AC = {"lr": 0.01, "lr_schedule": "cosine", "epochs": 8, "kl_penalty": 0.1, "critic": "residual",
+             "critic_x0_input": True, "value_lr_schedule": "cosine"}
+
 
 def setup_torch() -> None:
     torch.set_num_threads(1)  # tiny 2-d problems: one thread is fastest and avoids oversubscription

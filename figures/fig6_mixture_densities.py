@@ -13,7 +13,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from figures._common import figure_main, save, setup_torch
+from figures._common import GMM_SA_AC, figure_main, save, setup_torch
 from toy_problems.train import build, mixture_statistics
 
 NAME = "fig6_mixture_densities.png"
@@ -32,10 +32,8 @@ def _mixture_density(weights, means, covs, X, Y):
 def run(out_dir: str | None = None, quick: bool = False) -> dict:
     setup_torch()
     its, B, n = (4, 32, 1000) if quick else (300, 256, 4000)
-    s = build("sa_ac", "gmm2d", {"progress": False, "iterations": its, "batch_size": B, "sampler_steps": 20,
-                                 "lr": 0.01, "lr_schedule": "cosine", "epochs": 8, "kl_penalty": 0.1,
-                                 "critic": "residual", "critic_x0_input": True, "value_lr_schedule": "cosine",
-                                 "seed": 0})
+    s = build("sa_ac", "gmm2d", {"progress": False, **GMM_SA_AC, "iterations": its, "batch_size": B,
+                                 "sampler_steps": 20, "seed": 0})
     s.trainer.train()
     prob = s.prob
     W, M, C = prob.tilted_law()

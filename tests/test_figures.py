@@ -25,3 +25,26 @@ def test_make_all_prints_a_summary_table(tmp_path, capsys):
     make_all(str(tmp_path), quick=True, only=[5])
     out = capsys.readouterr().out
     assert "fig5_estimator_variance.png" in out and "total" in out
+
+
+def test_queries_benchmark_runs_in_quick_mode(tmp_path, capsys):
+    """``benchmarks/bench_queries.py --quick`` (not a test of its numbers): both evaluation grids are reported
+    and every objective is finite."""
+    import json
+    import os
+    import sys
+
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        import bench_queries
+    finally:
+        sys.path.remove(bench_dir)
+    bench_queries.main(["--quick", "--iterations", "4", "--methods", "sa_ac", "ddpo_is",
+                        "--json", str(tmp_path / "q.json")])
+    rows = json.load(open(tmp_path / "q.json"))
+    assert [r["algo"] for r in rows] == ["sa_ac", "ddpo_is"]
+    for r in rows:
+        for grid in ("train", "fine"):
+            assert len(r[grid]["curve"]) == 2 and all(abs(J) < 10 for J in r[grid]["curve"])
+    assert "worst / best" in capsys.readouterr().out
