@@ -27,6 +27,19 @@ def test_make_all_prints_a_summary_table(tmp_path, capsys):
     assert "fig5_estimator_variance.png" in out and "total" in out
 
 
+def test_make_all_runs_figures_in_worker_processes_and_rejects_bad_input(tmp_path, capsys):
+    from figures.make_all import make_all
+
+    rows = make_all(str(tmp_path), quick=True, only=[7, 5], workers=2)
+    assert [r["figure"] for r in rows] == [7, 5]  # summary in the requested order, whatever finished first
+    assert (tmp_path / "fig5_estimator_variance.png").is_file() and (tmp_path / "fig7_value_ablation.png").is_file()
+    assert "2 worker(s)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'only'"):
+        make_all(str(tmp_path), quick=True, only=[8])
+    with pytest.raises(ValueError, match="'workers'"):
+        make_all(str(tmp_path), quick=True, only=[5], workers=0)
+
+
 def test_queries_benchmark_runs_in_quick_mode(tmp_path, capsys):
     """``benchmarks/bench_queries.py --quick`` (not a test of its numbers): both evaluation grids are reported
     and every objective is finite."""

@@ -31,7 +31,11 @@ With a differentiable reward and Euler paths, the sampled discrete-adjoint costa
 critic's gradient in step 3 (``costate="pathwise"``, step k uses :math:`P_{k+1}`: the surrogate's gradient is
 then exactly the pathwise gradient of the N-step chain and the actor's fixed point is that chain's optimum,
 not the critic's approximation of it) or train the critic's gradient (``value_grad_coef`` > 0: Sobolev
-regression :math:`|\nabla_y V_\psi - P_k|^2` added to the value loss).
+regression :math:`|\nabla_y V_\psi - P_k|^2` added to the value loss). Measured caveat (issue #4 notes): on the
+2-d Gaussian mixture both stop short of moving mass between modes (small-mode weight 0.092-0.098 with
+``costate="pathwise"`` at N = 20 and 100, batch 256 or 1024; 0.077 with the Sobolev term) against 0.068 exact and
+0.073-0.080 with the critic's gradient (residual critic seeing x0_hat). Likely cause, not verified: the sampled
+adjoint is a per-path derivative and the paths that switch modes are rare, so finite batches under-sample them.
 
 Because the surrogate only needs the time marginals of the state (R4), the rollout solver and step
 count can be chosen freely; the path-KL trust region does not depend on ``N`` (R8).
