@@ -43,6 +43,7 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_rollout.py
 	$(PY) benchmarks/bench_estimators.py
+	$(PY) benchmarks/bench_queries.py --json benchmarks/results/queries.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
