@@ -35,24 +35,19 @@ def queries_to_close(algo: str, N: int, its: int, B: int, evals: int, n_eval: in
     s = build(algo, "gmm2d", {"progress": False, **ov, "iterations": its, "batch_size": B, "sampler_steps": N,
                                "seed": seed})
     J_pre, J_opt = s.pretrained_objective(), s.optimum()
-    out = {"algo": algo, "N": N, "J_opt": J_opt, "J_pre": J_pre, "eval_steps": eval_steps, "queries": []}
-    t0 = time.time()
-    for grid in ("train", "fine"):
-        out[grid] = {"curve": [], "queries_95": None, "best": -np.inf}
+    grids = {"train": N, "fine": eval_steps}
+    curves, queries, t0 = {g: [] for g in grids}, [], time.time()
     for i in range(evals):
         s.trainer.train(until=int(round(its * (i + 1) / evals)))
-        out["queries"].append(s.trainer.queries)
-        for grid, steps in (("train", N), ("fine", eval_steps)):
-            r = out[grid]
-            J = s.trainer.evaluate(n_eval, steps=steps, beta=s.prob.beta)["objective"]
-            r["curve"].append(J)
-            r["best"] = max(r["best"], J)
-            if r["queries_95"] is None and (J - J_pre) >= 0.95 * (J_opt - J_pre):
-                r["queries_95"] = s.trainer.queries
-    for grid in ("train", "fine"):
-        out[grid]["closed"] = (out[grid]["best"] - J_pre) / (J_opt - J_pre)
-        out[grid]["final"] = out[grid]["curve"][-1]
-    out["seconds"] = time.time() - t0
+        queries.append(s.trainer.queries)
+        for g, steps in grids.items():
+            curves[g].append(s.trainer.evaluate(n_eval, steps=steps, beta=s.prob.beta)["objective"])
+    out = {"algo": algo, "N": N, "J_opt": J_opt, "J_pre": J_pre, "eval_steps": eval_steps, "queries": queries,
+           "seconds": time.time() - t0}
+    for g, curve in curves.items():
+        hits = [q for q, J in zip(queries, curve) if J - J_pre >= 0.95 * (J_opt - J_pre)]
+        out[g] = {"curve": curve, "queries_95": hits[0] if hits else None, "best": max(curve),
+                  "closed": (max(curve) - J_pre) / (J_opt - J_pre), "final": curve[-1]}
     return out
 
 

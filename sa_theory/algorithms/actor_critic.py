@@ -43,8 +43,6 @@ count can be chosen freely; the path-KL trust region does not depend on ``N`` (R
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -54,7 +52,7 @@ from ..sde import check_finite
 from ..value import MLPValue, mc_value_targets
 from .config import SAACConfig
 from .policies import grid_means
-from .trainer import Batch, Trainer, _lr_lambda
+from .trainer import Batch, Trainer, lr_lambda
 
 __all__ = ["SAActorCritic", "values_on_grid"]
 
@@ -85,9 +83,6 @@ class SAActorCritic(Trainer):
             raise ValueError("'lr_coef' > 0 needs Euler transition densities: use solver='euler'")
         if self.cfg.costate not in ("critic", "pathwise"):
             raise ValueError(f"'costate' must be 'critic' or 'pathwise', got {self.cfg.costate!r}")
-        if self.cfg.value_lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError("'value_lr_schedule' must be 'constant', 'linear' or 'cosine', got "
-                             f"{self.cfg.value_lr_schedule!r}")
         if self.cfg.value_grad_coef < 0:
             raise ValueError(f"'value_grad_coef' must be >= 0, got {self.cfg.value_grad_coef}")
         if self.needs_pathwise_costates:
@@ -97,10 +92,9 @@ class SAActorCritic(Trainer):
                 raise ValueError("costate='pathwise' / 'value_grad_coef' > 0 need a differentiable reward")
         vparams = [p for p in self.value.parameters() if p.requires_grad]
         self.value_optimizer = torch.optim.Adam(vparams, lr=self.cfg.value_lr) if vparams else None
-        self.value_scheduler = None
-        if self.value_optimizer is not None:
-            sched_cfg = dataclasses.replace(self.cfg, lr_schedule=self.cfg.value_lr_schedule, lr_warmup=0)
-            self.value_scheduler = torch.optim.lr_scheduler.LambdaLR(self.value_optimizer, _lr_lambda(sched_cfg))
+        value_lr = lr_lambda(self.cfg.value_lr_schedule, self.cfg.iterations, name="value_lr_schedule")
+        self.value_scheduler = None if self.value_optimizer is None else \
+            torch.optim.lr_scheduler.LambdaLR(self.value_optimizer, value_lr)
 
     @property
     def needs_pathwise_costates(self) -> bool:

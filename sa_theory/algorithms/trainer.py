@@ -113,21 +113,22 @@ def iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Gen
     return torch.Generator().manual_seed(s % 2**63)
 
 
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def fn(it: int) -> float:
-        w = min(1.0, (it + 1) / cfg.lr_warmup) if cfg.lr_warmup > 0 else 1.0
-        frac = min(1.0, it / max(1, cfg.iterations))
-        if cfg.lr_schedule == "constant":
-            s = 1.0
-        elif cfg.lr_schedule == "linear":
-            s = 1.0 - frac
-        elif cfg.lr_schedule == "cosine":
-            s = 0.5 * (1.0 + math.cos(math.pi * frac))
-        else:
-            raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose 'constant', 'linear' or 'cosine'")
-        return w * s
+def lr_lambda(schedule: str, iterations: int, warmup: int = 0, name: str = "lr_schedule") -> Callable[[int], float]:
+    """Learning-rate multiplier per iteration for ``LambdaLR``: linear warm-up over ``warmup`` iterations times
+    ``schedule`` ('constant' | 'linear' decay to 0 | 'cosine') over ``iterations``. An unknown schedule raises
+    ``ValueError`` naming the config field ``name``."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"{name!r} must be 'constant', 'linear' or 'cosine', got {schedule!r}")
 
-    fn(0)
+    def fn(it: int) -> float:
+        w = min(1.0, (it + 1) / warmup) if warmup > 0 else 1.0
+        frac = min(1.0, it / max(1, iterations))
+        if schedule == "linear":
+            return w * (1.0 - frac)
+        if schedule == "cosine":
+            return w * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return w
+
     return fn
 
 
@@ -172,7 +173,8 @@ class Trainer:
             self.value.to(self.dtype)
         params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_schedule, cfg.iterations, cfg.lr_warmup))
         self.iteration = 0
         self.queries = 0
         self.history: list[dict] = []
