@@ -27,7 +27,7 @@ from .config import (
     override,
     to_dict,
 )
-from .policies import MLPPolicy, PiecewiseAffinePolicy, ResidualMLPPolicy, grid_means
+from .policies import GreedyPolicy, MLPPolicy, PiecewiseAffinePolicy, ResidualMLPPolicy, grid_means
 from .trainer import SOLVERS, Batch, Environment, Trainer
 
 TRAINERS = {"sa_ac": SAActorCritic, "ddpo_sf": DDPOSF, "ddpo_is": DDPOIS, "dpok": DPOK}
@@ -40,6 +40,6 @@ def make_trainer(cfg: TrainConfig, env: Environment, policy, value=None, evaluat
 
 __all__ = ["SAActorCritic", "DDPOSF", "DDPOIS", "DPOK", "Trainer", "Environment", "Batch", "SOLVERS", "TRAINERS",
            "make_trainer", "TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
-           "override", "describe", "to_dict", "from_dict", "ResidualMLPPolicy", "MLPPolicy",
+           "override", "describe", "to_dict", "from_dict", "ResidualMLPPolicy", "MLPPolicy", "GreedyPolicy",
            "PiecewiseAffinePolicy", "grid_means", "values_on_grid", "save_checkpoint", "load_checkpoint",
            "rng_state", "set_rng_state", "seed_everything"]

@@ -14,6 +14,8 @@ trainers use it when present.
   constant on ``M`` equal pieces of :math:`[0, T]`; parameters packed exactly like
   :class:`toy_problems.LinearGaussianProblem`'s ``theta`` (:meth:`PiecewiseAffinePolicy.theta`), so its
   exact objective and the closed-form optimum of the class are available.
+* :class:`GreedyPolicy`: the critic's policy-improvement action :math:`s_\text{pre} + \nabla_y V_\psi/\beta`
+  (no parameters of its own; :meth:`sa_theory.algorithms.SAActorCritic.greedy_policy`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ResidualMLPPolicy", "MLPPolicy", "PiecewiseAffinePolicy", "mlp", "grid_means"]
+from ..sde import check_finite
+
+__all__ = ["ResidualMLPPolicy", "MLPPolicy", "PiecewiseAffinePolicy", "GreedyPolicy", "mlp", "grid_means"]
 
 
 def mlp(in_dim: int, out_dim: int, hidden: int, depth: int, zero_last: bool = False) -> nn.Sequential:
@@ -165,6 +169,27 @@ class PiecewiseAffinePolicy(nn.Module):
 
     def theta_numpy(self) -> np.ndarray:
         return self.theta.detach().to(torch.float64).cpu().numpy().copy()
+
+
+class GreedyPolicy(nn.Module):
+    r"""The greedy action of a critic: :math:`\mu(\tau, y, c) = s_\text{pre}(\tau, y, c) + \nabla_y V_\psi(\tau, y, c)
+    / \beta`, the maximiser over :math:`a` of the Hamiltonian :math:`g^2 a\cdot p - \frac{\beta g^2}{2}|a - s|^2`
+    at :math:`p = \nabla_y V_\psi` (R4): one step of policy improvement on the critic's value. If the critic
+    is :math:`V^*` it is the optimal policy. The gradient is taken per sample by autograd of
+    :math:`\sum_b V_\psi(\tau, y_b)` (the critic must treat the rows of a batch independently). It holds the
+    critic by reference: later critic updates change it. ``beta`` must be > 0."""
+
+    def __init__(self, value: Callable, pretrained_action: Callable, beta: float):
+        super().__init__()
+        if not (isinstance(beta, (int, float)) and np.isfinite(beta) and beta > 0):
+            raise ValueError(f"GreedyPolicy needs a finite 'beta' > 0, got {beta!r}")
+        self.value, self.pretrained_action, self.beta = value, pretrained_action, float(beta)
+
+    def forward(self, tau, y, cond=None):
+        with torch.enable_grad():
+            yy = y.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.value(tau, yy, cond).sum(), yy)
+        return self.pretrained_action(tau, y, cond) + check_finite("critic value gradient", grad) / self.beta
 
 
 def grid_means(policy: Callable, taus: torch.Tensor, states: torch.Tensor, cond: Any = None,

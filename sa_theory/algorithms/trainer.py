@@ -211,14 +211,15 @@ class Trainer:
         return ControlledSDE(self.env.sde.schedule, ode=ode)
 
     def sample_paths(self, n: int, steps: int, solver: str, generator: torch.Generator, seed: int,
-                     record: bool = True):
-        """Roll out ``n`` paths of the current policy (no autograd): ``(trajectory, cond)``."""
+                     record: bool = True, policy: Callable | None = None):
+        """Roll out ``n`` paths of ``policy`` (default: the trained one; no autograd): ``(trajectory, cond)``."""
         backend, method, _ = solver_kwargs(solver)
         sde = self._sde_for(solver)
         y0 = self.env.initial_sample(n, generator, self.dtype)
         cond = self.env.cond_sample(n, generator) if self.env.cond_sample is not None else None
+        policy = self.policy if policy is None else policy
         with torch.no_grad():
-            traj = rollout(sde, self.policy, y0, steps=steps, cond=cond, reference=self.env.pretrained_action,
+            traj = rollout(sde, policy, y0, steps=steps, cond=cond, reference=self.env.pretrained_action,
                            backend=backend, method=method, generator=generator if backend == "native" else None,
                            seed=seed, save_every=1 if record else None)
         return traj, cond
@@ -362,14 +363,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, n_paths: int = 4096, steps: int | None = None, solver: str = "euler", seed: int = 12345,
-                 beta: float | None = None, return_samples: bool = False) -> dict:
+                 beta: float | None = None, return_samples: bool = False, policy: Callable | None = None) -> dict:
         """Monte-Carlo ``reward``, ``path_kl`` (Girsanov, on the grid), ``objective`` and their standard
-        errors (``*_se``) for ``n_paths`` fresh paths (fixed ``seed``; no reward queries counted)."""
+        errors (``*_se``) for ``n_paths`` fresh paths (fixed ``seed``; no reward queries counted) of ``policy``
+        (default: the trained policy; e.g. :meth:`SAActorCritic.greedy_policy`)."""
         steps = steps or self.cfg.sampler_steps
         beta = self.beta_at(self.iteration) if beta is None else beta
         gen = torch.Generator().manual_seed(seed)
         self.policy.eval()
-        traj, cond = self.sample_paths(n_paths, steps, solver, gen, seed, record=False)
+        traj, cond = self.sample_paths(n_paths, steps, solver, gen, seed, record=False, policy=policy)
         r = self.reward(traj.final, cond).to(torch.float64)
         kl = traj.path_kl.to(torch.float64)
         j = r - beta * kl
