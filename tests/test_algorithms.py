@@ -246,12 +246,13 @@ def test_actor_critic_on_the_memory_ou_problem_targets_the_fixed_init_optimum():
     assert np.linalg.norm(got["mean"] - m_fixed) < np.linalg.norm(got["mean"] - m_tilt)
 
 
-def _gmm_check(s, n=8192, steps=None):
-    """Soft-assignment weights and means of learned vs exact (fixed-init optimum) terminal samples, and
-    their combined (independent-sample) Monte-Carlo standard errors."""
+def _gmm_check(s, n=8192, steps=None, policy=None):
+    """Soft-assignment weights and means of learned (``policy``, default the trained one) vs exact (fixed-init
+    optimum) terminal samples, and their combined (independent-sample) Monte-Carlo standard errors."""
     prob = s.prob
     W, M, C = prob.tilted_law()
-    ev = s.trainer.evaluate(n, steps=steps or s.cfg.sampler_steps, return_samples=True, beta=prob.beta)
+    ev = s.trainer.evaluate(n, steps=steps or s.cfg.sampler_steps, return_samples=True, beta=prob.beta,
+                            policy=policy)
     x = ev["final"].double().numpy()
     ex = prob.sample_optimal_terminal(n, rng=123)
     w_hat, m_hat = mixture_statistics(x, W, M, C)
@@ -316,26 +317,15 @@ def test_full_actor_critic_on_the_mixture_its_critic_implies_the_tilted_mixture(
     s = build("sa_ac", "gmm2d", {**FAST, **GMM_SA_AC, "iterations": 300, "batch_size": 256, "sampler_steps": 20})
     s.trainer.train()
     prob, tr = s.prob, s.trainer
-    W, M, C = prob.tilted_law()
-    n = 16384
-    ex = prob.sample_optimal_terminal(n, rng=123)
-    w_ex, m_ex = mixture_statistics(ex, W, M, C)
-    se_w = np.sqrt(2 * W * (1 - W) / n)
-    se_m = np.sqrt(2 * np.einsum("kii->ki", C) / (n * W[:, None]))
-
-    def law(policy):
-        x = tr.evaluate(n, steps=200, return_samples=True, beta=prob.beta, policy=policy)["final"]
-        return mixture_statistics(x.double().numpy(), W, M, C)
-
-    w_hat, m_hat = law(tr.greedy_policy())
+    w_hat, w_ex, m_hat, m_ex, se_w, se_m, W, _ = _gmm_check(s, n=16384, steps=200, policy=tr.greedy_policy())
     assert np.all(np.abs(w_hat - w_ex) < 4 * se_w), (w_hat, w_ex, se_w)
     assert np.all(np.abs(m_hat - m_ex) < 4 * se_m), (m_hat, m_ex, se_m)
     assert np.all(np.abs(prob.weights - W) > 15 * se_w)
     pretrained_value = make_critic(prob, dataclasses.replace(s.toy, critic="tweedie"))
-    w_tw, _ = law(GreedyPolicy(pretrained_value, tr.env.pretrained_action, prob.beta))
-    assert np.any(np.abs(w_tw - w_ex) > 4 * se_w), (w_tw, w_ex)
-    w_bad, _ = law(tr.greedy_policy(beta=1.25 * prob.beta))  # a wrong formula (beta off by 25%) fails
-    assert np.any(np.abs(w_bad - w_ex) > 4 * se_w), (w_bad, w_ex)
+    for wrong in (GreedyPolicy(pretrained_value, tr.env.pretrained_action, prob.beta),
+                  tr.greedy_policy(beta=1.25 * prob.beta)):  # a wrong formula (beta off by 25%) fails too
+        w_bad = _gmm_check(s, n=16384, steps=200, policy=wrong)[0]
+        assert np.any(np.abs(w_bad - w_ex) > 4 * se_w), (w_bad, w_ex)
     with pytest.raises(ValueError, match="beta"):
         tr.greedy_policy(beta=0.0)
 

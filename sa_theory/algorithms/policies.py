@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..estimators import value_grad
 from ..sde import check_finite
 
 __all__ = ["ResidualMLPPolicy", "MLPPolicy", "PiecewiseAffinePolicy", "GreedyPolicy", "mlp", "grid_means"]
@@ -176,8 +177,8 @@ class GreedyPolicy(nn.Module):
     / \beta`, the maximiser over :math:`a` of the Hamiltonian :math:`g^2 a\cdot p - \frac{\beta g^2}{2}|a - s|^2`
     at :math:`p = \nabla_y V_\psi` (R4): one step of policy improvement on the critic's value. If the critic
     is :math:`V^*` it is the optimal policy. The gradient is taken per sample by autograd of
-    :math:`\sum_b V_\psi(\tau, y_b)` (the critic must treat the rows of a batch independently). It holds the
-    critic by reference: later critic updates change it. ``beta`` must be > 0."""
+    :math:`\sum_b V_\psi(\tau, y_b)` (:func:`sa_theory.estimators.value_grad`; the critic must treat the rows of
+    a batch independently). It holds the critic by reference: later critic updates change it. ``beta`` must be > 0."""
 
     def __init__(self, value: Callable, pretrained_action: Callable, beta: float):
         super().__init__()
@@ -186,10 +187,8 @@ class GreedyPolicy(nn.Module):
         self.value, self.pretrained_action, self.beta = value, pretrained_action, float(beta)
 
     def forward(self, tau, y, cond=None):
-        with torch.enable_grad():
-            yy = y.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.value(tau, yy, cond).sum(), yy)
-        return self.pretrained_action(tau, y, cond) + check_finite("critic value gradient", grad) / self.beta
+        grad = check_finite("critic value gradient", value_grad(self.value, tau, y, cond))
+        return self.pretrained_action(tau, y, cond) + grad / self.beta
 
 
 def grid_means(policy: Callable, taus: torch.Tensor, states: torch.Tensor, cond: Any = None,
