@@ -2,7 +2,8 @@
 
 Left: the data density (contours) and pretrained samples; middle: samples of the sampler fine-tuned by
 the continuous-time actor-critic (residual MLP policy, residual critic that also sees x0_hat, trained with
-Euler N=20, sampled with N=200) over the exact target's contours;
+Euler N=20, the actor finally distilled onto its critic's greedy policy, sampled with N=200) over the exact
+target's contours;
 right: exact draws of the fixed-init optimum (theory.md R2; for VP with b_max=20 it equals the tilted
 mixture p_data e^{r/beta}/Z up to ~4e-5) over the tilted mixture's contours. Component weights are
 estimated by soft assignment to the tilted mixture and printed in the titles.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from figures._common import GMM_SA_AC, figure_main, save, setup_torch
+from figures._common import GMM_SA_AC, GMM_SA_AC_QUICK, figure_main, save, setup_torch
 from toy_problems.train import build, mixture_statistics
 
 NAME = "fig6_mixture_densities.png"
@@ -32,8 +33,9 @@ def _mixture_density(weights, means, covs, X, Y):
 def run(out_dir: str | None = None, quick: bool = False) -> dict:
     setup_torch()
     its, B, n = (4, 32, 1000) if quick else (300, 256, 4000)
-    s = build("sa_ac", "gmm2d", {"progress": False, **GMM_SA_AC, "iterations": its, "batch_size": B,
-                                 "sampler_steps": 20, "seed": 0})
+    ov = GMM_SA_AC_QUICK if quick else GMM_SA_AC
+    s = build("sa_ac", "gmm2d", {"progress": False, **ov, "iterations": its, "batch_size": B, "sampler_steps": 20,
+                                 "seed": 0})
     s.trainer.train()
     prob = s.prob
     W, M, C = prob.tilted_law()
@@ -48,7 +50,8 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
     stats = {}
     for ax, (title, pts, dens, col) in zip(axes, [
             ("pretrained (data law)", data, dens_data, "C7"),
-            (f"fine-tuned, continuous-time AC ({its * B} queries)", tuned, dens_tilt, "C0"),
+            (f"fine-tuned, continuous-time AC ({its * B} queries),\nactor distilled onto its critic's greedy policy",
+             tuned, dens_tilt, "C0"),
             ("exact target (fixed-init optimum = tilt)", exact, dens_tilt, "C3")]):
         ax.contour(X, Y, dens, levels=8, colors="k", linewidths=0.7)
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.3, color=col)

@@ -25,6 +25,10 @@ Per iteration, read top to bottom:
    ``tau_subset`` > 0 uses a random subset of grid times per epoch (rescaled, unbiased).
    ``lr_coef`` > 0 adds an importance-weighted likelihood-ratio term with TD advantages
    :math:`\delta_k = V_{k+1} - V_k - \beta\ell_k` (Euler only), for critics of non-differentiable rewards.
+5. **distillation** (``final_distill_steps`` > 0, once after the last iteration; :meth:`SAActorCritic.distill`):
+   regress the actor onto the final critic's greedy policy :math:`s + \nabla_y V_\psi/\beta` on fresh paths of
+   the actor (no reward queries) -- step 4 taken to its fixed point for the final critic, without the trust
+   region.
 
 With a differentiable reward and Euler paths, the sampled discrete-adjoint costates :math:`P_k`
 (:func:`sa_theory.estimators.pathwise_costates`, :math:`E[P_k|Y_k] = \nabla_y V^\theta`) can replace the
@@ -33,12 +37,14 @@ then exactly the pathwise gradient of the N-step chain and the actor's fixed poi
 not the critic's approximation of it) or train the critic's gradient (``value_grad_coef`` > 0: Sobolev
 regression :math:`|\nabla_y V_\psi - P_k|^2` added to the value loss).
 
-Measured on the 2-d Gaussian mixture (issue #4 notes; small-mode weight, exact 0.068; 16 384 paths, SE 0.002):
+Measured on the 2-d Gaussian mixture (issue #4 notes; small-mode weight, exact 0.068; 16 384 paths, SE 0.003):
 the learned critic is more accurate than the actor that follows it. After 300 iterations (figure-6 settings,
 N = 20) the critic's greedy policy :math:`s + \nabla_y V_\psi/\beta` (:meth:`SAActorCritic.greedy_policy`) gives
-0.070 / 0.071 (seeds 0 / 1; tested), the actor network 0.075 / 0.079. The actor's weight oscillates by
-:math:`\pm`0.02 during training and settles only as the learning rates anneal; a 4x batch, policy-weight EMA,
-16 actor epochs, ``kl_penalty`` 1 or 40 critic epochs did not remove the oscillation or the lag reliably.
+0.070 / 0.071 (seeds 0 / 1), the actor network 0.075 / 0.079: its weight oscillates by :math:`\pm`0.02 during
+training and settles only as the learning rates anneal (a 4x batch, policy-weight EMA, 16 actor epochs,
+``kl_penalty`` 1 or 40 critic epochs did not remove the oscillation or the lag reliably). Step 5 with 4000 steps
+(45 s on one CPU thread) brings the actor to 0.0705 / 0.0711 (held-out path KL to the greedy policy 0.021 ->
+0.0009 nats per path); both are tested within 4 SE of the tilted mixture.
 ``costate="pathwise"`` gives 0.092-0.098 (N = 20 and 100), the chain-consistent critic costate
 :math:`\nabla V_\psi(\tau_{k+1}, Y_{k+1})` 0.099 / 0.102 (N = 20; both target the N-step chain rather than
 the continuous optimum, which does not explain the N = 100 value), the Sobolev term 0.077.
@@ -53,12 +59,12 @@ import torch
 from torch import nn
 
 from ..estimators import pathwise_costates, td_advantages, trust_region_surrogate
-from ..kl import euler_log_prob
+from ..kl import euler_log_prob, girsanov_kl_step
 from ..sde import check_finite
 from ..value import MLPValue, mc_value_targets
 from .config import SAACConfig
 from .policies import GreedyPolicy, grid_means
-from .trainer import Batch, Trainer, lr_lambda
+from .trainer import Batch, Trainer, iteration_generator, lr_lambda
 
 __all__ = ["SAActorCritic", "values_on_grid"]
 
@@ -89,6 +95,8 @@ class SAActorCritic(Trainer):
             raise ValueError("'lr_coef' > 0 needs Euler transition densities: use solver='euler'")
         if self.cfg.costate not in ("critic", "pathwise"):
             raise ValueError(f"'costate' must be 'critic' or 'pathwise', got {self.cfg.costate!r}")
+        if self.cfg.final_distill_steps < 0:
+            raise ValueError(f"'final_distill_steps' must be >= 0, got {self.cfg.final_distill_steps}")
         if self.cfg.value_grad_coef < 0:
             raise ValueError(f"'value_grad_coef' must be >= 0, got {self.cfg.value_grad_coef}")
         if self.needs_pathwise_costates:
@@ -243,3 +251,93 @@ class SAActorCritic(Trainer):
                 pkl[paths] = pk.to(torch.float64)
             grad_norm = self.policy_step()
         return {"grad_norm": grad_norm, "value_loss": value_loss, "policy_kl_to_old": float(pkl.mean())}
+
+    # ------------------------------------------------------------------ 5. final distillation
+    def distill_loss(self, taus: torch.Tensor, dtau: float, states: torch.Tensor, target: torch.Tensor, cond=None,
+                     base: torch.Tensor | None = None) -> torch.Tensor:
+        r"""Per-path Girsanov path-KL integrand between the actor and ``target`` actions on given states (step
+        ``dtau``), :math:`\sum_k \frac{g_k^2 d\tau}{2}|\mu_\theta(\tau_k, Y_k) - a_k|^2` (nats per path, summed over
+        dims; :func:`sa_theory.kl.girsanov_kl_step`), ``(B,)``; differentiable in the actor. ``taus`` are the ``N`` left
+        grid times, ``states``/``target`` ``(N, B, *event)``, ``base`` the pretrained actions there (optional)."""
+        mu = grid_means(self.policy, taus, states, cond, base)
+        g2 = self.env.sde.g2(taus)
+        return sum(girsanov_kl_step(g2[k], dtau, mu[k], target[k]) for k in range(taus.numel()))
+
+    def _distill_paths(self, n: int, generator: torch.Generator, target) -> tuple:
+        """``n`` fresh paths of the actor (in rollouts of ``batch_size``) with ``target``'s actions on their states:
+        ``(taus (N,), dtau, states (N, n, *event), target (N, n, *event), cond, pretrained actions or None)``."""
+        parts = []
+        for start in range(0, n, self.cfg.batch_size):
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            traj, cond = self.sample_paths(min(self.cfg.batch_size, n - start), self.cfg.sampler_steps,
+                                           self.cfg.solver, generator, seed)
+            N = traj.steps
+            taus, states = traj.taus[:N], traj.states[:N]
+            goal = torch.stack([target(taus[k], states[k], cond) for k in range(N)]).detach()
+            parts.append((states, goal, cond, traj.ref_actions))
+
+        def cat(i, dim):
+            xs = [q[i] for q in parts]
+            return None if xs[0] is None else torch.cat(xs, dim)
+        return taus, traj.dtau, cat(0, 1), cat(1, 1), cat(2, 0), cat(3, 1)
+
+    def distill(self, target=None, steps: int | None = None, paths: int | None = None, lr: float | None = None
+                ) -> dict:
+        r"""Regress the actor onto ``target`` (default: the critic's greedy policy
+        :math:`s_\text{pre} + \nabla_y V_\psi/\beta`, :meth:`greedy_policy`) on the states of ``paths``
+        (default ``final_distill_paths``) fresh paths of the current actor (``sampler_steps`` of ``solver``; no reward
+        queries): ``steps`` (default ``final_distill_steps``) Adam steps, learning rate ``lr`` (default
+        ``final_distill_lr``) cosine-decayed to 0, each on ``batch_size`` of those paths drawn at random, minimising
+        the mean of :meth:`distill_loss` (nats per path). With the greedy target this is the actor step of step 4
+        taken to its fixed point for the final critic: with no trust region (``kl_penalty`` = 0) the surrogate is
+        :math:`-\frac{\beta}{2}\sum_k g_k^2 d\tau|\mu - s - p_k/\beta|^2` + const. Where the actor lags its
+        critic (the mixture, module docstring) it closes the gap. Seeded by ``(seed, iterations)``. Returns
+        ``distill_kl_before`` / ``distill_kl_after``: the loss on ``batch_size`` held-out paths of the
+        pre-distillation actor, before and after (nats per path)."""
+        cfg = self.cfg
+        steps = cfg.final_distill_steps if steps is None else steps
+        paths = cfg.final_distill_paths if paths is None else paths
+        lr = cfg.final_distill_lr if lr is None else lr
+        for name, v in (("final_distill_steps", steps), ("final_distill_paths", paths)):
+            if v < 1:
+                raise ValueError(f"{name!r} must be >= 1 to distil, got {v}")
+        if not lr > 0:
+            raise ValueError(f"'final_distill_lr' must be > 0, got {lr}")
+        target = self.greedy_policy() if target is None else target
+        gen = iteration_generator(cfg.seed, cfg.iterations, 1)
+        self.policy.eval()
+        taus, dtau, states, goal, cond, base = self._distill_paths(paths, gen, target)
+        held_out = self._distill_paths(cfg.batch_size, iteration_generator(cfg.seed, cfg.iterations, 2), target)
+        with torch.no_grad():
+            before = float(self.distill_loss(*held_out).mean())
+        self.policy.train()
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", steps))
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc="distil actor -> greedy", leave=False, dynamic_ncols=True)
+        for _ in range(steps):
+            j = torch.randint(0, paths, (min(cfg.batch_size, paths),), generator=gen)
+            loss = self.distill_loss(taus, dtau, states[:, j], goal[:, j], None if cond is None else cond[j],
+                                     None if base is None else base[:, j]).mean()
+            check_finite("distillation loss", loss.reshape(1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            opt.step()
+            sched.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kl=f"{float(loss):.4f}")
+        if bar is not None:
+            bar.close()
+        with torch.no_grad():
+            after = float(self.distill_loss(*held_out).mean())
+        return {"distill_kl_before": before, "distill_kl_after": after}
+
+    def on_train_end(self) -> dict:
+        return self.distill() if self.cfg.final_distill_steps > 0 else {}

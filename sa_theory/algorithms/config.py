@@ -84,6 +84,12 @@ class SAACConfig(TrainConfig):
                                 "discrete adjoint P_k, unbiased for the N-step chain; differentiable reward, Euler)")
     value_grad_coef: float = _f(0.0, "weight of the Sobolev critic term |grad_y V_psi - P_k|^2 (P_k: pathwise "
                                      "costates; differentiable reward, Euler); 0: value regression only")
+    final_distill_steps: int = _f(0, "after the last iteration, Adam steps regressing the actor onto the critic's "
+                                     "greedy policy s + grad V_psi / beta on its own fresh paths (no reward queries; "
+                                     "0: off)")
+    final_distill_paths: int = _f(4096, "final distillation: fresh actor paths whose states it fits (batch_size "
+                                        "of them per step)")
+    final_distill_lr: float = _f(1e-2, "Adam learning rate of the final distillation (cosine-decayed to 0)")
     algo = "sa_ac"
 
 

@@ -7,7 +7,8 @@ rollout batch). The loop, top to bottom, for iteration ``i``:
    (no autograd), from a generator seeded by ``(seed, i)`` alone, so iteration ``i``'s randomness does
    not depend on the history (exact resume); every path is one **reward query**;
 2. **reward** -- ``env.reward(Y_T, cond)``; a NaN/Inf raises ``FloatingPointError`` naming the reward;
-3. **update** -- the algorithm (``update(batch)`` returns its metrics);
+3. **update** -- the algorithm (``update(batch)`` returns its metrics); after the last iteration's update,
+   ``on_train_end()`` (a final phase of the algorithm, e.g. the actor-critic's greedy distillation);
 4. **log** -- a JSONL record with ``iteration``, ``queries``, ``reward``, ``path_kl``, ``objective``
    (``reward - beta * path_kl`` on the batch), ``grad_norm``, ``lr``, ``beta`` and the algorithm's own;
 5. **checkpoint** -- atomically, every ``checkpoint_every`` iterations and at the end.
@@ -187,6 +188,11 @@ class Trainer:
     def update(self, batch: Batch) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def on_train_end(self) -> dict:
+        """Called once, right after the last iteration's update (before its log record, evaluation and checkpoint);
+        returns metrics for that record. Subclasses add a final phase here (e.g. ``SAActorCritic.distill``)."""
+        return {}
+
     def extra_state(self) -> dict:
         return {}
 
@@ -291,6 +297,8 @@ class Trainer:
             self.scheduler.step()
             self.iteration += 1
             self.queries += batch.batch_size
+            if self.iteration == cfg.iterations:
+                metrics = {**metrics, **self.on_train_end()}
             rec = {"iteration": self.iteration, "queries": self.queries,
                    "reward": float(batch.reward.mean()), "path_kl": float(batch.path_kl.mean()),
                    "objective": float((batch.reward - beta * batch.path_kl).mean()),
