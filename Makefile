@@ -1,5 +1,5 @@
 # Two entry points (each creates .venv and installs the project if missing):
-#   make reproduce   -- regenerate every figure in figures/ and print summaries: the toy figures (~14 min on
+#   make reproduce   -- regenerate every figure in figures/ and print summaries: the toy figures (~9 min on
 #                       2 cores) and the digits experiment (~25 min on 2 cores incl. pretraining, 2 workers)
 #   make test        -- run the default test suite (excludes slow and GPU tests)
 # Other targets: make test-slow, make test-gpu, make bench, make lint.
