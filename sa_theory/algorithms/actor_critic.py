@@ -44,7 +44,8 @@ N = 20) the critic's greedy policy :math:`s + \nabla_y V_\psi/\beta` (:meth:`SAA
 training and settles only as the learning rates anneal (a 4x batch, policy-weight EMA, 16 actor epochs,
 ``kl_penalty`` 1 or 40 critic epochs did not remove the oscillation or the lag reliably). Step 5 with 4000 steps
 (45 s on one CPU thread) brings the actor to 0.0705 / 0.0711 (held-out path KL to the greedy policy 0.021 ->
-0.0009 nats per path); both are tested within 4 SE of the tilted mixture.
+0.0009 nats per path; seeds 2 / 3: 0.0714 / 0.0685, greedy 0.0712 / 0.0681); both are tested within 4 SE of
+the tilted mixture.
 ``costate="pathwise"`` gives 0.092-0.098 (N = 20 and 100), the chain-consistent critic costate
 :math:`\nabla V_\psi(\tau_{k+1}, Y_{k+1})` 0.099 / 0.102 (N = 20; both target the N-step chain rather than
 the continuous optimum, which does not explain the N = 100 value), the Sobolev term 0.077.
