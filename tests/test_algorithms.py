@@ -359,6 +359,8 @@ def test_distill_reproduces_its_target_policy_and_validates_its_arguments():
             tr.distill(target=opt, **kw)
     with pytest.raises(ValueError, match="final_distill_steps"):
         build("sa_ac", "gmm2d", {**FAST, "final_distill_steps": -1})
+    with pytest.raises(ValueError, match="final_distill_lr"):  # at construction, not after the training run
+        build("sa_ac", "gmm2d", {**FAST, "final_distill_steps": 5, "final_distill_lr": 0.0})
 
 
 def test_log_ratio_value_targets_are_unbiased_and_nearly_deterministic_at_the_optimum():

@@ -98,6 +98,9 @@ class SAActorCritic(Trainer):
             raise ValueError(f"'costate' must be 'critic' or 'pathwise', got {self.cfg.costate!r}")
         if self.cfg.final_distill_steps < 0:
             raise ValueError(f"'final_distill_steps' must be >= 0, got {self.cfg.final_distill_steps}")
+        if self.cfg.final_distill_steps > 0:  # fail now, not after the whole run
+            self._check_distill_args(self.cfg.final_distill_steps, self.cfg.final_distill_paths,
+                                     self.cfg.final_distill_lr)
         if self.cfg.value_grad_coef < 0:
             raise ValueError(f"'value_grad_coef' must be >= 0, got {self.cfg.value_grad_coef}")
         if self.needs_pathwise_costates:
@@ -267,20 +270,28 @@ class SAActorCritic(Trainer):
     def _distill_paths(self, n: int, generator: torch.Generator, target) -> tuple:
         """``n`` fresh paths of the actor (in rollouts of ``batch_size``) with ``target``'s actions on their states:
         ``(taus (N,), dtau, states (N, n, *event), target (N, n, *event), cond, pretrained actions or None)``."""
-        parts = []
+        states, goals, conds, bases = [], [], [], []
         for start in range(0, n, self.cfg.batch_size):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             traj, cond = self.sample_paths(min(self.cfg.batch_size, n - start), self.cfg.sampler_steps,
                                            self.cfg.solver, generator, seed)
-            N = traj.steps
-            taus, states = traj.taus[:N], traj.states[:N]
-            goal = torch.stack([target(taus[k], states[k], cond) for k in range(N)]).detach()
-            parts.append((states, goal, cond, traj.ref_actions))
+            taus, y = traj.taus[:-1], traj.states[:-1]
+            states.append(y)
+            goals.append(grid_means(target, taus, y, cond).detach())
+            conds.append(cond)
+            bases.append(traj.ref_actions)
 
-        def cat(i, dim):
-            xs = [q[i] for q in parts]
+        def cat(xs, dim):
             return None if xs[0] is None else torch.cat(xs, dim)
-        return taus, traj.dtau, cat(0, 1), cat(1, 1), cat(2, 0), cat(3, 1)
+        return taus, traj.dtau, cat(states, 1), cat(goals, 1), cat(conds, 0), cat(bases, 1)
+
+    @staticmethod
+    def _check_distill_args(steps: int, paths: int, lr: float) -> None:
+        for name, v in (("final_distill_steps", steps), ("final_distill_paths", paths)):
+            if v < 1:
+                raise ValueError(f"{name!r} must be >= 1 to distil, got {v}")
+        if not lr > 0:
+            raise ValueError(f"'final_distill_lr' must be > 0, got {lr}")
 
     def distill(self, target=None, steps: int | None = None, paths: int | None = None, lr: float | None = None
                 ) -> dict:
@@ -299,11 +310,7 @@ class SAActorCritic(Trainer):
         steps = cfg.final_distill_steps if steps is None else steps
         paths = cfg.final_distill_paths if paths is None else paths
         lr = cfg.final_distill_lr if lr is None else lr
-        for name, v in (("final_distill_steps", steps), ("final_distill_paths", paths)):
-            if v < 1:
-                raise ValueError(f"{name!r} must be >= 1 to distil, got {v}")
-        if not lr > 0:
-            raise ValueError(f"'final_distill_lr' must be > 0, got {lr}")
+        self._check_distill_args(steps, paths, lr)
         target = self.greedy_policy() if target is None else target
         gen = iteration_generator(cfg.seed, cfg.iterations, 1)
         self.policy.eval()
@@ -312,24 +319,16 @@ class SAActorCritic(Trainer):
         with torch.no_grad():
             before = float(self.distill_loss(*held_out).mean())
         self.policy.train()
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps)
+        opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=lr, eps=cfg.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", steps))
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, desc="distil actor -> greedy", leave=False, dynamic_ncols=True)
+        bar = self.progress_bar(steps, "distil actor -> greedy")
         for _ in range(steps):
             j = torch.randint(0, paths, (min(cfg.batch_size, paths),), generator=gen)
             loss = self.distill_loss(taus, dtau, states[:, j], goal[:, j], None if cond is None else cond[j],
                                      None if base is None else base[:, j]).mean()
             check_finite("distillation loss", loss.reshape(1))
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-            opt.step()
+            self.policy_step(opt)
             sched.step()
             if bar is not None:
                 bar.update(1)

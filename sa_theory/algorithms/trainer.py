@@ -263,15 +263,25 @@ class Trainer:
                      cond=cond, log_probs=logp, ref_log_probs=ref_logp, generator=gen)
 
     # ------------------------------------------------------------------ optimisation helpers
-    def policy_step(self) -> float:
-        """Clip the gradient norm, step the policy optimiser, zero grads; returns the pre-clip norm."""
+    def policy_step(self, optimizer: torch.optim.Optimizer | None = None) -> float:
+        """Clip the policy's gradient norm to ``max_grad_norm``, step ``optimizer`` (default: the policy optimiser),
+        zero grads; returns the pre-clip norm (a NaN/Inf norm raises ``FloatingPointError``)."""
+        optimizer = self.optimizer if optimizer is None else optimizer
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         check_finite("policy gradient norm", norm.reshape(1))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def progress_bar(self, total: int, desc: str, initial: int = 0):
+        """A tqdm bar when ``cfg.progress`` is set, else ``None``."""
+        if not self.cfg.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
     def chunks(self, B: int) -> list[torch.Tensor]:
         """Path indices of the ``grad_accum`` micro-batches."""
@@ -282,12 +292,7 @@ class Trainer:
         """Run iterations ``self.iteration .. until`` (default ``cfg.iterations``); returns the metric history."""
         cfg = self.cfg
         stop = cfg.iterations if until is None else min(until, cfg.iterations)
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=stop, initial=self.iteration, desc=f"{type(self).__name__}", leave=False,
-                       dynamic_ncols=True)
+        bar = self.progress_bar(stop, type(self).__name__, initial=self.iteration)
         while self.iteration < stop:
             it = self.iteration
             beta = self.beta_at(it)
