@@ -8,6 +8,8 @@
 * :mod:`digits.rewards` -- a small CNN digit classifier trained on the training split only (reward: the
   probability of the prompted digit), JPEG compressibility, and classifier-feature metrics (accuracy,
   Frechet distance, diversity).
+* :mod:`digits.evaluate` -- metrics of a policy on fixed prompts and noise (reward, path KL, accuracy, FD,
+  diversity, other solvers), each with its standard error.
 * :mod:`digits.experiment` -- fine-tuning with ``sa_ac``, ``ddpo_sf``, ``ddpo_is`` and ``dpok`` through
   :class:`t2i.trainer.Trainer`; metrics, figures, benchmark table. ``python -m digits.experiment [--quick]``.
 """

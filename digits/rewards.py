@@ -39,7 +39,7 @@ __all__ = [
     "classifier_features",
     "frechet_distance",
     "accuracy",
-    "register_digit_rewards",
+    "BoldReward",
 ]
 
 CLF_CONFIG = {
@@ -200,13 +200,6 @@ class DigitProbReward(_ClassifierReward):
         target = torch.tensor([digit_of_prompt(p) for p in prompts], device=images.device)
         logp = F.log_softmax(self.model(to_classifier_input(images)), 1)
         return logp.gather(1, target[:, None]).squeeze(1).exp()
-
-
-def register_digit_rewards() -> None:
-    from t2i.rewards import register_reward
-
-    register_reward("digit_prob", lambda weights_path=None, **kw: DigitProbReward(weights_path))
-    register_reward("digit_bold", lambda weights_path=None, **kw: BoldReward(weights_path))
 
 
 # --------------------------------------------------------------------------- metrics

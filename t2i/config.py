@@ -156,7 +156,7 @@ class ValueConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "jpeg_compress"  # registry name (t2i.rewards.REWARDS)
+    name: str = "jpeg_compress"  # reward name: built-in, entry point (group sa_t2i.rewards) or "module:Factory"
     clip_path: str | None = None  # local CLIPModel folder (aesthetic, clip_score, pickscore)
     weights_path: str | None = None  # reward head weights (aesthetic: .safetensors/.pt state dict)
 
@@ -306,7 +306,7 @@ def config_from_dict(d: dict) -> Config:
 # --------------------------------------------------------------------------- validation and arithmetic
 def validate(cfg: Config, num_processes: int = 1) -> None:
     """Fail fast with a message naming the offending field."""
-    from .rewards import REWARDS
+    from .rewards import available_rewards
     from .scheduling import SAMPLERS, TRAIN_SAMPLERS
     from .values import VALUE_KINDS
 
@@ -318,8 +318,9 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
 
     need(t.method in METHODS, f"train.method: unknown method {t.method!r}; choose one of {METHODS}")
     need(
-        r.name in REWARDS,
-        f"reward.name: unknown reward {r.name!r}; known rewards: {', '.join(sorted(REWARDS))}",
+        r.name in available_rewards() or ":" in r.name,
+        f"reward.name: unknown reward {r.name!r}; known rewards: {', '.join(available_rewards())} "
+        "(or 'package.module:Factory')",
     )
     for fld in ("weights_path", "clip_path"):
         p = getattr(r, fld)

@@ -16,10 +16,12 @@ name                what                                                        
 ``clip_score``      cosine(CLIP image emb, CLIP text emb) x 100; needs ``clip_path``      yes
 ``imagereward``     ImageReward (optional ``image-reward`` package)                       no
 ``hpsv2``           HPSv2 (optional ``hpsv2`` package)                                    no
-``digit_prob``      p(prompted digit) from ``digits``' CNN classifier (``weights_path``: .pt) yes
-``digit_bold``      p(thick strokes) from ``digits``' style classifier (``weights_path``: .pt) yes
 ``pickscore``       PickScore (CLIP-H folder + processor at ``clip_path``)                yes
 ==================  ===================================================================  ==============
+
+Other packages register their rewards without this module knowing them: an entry point in the group
+``sa_t2i.rewards`` (``digits`` registers ``digit_prob`` and ``digit_bold`` in ``pyproject.toml``), a
+``"package.module:Factory"`` name, or :func:`register_reward` at run time.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ __all__ = [
     "REWARDS",
     "make_reward",
     "register_reward",
+    "resolve_reward",
+    "available_rewards",
+    "ENTRY_POINT_GROUP",
     "JpegCompressibility",
     "JpegIncompressibility",
     "Brightness",
@@ -292,28 +297,64 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "pickscore": lambda clip_path=None, **kw: PickScore(clip_path),
     "imagereward": lambda weights_path=None, **kw: ImageRewardWrapper(weights_path),
     "hpsv2": lambda **kw: HPSv2Wrapper(),
-    "digit_prob": lambda weights_path=None, **kw: _digits_reward("DigitProbReward", weights_path),
-    "digit_bold": lambda weights_path=None, **kw: _digits_reward("BoldReward", weights_path),
 }
 
+#: entry-point group through which other packages register rewards (``name = "module:Factory"``)
+ENTRY_POINT_GROUP = "sa_t2i.rewards"
 
-def _digits_reward(cls: str, weights_path):
-    """``digit_prob`` / ``digit_bold`` live in the ``digits`` package (small CNN classifiers)."""
-    import digits.rewards
 
-    return getattr(digits.rewards, cls)(weights_path)
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_rewards() -> list[str]:
+    """Names :func:`make_reward` accepts: the built-ins, runtime registrations and installed entry points
+    (plus any ``"module:Factory"`` string)."""
+    return sorted(set(REWARDS) | set(_entry_points()))
 
 
 def register_reward(name: str, factory: Callable[..., Reward]) -> None:
-    """Add a reward factory ``factory(clip_path=..., weights_path=...) -> Reward`` to the registry."""
+    """Add a reward factory ``factory(clip_path=..., weights_path=...) -> Reward`` to the registry at run time."""
     REWARDS[name] = factory
 
 
+def resolve_reward(name: str) -> Callable[..., Reward]:
+    """The factory behind ``name``: a registry name, an entry point of group :data:`ENTRY_POINT_GROUP`
+    (packages such as ``digits`` register theirs in ``pyproject.toml``), or ``"package.module:Factory"``.
+    Unknown names raise ``KeyError`` listing the known ones."""
+    if name in REWARDS:
+        return REWARDS[name]
+    eps = _entry_points()
+    if name in eps:
+        return eps[name].load()
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise KeyError(f"reward {name!r}: cannot import {attr!r} from module {module!r} ({err})") from err
+    raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())} "
+                   "(or give 'package.module:Factory')")
+
+
 def make_reward(name: str, clip_path: str | None = None, weights_path: str | None = None) -> Reward:
-    """Build a reward by registry name; unknown names raise ``KeyError`` listing the known ones."""
-    if name not in REWARDS:
-        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](clip_path=clip_path, weights_path=weights_path)
+    """Build a reward by name (see :func:`resolve_reward`). The factory receives ``clip_path`` and
+    ``weights_path`` as keywords when its signature accepts them."""
+    import inspect
+
+    factory = resolve_reward(name)
+    kwargs = {"clip_path": clip_path, "weights_path": weights_path}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature: pass everything
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return factory(**kwargs)
 
 
 # --------------------------------------------------------------------------- per-prompt normalisation

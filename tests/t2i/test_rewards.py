@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from t2i.rewards import REWARDS, MissingPackageError, PerPromptStatTracker, diversity, make_reward
+from t2i.rewards import (
+    MissingPackageError,
+    PerPromptStatTracker,
+    available_rewards,
+    diversity,
+    make_reward,
+    resolve_reward,
+)
 
 
 def test_jpeg_compressibility_prefers_flat_images_over_noise():
@@ -18,7 +25,20 @@ def test_jpeg_compressibility_prefers_flat_images_over_noise():
 def test_unknown_reward_lists_known_names():
     with pytest.raises(KeyError, match="jpeg_compress") as err:
         make_reward("nope")
-    assert "nope" in str(err.value) and all(n in str(err.value) for n in REWARDS)
+    assert "nope" in str(err.value) and all(n in str(err.value) for n in available_rewards())
+    with pytest.raises(KeyError, match="no_such_module"):
+        make_reward("no_such_module:Reward")
+
+
+def test_rewards_of_other_packages_come_through_entry_points_and_module_names():
+    """``digits`` registers its rewards in pyproject.toml (group sa_t2i.rewards); t2i never imports it."""
+    from digits.rewards import BoldReward, DigitProbReward
+
+    assert {"digit_prob", "digit_bold"} <= set(available_rewards())
+    assert resolve_reward("digit_prob") is DigitProbReward
+    assert resolve_reward("digits.rewards:BoldReward") is BoldReward
+    with pytest.raises(ValueError, match="weights_path"):  # the factory receives weights_path by keyword
+        make_reward("digit_prob", weights_path=None)
 
 
 def test_missing_optional_package_names_the_pip_package():
