@@ -90,6 +90,10 @@ def figure_main(run, doc: str, argv=None) -> None:
     """Command line of one figure script: ``python -m figures.figN_... [--quick] [--out DIR]``."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="reduced size (seconds)")
-    p.add_argument("--out", default=None, help="output directory (default: figures/)")
+    p.add_argument("--out", default=None, help="output directory (default: figures/; with --quick a scratch folder)")
     a = p.parse_args(argv)
+    if a.quick and a.out is None:  # reduced-size PNGs never replace the committed ones
+        from figures.make_all import QUICK_OUT
+
+        a.out = QUICK_OUT
     print(run(a.out, a.quick))

@@ -2,12 +2,16 @@
 
 Plots the estimators benchmark (``benchmarks/bench_estimators.py``, shared code in
 :mod:`toy_problems.estimator_study`): its saved results ``benchmarks/results/estimators.json`` when present
-(full mode), otherwise the study is run here (``--quick``: 3 estimators, N in {10, 40}, 400 paths).
+(full mode), otherwise the study is run here (``--quick``: 3 estimators, N in {10, 40}, 400 paths, and a
+loose error target of 40% of |grad J| -- at these N the discretisation bias alone exceeds the full study's 5%,
+which would leave the cost panel empty). The headline is the cost ratio at the largest N where both costs are
+finite.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from figures._common import HERE, figure_main, out_path, setup_torch
@@ -24,16 +28,20 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
             study = json.load(fh)
         source = RESULTS
     elif quick:
-        study = run_study(Ns=(10, 40), paths=400, estimators=("value_gradient", "lr", "ddpo_sf"))
+        study = run_study(Ns=(10, 40), paths=400, estimators=("value_gradient", "lr", "ddpo_sf"), eps_rel=0.4)
         source = "computed (quick)"
     else:
         study = run_study()
         source = "computed"
     path = out_path(out_dir, NAME)
     plot_study(study, path)
-    get = {(r["estimator"], r["N"]): r for r in study["records"]}
-    Nmax = max(r["N"] for r in study["records"])
-    ratio = get["ddpo_sf", Nmax]["work_to_error"] / get["value_gradient", Nmax]["work_to_error"]
+    get = {(r["estimator"], r["N"]): r["work_to_error"] for r in study["records"]}
+    finite = [n for (e, n), w in get.items() if e == "ddpo_sf" and math.isfinite(w)
+              and math.isfinite(get.get(("value_gradient", n), math.inf))]
+    if not finite:
+        return {"path": path, "source": source, "ddpo_sf/value_gradient cost ratio": "n/a (bias exceeds target)"}
+    Nmax = max(finite)
+    ratio = get["ddpo_sf", Nmax] / get["value_gradient", Nmax]
     return {"path": path, "source": source, f"ddpo_sf/value_gradient cost ratio at N={Nmax}": ratio}
 
 

@@ -1,6 +1,7 @@
 """Regenerate every figure (``sa-figures``; ``--quick`` for the reduced sizes used by the tests).
 
     sa-figures                 # full size, PNGs next to the scripts in figures/
+    sa-figures --quick         # reduced sizes, into a scratch folder (QUICK_OUT), never over figures/
     sa-figures --quick --out /tmp/figs
     sa-figures --only 1 4 6
     sa-figures --workers 1     # one process (default: one per CPU core, at most 2; each uses one thread)
@@ -15,6 +16,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -52,10 +54,21 @@ def default_workers() -> int:
     return max(1, min(2, cores))
 
 
+#: where ``--quick`` writes by default: a scratch folder, so reduced-size PNGs never replace the committed ones
+QUICK_OUT = os.path.join(tempfile.gettempdir(), "sa-figures-quick")
+FIGURES_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def make_all(out_dir: str | None = None, quick: bool = False, only: list[int] | None = None,
              workers: int | None = None) -> list[dict]:
     """Run the figure scripts (``workers`` > 1: in that many spawned processes, longest first) and print the
-    summary table in figure order. Each figure's numbers do not depend on ``workers`` (every run is seeded)."""
+    summary table in figure order. Each figure's numbers do not depend on ``workers`` (every run is seeded).
+    ``quick`` writes to ``out_dir`` or :data:`QUICK_OUT`, and refuses the committed figures' folder."""
+    if quick:
+        out_dir = out_dir or QUICK_OUT
+        if os.path.realpath(out_dir) == os.path.realpath(FIGURES_DIR):
+            raise ValueError(f"'out_dir' {out_dir!r}: quick (reduced-size) figures must not replace the committed "
+                             f"ones; choose a scratch folder (default {QUICK_OUT!r})")
     nums = only or list(FIGURES)
     unknown = sorted(set(nums) - set(FIGURES))
     if unknown:
@@ -83,14 +96,15 @@ def make_all(out_dir: str | None = None, quick: bool = False, only: list[int] | 
     for r in rows:
         print(f"{r['figure']:>3}  {r['seconds']:8.1f}  {r['path'].split('/')[-1]:<34} {_headline(r['result'])}")
     print(f"total {sum(r['seconds'] for r in rows):.1f} s of figure time, {time.time() - t_start:.1f} s wall with "
-          f"{workers} worker(s) ({'quick' if quick else 'full'} mode)")
+          f"{workers} worker(s) ({'quick' if quick else 'full'} mode); PNGs in {out_dir or FIGURES_DIR}")
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="sa-figures", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="reduced sizes (seconds per figure)")
-    p.add_argument("--out", default=None, help="output directory (default: next to the scripts)")
+    p.add_argument("--out", default=None, help="output directory (default: next to the scripts; with --quick: "
+                                               f"{QUICK_OUT})")
     p.add_argument("--only", type=int, nargs="*", default=None, help="figure numbers to make")
     p.add_argument("--workers", type=int, default=None, help="processes (default: cores, at most 2)")
     a = p.parse_args(argv)

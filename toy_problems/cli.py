@@ -2,15 +2,23 @@
 
     sa-toy train --algo sa_ac --problem gauss2d --iterations 50 --lr 3e-3 --out runs/ac
     sa-toy train --algo ddpo_is --problem gmm2d --set clip_range=0.05 --set sampler_steps=25
-    sa-toy train --algo sa_ac --out runs/ac --resume          # continue a killed run exactly
+    sa-toy train --algo sa_ac --out runs/ac --resume          # continue a killed / interrupted run exactly
+    sa-toy train --algo sa_ac --out runs/ac --overwrite       # replace the run in runs/ac
     sa-toy config --algo sa_ac                                # every field, its default and meaning
 
 Any field of the algorithm's config (``sa_theory.algorithms.config``) or of
 :class:`toy_problems.train.ToyConfig` can be set as ``--field value`` or ``--set field=value``
 (``--steps`` is an alias of ``--iterations``, training iterations; the sampler's step count is
 ``--sampler_steps``). Unknown fields are an error that names them. With ``--out DIR`` the run writes
-``DIR/metrics.jsonl`` (one JSON record per logged iteration), ``DIR/checkpoint.pt`` and
-``DIR/config.json``, and prints a final evaluation against the closed-form optimum.
+``DIR/metrics.jsonl`` (one JSON record per logged iteration), ``DIR/checkpoint.pt`` (every ~10% of the
+iterations, the previous one kept as ``checkpoint.prev.pt``), ``DIR/config.json`` and ``DIR/final.json``, and
+prints a final evaluation against the closed-form optimum.
+
+Run folders: a folder that is not empty is never written over without ``--overwrite`` (which removes only the
+files above); ``--resume`` needs a checkpoint there and refuses one made with other settings (only
+``iterations``, logging and evaluation fields may change; the change is reported). Ctrl-C (or SIGTERM) finishes
+the current iteration, writes a checkpoint and prints the command that resumes. Errors are one ``error: ...``
+line; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,85 +26,125 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from sa_theory.algorithms import CONFIGS, describe, to_dict
+from sa_theory.algorithms.config import parse_overrides as _parse_overrides
 
-__all__ = ["main", "parse_overrides"]
+__all__ = ["main", "parse_overrides", "check_out_dir", "RUN_FILES"]
 
 _ALIASES = {"steps": "iterations"}
+#: what a run writes into ``--out`` (all that ``--overwrite`` removes)
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "final.json")
 
 
 def parse_overrides(rest: list[str]) -> dict[str, str]:
     """``["--lr", "1e-3", "--set", "beta=2", "--progress=false"]`` -> ``{"lr": "1e-3", "beta": "2", ...}``."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(rest):
-        tok = rest[i]
-        if tok == "--set":
-            if i + 1 >= len(rest) or "=" not in rest[i + 1]:
-                raise SystemExit("error: --set needs key=value")
-            k, v = rest[i + 1].split("=", 1)
-            i += 2
-        elif tok.startswith("--"):
-            body = tok[2:]
-            if "=" in body:
-                k, v = body.split("=", 1)
-                i += 1
-            elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-                k, v = body, rest[i + 1]
-                i += 2
-            else:  # bare flag: boolean true
-                k, v = body, "true"
-                i += 1
-        else:
-            raise SystemExit(f"error: unexpected argument {tok!r} (use --field value or --set field=value)")
-        k = k.replace("-", "_")
-        out[_ALIASES.get(k, k)] = v
-    return out
+    return _parse_overrides(rest, aliases=_ALIASES)
 
 
-def _train(args, rest) -> int:
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_out_dir(out: str, resume: bool, overwrite: bool) -> None:
+    """Validate ``--out`` before any expensive work: a folder (or creatable one) that we may write, empty
+    unless ``resume`` (then it must hold a checkpoint) or ``overwrite``. ``ValueError`` names ``--out``."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: choose one")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a folder")
+    parent = _nearest_existing(out)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: {parent!r} is not a writable folder")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if resume:
+        if not any(os.path.exists(os.path.join(out, f)) for f in ("checkpoint.pt", "checkpoint.prev.pt")):
+            raise ValueError(f"--resume: no checkpoint in --out {out!r} (looked for checkpoint.pt and "
+                             f"checkpoint.prev.pt; found {entries or 'an empty or missing folder'}); nothing was changed")
+    elif entries and not overwrite:
+        raise ValueError(f"--out {out!r} is not empty ({', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''})"
+                         f": pass --resume to continue that run, --overwrite to replace it, or choose another --out")
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return shlex.join(["sa-toy", *args, "--resume"])
+
+
+def _train(args, rest, argv) -> int:
     import torch
+
+    from sa_theory.algorithms import TrainingInterrupted
 
     from .train import build
 
     overrides = parse_overrides(rest)
     if args.problem:
         overrides["problem"] = args.problem
+    if args.overwrite:
+        overrides["overwrite"] = "true"
     if args.out:
+        check_out_dir(args.out, args.resume, args.overwrite)
         overrides.setdefault("log_path", os.path.join(args.out, "metrics.jsonl"))
         overrides.setdefault("checkpoint_path", os.path.join(args.out, "checkpoint.pt"))
-    try:
-        setup = build(args.algo, overrides=overrides)
-    except (KeyError, ValueError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
-        return 2
-    cfg = setup.cfg
-    if args.out:
+    elif args.resume and "checkpoint_path" not in overrides:
+        raise ValueError("--resume needs --out DIR (or --checkpoint_path FILE) to find the checkpoint")
+    setup = build(args.algo, overrides=overrides)
+    cfg, trainer = setup.cfg, setup.trainer
+    trainer.resume_hint = _resume_command(argv)
+    if args.resume:
+        if not trainer.resume():
+            raise ValueError(f"--resume: no checkpoint at {cfg.checkpoint_path!r}; nothing was changed")
+        print(f"resumed from {cfg.checkpoint_path} at iteration {trainer.iteration}")
+    elif args.out and args.overwrite:
+        for f in RUN_FILES:
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
+    if args.out:  # only now: the config was valid and (on resume) the checkpoint accepted it
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "config.json"), "w") as fh:
-            json.dump({"train": to_dict(cfg), "toy": vars(setup.toy)}, fh, indent=1)
-    if args.resume and cfg.checkpoint_path and setup.trainer.resume():
-        print(f"resumed from {cfg.checkpoint_path} at iteration {setup.trainer.iteration}")
-    elif cfg.log_path and os.path.exists(cfg.log_path):
-        os.remove(cfg.log_path)
-    setup.trainer.train()
-    ev = setup.evaluate()
-    ev = {k: v for k, v in ev.items() if not isinstance(v, torch.Tensor)}
-    opt, pre = setup.optimum(), setup.pretrained_objective()
-    print(f"algo={args.algo} problem={setup.toy.problem} iterations={setup.trainer.iteration} "
-          f"queries={setup.trainer.queries}")
-    print(f"  objective {ev['objective']:.4f}  reward {ev['reward']:.4f}  path KL {ev['path_kl']:.4f}")
-    print(f"  closed-form optimum {opt:.4f}  pretrained {pre:.4f}  gap closed "
-          f"{(ev['objective'] - pre) / (opt - pre):.1%}")
+        _write_json(os.path.join(args.out, "config.json"), {"train": to_dict(cfg), "toy": vars(setup.toy)})
+    try:
+        trainer.train()
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
+    ev = {k: v for k, v in setup.evaluate().items() if not isinstance(v, torch.Tensor)}
+    gap = setup.gap_closed()
+    print(f"algo={args.algo} problem={setup.toy.problem} iterations={trainer.iteration} queries={trainer.queries}")
+    se = lambda k: f" +- {ev[k + '_se']:.4f}" if k + "_se" in ev else ""
+    print(f"  objective {ev['objective']:.4f}{se('objective')}  reward {ev['reward']:.4f}{se('reward')}  "
+          f"path KL {ev['path_kl']:.4f}{se('path_kl')}")
+    if gap["kind"] == "exact":
+        how = "exact J of policy, pretrained and optimum"
+    else:
+        how = (f"Monte Carlo: policy J {gap['objective']:.4f} vs pretrained J {gap['pretrained']:.4f} on the same "
+               f"{setup.toy.eval_paths} paths, {cfg.sampler_steps} steps; over the exact J* - J_pre")
+    print(f"  closed-form optimum {gap['optimum']:.4f}  pretrained {setup.pretrained_objective():.4f}  gap closed "
+          f"{gap['fraction']:.1%} +- {gap['fraction_se']:.1%} ({how})")
     if args.out:
-        with open(os.path.join(args.out, "final.json"), "w") as fh:
-            json.dump({**ev, "optimum": opt, "pretrained": pre}, fh, indent=1)
+        _write_json(os.path.join(args.out, "final.json"),
+                    {**ev, "optimum": gap["optimum"], "pretrained": setup.pretrained_objective(),
+                     "gap_closed": gap})
+        print(f"  outputs in {args.out}: {', '.join(f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f)))}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = argparse.ArgumentParser(prog="sa-toy", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -105,16 +153,28 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--problem", default=None, help="gauss2d | ou2d | gmm2d")
     tr.add_argument("--out", default=None, help="run directory (metrics.jsonl, checkpoint.pt, config.json)")
     tr.add_argument("--resume", action="store_true", help="resume from the run directory's checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
     cf = sub.add_parser("config", help="print every config field with its default and meaning")
     cf.add_argument("--algo", default="sa_ac", choices=sorted(CONFIGS))
+    for p in (parser, tr, cf):
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args, rest = parser.parse_known_args(argv)
-    if args.cmd == "config":
-        from .train import ToyConfig
+    try:
+        if args.cmd == "config":
+            from .train import ToyConfig
 
-        print(describe(CONFIGS[args.algo]))
-        print(describe(ToyConfig))
-        return 0
-    return _train(args, rest)
+            if rest:
+                raise ValueError(f"unexpected arguments {rest}")
+            print(describe(CONFIGS[args.algo]))
+            print(describe(ToyConfig))
+            return 0
+        return _train(args, rest, argv)
+    except Exception as err:  # one line for the user; --debug for the traceback
+        if debug:
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

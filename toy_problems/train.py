@@ -44,7 +44,7 @@ from .gaussian_mixture import GaussianMixtureProblem
 from .linear_gaussian import LinearGaussianProblem
 
 __all__ = ["ToyConfig", "PROBLEMS", "make_problem", "make_env", "make_policy", "make_critic", "build", "Setup",
-           "affine_class_optimum", "split_overrides", "mixture_statistics"]
+           "affine_class_optimum", "split_overrides", "mixture_statistics", "validate_toy"]
 
 
 # ---------------------------------------------------------------------------------------------- problems
@@ -90,6 +90,17 @@ class ToyConfig:
     critic_hidden: int = _f(64, "hidden width of the critic")
     critic_depth: int = _f(2, "hidden layers of the critic")
     eval_paths: int = _f(4096, "paths of a Monte-Carlo evaluation")
+
+
+def validate_toy(toy: ToyConfig) -> ToyConfig:
+    """Names are checked where they are used; sizes here: ``ValueError`` naming the field."""
+    for name, low in (("pieces", 1), ("hidden", 1), ("depth", 1), ("critic_hidden", 1), ("critic_depth", 1),
+                      ("eval_paths", 2)):
+        if getattr(toy, name) < low:
+            raise ValueError(f"config field {name!r} must be >= {low}, got {getattr(toy, name)!r}")
+    if toy.problem not in PROBLEMS:
+        raise ValueError(f"config field 'problem': unknown problem {toy.problem!r}; choose from {sorted(PROBLEMS)}")
+    return toy
 
 
 def split_overrides(algo: str, overrides: dict[str, Any]) -> tuple[TrainConfig, ToyConfig]:
@@ -283,6 +294,35 @@ class Setup:
             out["gap"] = self.optimum() - out["objective"]
         return out
 
+    def gap_closed(self, n_paths: int | None = None, seed: int = 12345) -> dict:
+        """Fraction of the gap between the pretrained objective and :meth:`optimum` that the policy closes,
+        comparing like with like: ``kind='exact'`` (affine policy on a linear-Gaussian problem: exact J of the
+        policy, of the pretrained sampler and the optimum) or ``kind='monte_carlo'``: the policy's and the
+        pretrained sampler's Monte-Carlo J on the *same* paths (common random numbers, ``sampler_steps`` Euler
+        steps), their paired difference (``gain``, ``gain_se``) over the exact gain ``optimum - pretrained``.
+        An untrained policy gives exactly 0. Keys: ``fraction``, ``fraction_se``, ``gain``, ``gain_se``,
+        ``objective``, ``pretrained``, ``optimum``, ``kind``."""
+        opt, pre = self.optimum(), self.pretrained_objective()
+        if isinstance(self.prob, LinearGaussianProblem) and self.toy.policy == "affine":
+            j = self.evaluate()["objective"]
+            gain, gain_se, kind, j_pre = j - pre, 0.0, "exact", pre
+        else:
+            n = n_paths or self.toy.eval_paths
+            j_pol, j_ref = (self._mc_objective(pol, n, seed) for pol in (None, self.env.pretrained_action))
+            d = j_pol - j_ref
+            j, j_pre, gain = float(j_pol.mean()), float(j_ref.mean()), float(d.mean())
+            gain_se, kind = float(d.std() / np.sqrt(n)), "monte_carlo"
+        return {"fraction": gain / (opt - pre), "fraction_se": gain_se / abs(opt - pre), "gain": gain,
+                "gain_se": gain_se, "objective": j, "pretrained": j_pre, "optimum": opt, "kind": kind}
+
+    def _mc_objective(self, policy, n: int, seed: int) -> torch.Tensor:
+        """Per-path ``r(Y_N) - beta * KL`` (float64) of ``policy`` (None: the trained one) on ``n`` seeded paths."""
+        tr = self.trainer
+        tr.policy.eval()
+        gen = torch.Generator().manual_seed(seed)
+        traj, cond = tr.sample_paths(n, tr.cfg.sampler_steps, "euler", gen, seed, record=False, policy=policy)
+        return tr.reward(traj.final, cond).double() - self.prob.beta * traj.path_kl.double()
+
 
 def gmm_optimal_objective(prob: GaussianMixtureProblem, n: int = 200_000, seed: int = 0) -> float:
     """:math:`J^* = E_{\\mu_0} V^*(0, Y_0)` (fixed init) by Monte Carlo over :math:`Y_0` (exact :math:`V^*`)."""
@@ -300,6 +340,7 @@ def build(algo: str = "sa_ac", problem: str | None = None, overrides: dict[str, 
     if problem is not None:
         overrides["problem"] = problem
     cfg, toy = split_overrides(algo, overrides)
+    validate_toy(toy)
     prob = make_problem(toy.problem, cfg.beta)
     env = make_env(prob, toy.problem)
     seed_everything(cfg.seed)
@@ -315,4 +356,6 @@ def build(algo: str = "sa_ac", problem: str | None = None, overrides: dict[str, 
             out = setup.evaluate(with_gap=True)
             return {k: v for k, v in out.items() if not isinstance(v, torch.Tensor)}
     setup.trainer = make_trainer(cfg, env, policy, value=value, evaluator=evaluator)
+    # the problem and model design are part of the run: a resume under other ones is refused (eval_paths may change)
+    setup.trainer.context = {"toy": dataclasses.asdict(toy)}
     return setup

@@ -1,12 +1,14 @@
 """Training algorithms on the controlled sampler: the continuous-time actor-critic and DDPO/DPOK baselines.
 
 * :mod:`.config` -- one typed, documented config per algorithm and ``key=value`` overrides;
-* :mod:`.trainer` -- the :class:`Environment` a trainer sees and the shared loop (rollouts, JSONL
-  metrics, atomic checkpoints, exact resume, evaluation);
+* :mod:`.environment` -- the :class:`Environment` a trainer sees, the rollout :class:`Batch`, the solvers;
+* :mod:`.trainer` -- the shared loop (rollouts, JSONL metrics, checkpoints, exact and checked resume,
+  Ctrl-C handling, evaluation); :mod:`.loop_utils` -- per-iteration generators, LR multipliers;
 * :mod:`.actor_critic` -- ``sa_ac``, the continuous-time actor-critic;
 * :mod:`.baselines` -- ``ddpo_sf``, ``ddpo_is``, ``dpok``;
 * :mod:`.policies` -- residual / plain MLP and piecewise-affine policies started at the pretrained score;
-* :mod:`.checkpoint` -- atomic save/load and RNG state.
+* :mod:`.checkpoint` -- checksummed atomic save/load with fallback to the previous intact checkpoint, RNG
+  state, SIGINT/SIGTERM handling.
 
 >>> trainer = make_trainer(SAACConfig(iterations=100), env, policy, value=MLPValue(2))
 >>> trainer.train()
@@ -14,7 +16,15 @@
 
 from .actor_critic import SAActorCritic, values_on_grid
 from .baselines import DDPOIS, DDPOSF, DPOK
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .checkpoint import (
+    CheckpointCorruptError,
+    TrainingInterrupted,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .config import (
     CONFIGS,
     DDPOISConfig,
@@ -25,7 +35,9 @@ from .config import (
     describe,
     from_dict,
     override,
+    parse_overrides,
     to_dict,
+    validate,
 )
 from .policies import GreedyPolicy, MLPPolicy, PiecewiseAffinePolicy, ResidualMLPPolicy, grid_means
 from .trainer import SOLVERS, Batch, Environment, Trainer
@@ -42,4 +54,5 @@ __all__ = ["SAActorCritic", "DDPOSF", "DDPOIS", "DPOK", "Trainer", "Environment"
            "make_trainer", "TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
            "override", "describe", "to_dict", "from_dict", "ResidualMLPPolicy", "MLPPolicy", "GreedyPolicy",
            "PiecewiseAffinePolicy", "grid_means", "values_on_grid", "save_checkpoint", "load_checkpoint",
-           "rng_state", "set_rng_state", "seed_everything"]
+           "rng_state", "set_rng_state", "seed_everything", "validate", "parse_overrides", "CheckpointCorruptError",
+           "TrainingInterrupted"]

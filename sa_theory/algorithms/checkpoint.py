@@ -1,21 +1,42 @@
-"""Atomic checkpoints and random-number-generator state, for exact (bitwise) resume.
+"""Checksummed atomic checkpoints, fallback to the newest intact one, RNG state, and Ctrl-C handling.
 
-A checkpoint is one ``torch.save`` file written to ``path + ".tmp"`` and moved over ``path`` with
-:func:`os.replace`, so a run killed mid-write leaves the previous checkpoint intact. What a trainer
-puts in it (models, optimizers, LR schedulers, step counter) is its business; :func:`rng_state` /
-:func:`set_rng_state` cover the global torch, numpy and python generators.
+A checkpoint file is ``MAGIC + sha256(payload) + payload`` with ``payload`` a ``torch.save`` blob, written to a
+temporary file and moved over ``path`` with :func:`os.replace`, so a run killed mid-write leaves the previous
+checkpoint intact and a truncated or altered file is detected (:class:`CheckpointCorruptError` names it).
+:func:`save_rotating` keeps the previous checkpoint as ``<stem>.prev<ext>``; :func:`load_newest_intact` falls
+back to it when the latest is damaged, saying which file it skipped and which it used. Checkpoint *folders*
+(the image trainer's) carry a ``checksums.sha256`` sidecar (:func:`write_dir_checksums`,
+:func:`verify_dir_checksums`). :class:`GracefulInterrupt` turns SIGINT/SIGTERM into a flag that a training loop
+checks at its next safe point (the end of an iteration), so it can save and tell the user how to resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
+import signal
+import threading
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "seed_everything"]
+__all__ = ["save_checkpoint", "load_checkpoint", "save_rotating", "load_newest_intact", "previous_path",
+           "CheckpointCorruptError", "write_dir_checksums", "verify_dir_checksums", "GracefulInterrupt",
+           "TrainingInterrupted", "rng_state", "set_rng_state", "seed_everything"]
+
+MAGIC = b"SA-CKPT\x01"
+DIR_CHECKSUMS = "checksums.sha256"
+
+
+class CheckpointCorruptError(OSError):
+    """A checkpoint file or folder that exists but cannot be trusted (truncated, altered, unreadable)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by a training loop after it saved a checkpoint on SIGINT/SIGTERM; ``str()`` says how to resume."""
 
 
 def seed_everything(seed: int) -> None:
@@ -42,23 +63,159 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically: ``torch.save`` to a temporary file, then :func:`os.replace`."""
-    path = os.fspath(path)
+def _atomic_write_bytes(path: str, chunks: list[bytes]) -> None:
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as fh:
-        torch.save(state, fh)
+        for c in chunks:
+            fh.write(c)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
+    """Write ``state`` atomically with its SHA-256 (see the module docstring); returns the hex digest."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).digest()
+    _atomic_write_bytes(os.fspath(path), [MAGIC, digest, payload])
+    return digest.hex()
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``FileNotFoundError`` names the path)."""
+    """Read and verify a checkpoint written by :func:`save_checkpoint` (files without the checksum header,
+    from older versions, are read unverified). ``FileNotFoundError`` / :class:`CheckpointCorruptError` name
+    the path."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    payload = data
+    if data.startswith(MAGIC):
+        n = len(MAGIC)
+        digest, payload = data[n:n + 32], data[n + 32:]
+        if hashlib.sha256(payload).digest() != digest:
+            raise CheckpointCorruptError(f"checkpoint {path!r} is corrupt: its SHA-256 does not match the one "
+                                         f"stored in it (truncated or altered; {len(data)} bytes)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/... on damaged files
+        raise CheckpointCorruptError(f"checkpoint {path!r} cannot be read ({type(err).__name__}: {err})") from err
+
+
+def previous_path(path: str | os.PathLike) -> str:
+    """Where :func:`save_rotating` keeps the previous checkpoint: ``ck.pt`` -> ``ck.prev.pt``."""
+    stem, ext = os.path.splitext(os.fspath(path))
+    return f"{stem}.prev{ext}"
+
+
+def _intact(path: str) -> bool:
+    try:
+        load_checkpoint(path)
+        return True
+    except (OSError, CheckpointCorruptError):
+        return False
+
+
+def save_rotating(path: str | os.PathLike, state: dict[str, Any]) -> str:
+    """:func:`save_checkpoint`, first moving an intact existing checkpoint to :func:`previous_path` (a damaged
+    one is overwritten, so the previous intact one survives). Returns the digest."""
+    path = os.fspath(path)
+    if os.path.exists(path) and _intact(path):
+        os.replace(path, previous_path(path))
+    return save_checkpoint(path, state)
+
+
+def load_newest_intact(path: str | os.PathLike) -> tuple[dict[str, Any], str, list[str]]:
+    """``(state, used_path, notes)`` from ``path``, or from :func:`previous_path` if ``path`` is missing or
+    damaged; ``notes`` names the skipped file and the one used. ``FileNotFoundError`` if neither exists,
+    :class:`CheckpointCorruptError` naming both if neither is intact."""
+    path = os.fspath(path)
+    cands = [path, previous_path(path)]
+    errors = []
+    for cand in cands:
+        if not os.path.exists(cand):
+            continue
+        try:
+            state = load_checkpoint(cand)
+        except CheckpointCorruptError as err:
+            errors.append(str(err))
+            continue
+        notes = [f"{e}; falling back to the previous intact checkpoint {cand!r}" for e in errors]
+        return state, cand, notes
+    if errors:
+        raise CheckpointCorruptError("no intact checkpoint: " + " | ".join(errors))
+    raise FileNotFoundError(f"no checkpoint at {path!r} (nor {cands[1]!r})")
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_dir_checksums(folder: str) -> None:
+    """Write ``folder/checksums.sha256`` (``sha256sum`` format) over every file below ``folder``."""
+    lines = []
+    for root, _, files in os.walk(folder):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            rel = os.path.relpath(p, folder)
+            if rel != DIR_CHECKSUMS and ".tmp" not in f:
+                lines.append(f"{_sha256_file(p)}  {rel}\n")
+    _atomic_write_bytes(os.path.join(folder, DIR_CHECKSUMS), ["".join(sorted(lines, key=lambda s: s[66:])).encode()])
+
+
+def verify_dir_checksums(folder: str) -> None:
+    """Raise :class:`CheckpointCorruptError` naming ``folder`` and the first bad file if a file listed in its
+    ``checksums.sha256`` is missing or differs (a folder without the sidecar, from older versions, passes)."""
+    sums = os.path.join(folder, DIR_CHECKSUMS)
+    if not os.path.isfile(sums):
+        return
+    with open(sums) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            digest, rel = line.rstrip("\n").split("  ", 1)
+            p = os.path.join(folder, rel)
+            if not os.path.isfile(p):
+                raise CheckpointCorruptError(f"checkpoint {folder!r} is incomplete: {rel!r} is missing")
+            if _sha256_file(p) != digest:
+                raise CheckpointCorruptError(f"checkpoint {folder!r} is corrupt: {rel!r} does not match its "
+                                             f"SHA-256 in {DIR_CHECKSUMS} (truncated or altered)")
+
+
+# ---------------------------------------------------------------------------------------------- signals
+class GracefulInterrupt:
+    """``with GracefulInterrupt() as stop:`` -- SIGINT/SIGTERM set ``stop.requested`` (and ``stop.signame``)
+    instead of raising; a second signal restores the default behaviour (a second Ctrl-C kills at once). Outside
+    the main thread it installs nothing (``requested`` stays False)."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        self.signals, self.requested, self.signame, self._old = signals, False, None, {}
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second signal: give up waiting for the safe point
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.requested, self.signame = True, signal.Signals(signum).name
+
+    def __enter__(self) -> GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+        return False

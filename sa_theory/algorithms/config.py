@@ -13,13 +13,15 @@ Overrides come from a command line (``--lr 1e-3``, ``--set lr=1e-3``) or a dict;
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
-           "override", "describe", "to_dict", "from_dict", "convert_value"]
+           "override", "describe", "to_dict", "from_dict", "convert_value", "validate", "parse_overrides",
+           "resume_changes", "RESUME_MUTABLE"]
 
 
 def _f(default: Any, help: str, **kw):
@@ -54,8 +56,12 @@ class TrainConfig:
     log_every: int = _f(1, "write a JSONL metrics record every this many iterations")
     eval_every: int = _f(0, "call the evaluator every this many iterations (0: never; also at the end if > 0)")
     log_path: str | None = _f(None, "JSONL metrics file (appended; None: keep metrics in memory only)")
-    checkpoint_path: str | None = _f(None, "checkpoint file (written atomically; None: no checkpoints)")
-    checkpoint_every: int = _f(0, "save a checkpoint every this many iterations (0: only at the end)")
+    checkpoint_path: str | None = _f(None, "checkpoint file (atomic, SHA-256 checked, previous one kept as "
+                                           "<stem>.prev<ext>; None: no checkpoints)")
+    checkpoint_every: int = _f(0, "save a checkpoint every this many iterations (0: every ~10% of the iterations; "
+                                  "-1: only at the end); also at the end and on SIGINT/SIGTERM")
+    overwrite: bool = _f(False, "let a fresh run (iteration 0) replace an existing log_path / checkpoint_path "
+                                "(default: refuse, naming the file)")
     progress: bool = _f(True, "show a tqdm progress bar")
     dtype: str = _f("float32", "torch dtype of rollouts and networks: 'float32' | 'float64'")
 
@@ -198,14 +204,120 @@ def from_dict(d: dict[str, Any]):
     return override(cls(), d)
 
 
-def describe(cfg_or_cls) -> str:
-    """One line per field: ``name (type) = default  # help``."""
+def describe(cfg_or_cls, prefix: str = "") -> str:
+    """One line per field: ``prefix + name (type) = default  # help`` (the values of an instance, else the
+    class defaults)."""
     cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
     types_ = _field_types(cls)
     lines = [f"{cls.__name__}: {cls.__doc__.splitlines()[0] if cls.__doc__ else ''}"]
     for f in dataclasses.fields(cls):
-        val = getattr(cfg_or_cls, f.name) if not isinstance(cfg_or_cls, type) else f.default
+        if not isinstance(cfg_or_cls, type):
+            val = getattr(cfg_or_cls, f.name)
+        else:
+            val = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         t = types_[f.name]
         tname = getattr(t, "__name__", str(t).replace("typing.", ""))
-        lines.append(f"  {f.name} ({tname}) = {val!r}  # {f.metadata.get('help', '')}")
+        lines.append(f"  {prefix}{f.name} ({tname}) = {val!r}  # {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Reject no-op or contradictory settings with a ``ValueError`` naming the field (returns ``cfg``)."""
+
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"config field {name!r} {rule}, got {getattr(cfg, name)!r}")
+
+    def finite(name: str) -> bool:
+        v = getattr(cfg, name)
+        return v is not None and math.isfinite(v)
+
+    for name in ("iterations", "batch_size", "sampler_steps", "grad_accum", "log_every"):
+        need(getattr(cfg, name) >= 1, name, "must be >= 1")
+    for name in ("eval_every", "beta_warmup", "lr_warmup"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    need(cfg.checkpoint_every >= -1, "checkpoint_every", "must be >= 1, 0 (auto) or -1 (only at the end)")
+    for name in ("beta", "beta_start"):
+        need(finite(name) and getattr(cfg, name) >= 0, name, "must be finite and >= 0")
+    for name in ("lr", "adam_eps"):
+        need(finite(name) and getattr(cfg, name) > 0, name, "must be finite and > 0")
+    need(finite("max_grad_norm"), "max_grad_norm", "must be finite (<= 0: no clipping)")
+    need(cfg.beta_schedule in ("constant", "linear"), "beta_schedule", "must be 'constant' or 'linear'")
+    need(cfg.dtype in ("float32", "float64"), "dtype", "must be 'float32' or 'float64'")
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for name in ("epochs", "value_epochs", "value_batch"):
+        if name in names:
+            need(getattr(cfg, name) >= 1, name, "must be >= 1 (0 makes the update a no-op)")
+    for name in ("kl_penalty", "lr_coef"):
+        if name in names:
+            need(finite(name) and getattr(cfg, name) >= 0, name, "must be finite and >= 0")
+    for name in ("value_lr", "clip_range"):
+        if name in names:
+            need(finite(name) and getattr(cfg, name) > 0, name, "must be finite and > 0")
+    if "max_path_kl" in names and cfg.max_path_kl is not None:
+        need(finite("max_path_kl") and cfg.max_path_kl > 0, "max_path_kl", "must be > 0 (or none: no clip)")
+    if "tau_subset" in names:
+        need(0 <= cfg.tau_subset <= cfg.sampler_steps, "tau_subset", "must be in [0, sampler_steps]")
+    return cfg
+
+
+#: fields a resumed run may change (applied and reported); any other difference refuses to resume
+RESUME_MUTABLE = frozenset({"iterations", "progress", "log_every", "eval_every", "checkpoint_every", "log_path",
+                            "checkpoint_path", "overwrite", "eval_paths"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, requested: dict, mutable=RESUME_MUTABLE) -> dict[str, tuple[Any, Any]]:
+    """Compare a checkpoint's config with the requested one (nested dicts allowed; keys missing on either side,
+    e.g. fields added since, are skipped). Returns the changed fields of ``mutable`` (matched by the last name
+    component or the full dotted name) as ``{name: (saved, requested)}``; any other change raises
+    ``ValueError`` naming every such field with both values."""
+    a, b = _flat(saved), _flat(requested)
+    changed = {k: (a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k]}
+    bad = {k: v for k, v in changed.items() if k not in mutable and k.rsplit(".", 1)[-1] not in mutable}
+    if bad:
+        desc = "; ".join(f"{k}: checkpoint has {v[0]!r}, requested {v[1]!r}" for k, v in sorted(bad.items()))
+        raise ValueError(f"cannot resume: the run was made with different settings ({desc}). Resume with the "
+                         f"checkpoint's values, or start a new run in another folder (only "
+                         f"{', '.join(sorted(mutable))} may change on resume)")
+    return {k: v for k, v in changed.items() if k not in bad}
+
+
+def parse_overrides(rest: list[str], aliases: dict[str, str] | None = None, dashes_to_underscores: bool = True
+                    ) -> dict[str, str]:
+    """The one command-line override parser of both CLIs: ``--key value``, ``--key=value``, ``--set key=value``
+    and a bare ``--flag`` (= ``true``) -> ``{key: value}`` (strings; dashes in keys become underscores unless
+    ``dashes_to_underscores`` is False; ``aliases`` renames keys). A stray token raises ``ValueError``."""
+    aliases = aliases or {}
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok == "--set":
+            if i + 1 >= len(rest) or "=" not in rest[i + 1]:
+                raise ValueError("--set needs key=value")
+            k, v = rest[i + 1].split("=", 1)
+            i += 2
+        elif tok.startswith("--") and len(tok) > 2:
+            body = tok[2:]
+            if "=" in body:
+                (k, v), i = body.split("=", 1), i + 1
+            elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                k, v, i = body, rest[i + 1], i + 2
+            else:  # bare flag: boolean true
+                k, v, i = body, "true", i + 1
+        else:
+            raise ValueError(f"unexpected argument {tok!r} (use --field value or --set field=value)")
+        if dashes_to_underscores:
+            k = k.replace("-", "_")
+        out[aliases.get(k, k)] = v
+    return out

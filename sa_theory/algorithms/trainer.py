@@ -6,15 +6,21 @@ rollout batch). The loop, top to bottom, for iteration ``i``:
 1. **rollout** -- ``batch_size`` paths of the current policy with ``sampler_steps`` steps of ``solver``
    (no autograd), from a generator seeded by ``(seed, i)`` alone, so iteration ``i``'s randomness does
    not depend on the history (exact resume); every path is one **reward query**;
-2. **reward** -- ``env.reward(Y_T, cond)``; a NaN/Inf raises ``FloatingPointError`` naming the reward;
+2. **reward** -- ``env.reward(Y_T, cond)``; a result that is not a ``(batch_size,)`` tensor raises ``ValueError``
+   and a NaN/Inf ``FloatingPointError``, both naming the reward;
 3. **update** -- the algorithm (``update(batch)`` returns its metrics); after the last iteration's update,
    ``on_train_end()`` (a final phase of the algorithm, e.g. the actor-critic's greedy distillation);
 4. **log** -- a JSONL record with ``iteration``, ``queries``, ``reward``, ``path_kl``, ``objective``
    (``reward - beta * path_kl`` on the batch), ``grad_norm``, ``lr``, ``beta`` and the algorithm's own;
-5. **checkpoint** -- atomically, every ``checkpoint_every`` iterations and at the end.
+5. **checkpoint** -- atomically with a SHA-256, keeping the previous one, every ``checkpoint_every`` iterations
+   (default: every ~10%), at the end, and after the current iteration on SIGINT/SIGTERM (then
+   :class:`~.checkpoint.TrainingInterrupted` says how to resume).
 
 Kill a run, build a new trainer with the same config and ``resume()``: the remaining iterations give
-bitwise the same parameters and metrics as an uninterrupted run.
+bitwise the same parameters and metrics as an uninterrupted run. ``resume`` refuses a checkpoint made with other
+settings (naming the fields; only :data:`~.config.RESUME_MUTABLE` ones such as ``iterations`` may change, and
+are reported) and falls back to the previous checkpoint if the latest is damaged. A fresh run refuses to write
+over an existing log or checkpoint unless ``overwrite`` is set.
 """
 
 from __future__ import annotations
@@ -22,127 +28,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..kl import euler_log_prob, girsanov_kl_step
 from ..rollout import rollout
-from ..sde import ActionFn, ControlledSDE, check_finite
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from .config import TrainConfig, to_dict
+from ..sde import ControlledSDE, check_finite
+from .checkpoint import (
+    GracefulInterrupt,
+    TrainingInterrupted,
+    load_newest_intact,
+    previous_path,
+    rng_state,
+    save_rotating,
+    set_rng_state,
+)
+from .config import TrainConfig, resume_changes, to_dict, validate
+from .environment import SOLVERS, Batch, Environment, solver_kwargs
+from .loop_utils import iteration_generator, jsonable, lr_lambda
 
-__all__ = ["Environment", "Batch", "Trainer", "SOLVERS", "solver_kwargs", "iteration_generator"]
-
-#: training / evaluation solvers: name -> (backend, method, ode)
-SOLVERS = {
-    "euler": ("native", "euler", False),
-    "heun": ("native", "heun", False),
-    "tsde_euler": ("torchsde", "euler", False),
-    "milstein": ("torchsde", "milstein", False),
-    "srk": ("torchsde", "srk", False),
-    "ode": ("native", "heun", True),  # probability-flow ODE (Heun = second order); evaluation only
-    "ode_euler": ("native", "euler", True),
-}
-
-
-def solver_kwargs(name: str) -> tuple[str, str, bool]:
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; choose from {sorted(SOLVERS)}")
-    return SOLVERS[name]
-
-
-@dataclass
-class Environment:
-    """A fine-tuning problem as the trainers see it (no toy or image specifics).
-
-    sde: the controlled sampler SDE (schedule); the ODE variant is derived for evaluation.
-    pretrained_action: :math:`s_\\text{pre}(T-\\tau, y, c)` as an ``ActionFn``.
-    reward: ``reward(x, cond) -> (B,)`` terminal reward (one call on B paths = B reward queries).
-    initial_sample: ``initial_sample(n, generator, dtype) -> (n, *event)`` draws of :math:`Y_0`.
-    cond_sample: ``cond_sample(n, generator) -> cond`` or ``None`` (unconditional).
-    reward_differentiable: whether ``reward`` can be differentiated (informational for estimators).
-    """
-
-    sde: ControlledSDE
-    pretrained_action: ActionFn
-    reward: Callable[[torch.Tensor, Any], torch.Tensor]
-    initial_sample: Callable[[int, torch.Generator, torch.dtype], torch.Tensor]
-    cond_sample: Callable[[int, torch.Generator], Any] | None = None
-    reward_differentiable: bool = True
-    name: str = "env"
-
-
-@dataclass
-class Batch:
-    """One rollout batch (everything detached). Shapes: ``taus (N+1,)``, ``states (N+1, B, *event)``,
-    ``means``/``ref_actions`` ``(N, B, *event)``, ``kl_steps``/``log_probs``/``ref_log_probs`` ``(N, B)``,
-    ``reward``/``path_kl`` ``(B,)``."""
-
-    taus: torch.Tensor
-    states: torch.Tensor
-    means: torch.Tensor
-    ref_actions: torch.Tensor
-    kl_steps: torch.Tensor
-    reward: torch.Tensor
-    cond: Any = None
-    log_probs: torch.Tensor | None = None
-    ref_log_probs: torch.Tensor | None = None
-    generator: torch.Generator | None = None
-    extras: dict = field(default_factory=dict)
-
-    @property
-    def path_kl(self) -> torch.Tensor:
-        return self.kl_steps.sum(0)
-
-    @property
-    def dtau(self) -> float:
-        return float(self.taus[1] - self.taus[0])
-
-    @property
-    def batch_size(self) -> int:
-        return self.reward.shape[0]
-
-
-def iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator seeded by ``(seed, iteration, stream)`` only."""
-    s = int(np.random.SeedSequence([int(seed) % 2**63, int(iteration), int(stream)]).generate_state(1, np.uint64)[0])
-    return torch.Generator().manual_seed(s % 2**63)
-
-
-def lr_lambda(schedule: str, iterations: int, warmup: int = 0, name: str = "lr_schedule") -> Callable[[int], float]:
-    """Learning-rate multiplier per iteration for ``LambdaLR``: linear warm-up over ``warmup`` iterations times
-    ``schedule`` ('constant' | 'linear' decay to 0 | 'cosine') over ``iterations``. An unknown schedule raises
-    ``ValueError`` naming the config field ``name``."""
-    if schedule not in ("constant", "linear", "cosine"):
-        raise ValueError(f"{name!r} must be 'constant', 'linear' or 'cosine', got {schedule!r}")
-
-    def fn(it: int) -> float:
-        w = min(1.0, (it + 1) / warmup) if warmup > 0 else 1.0
-        frac = min(1.0, it / max(1, iterations))
-        if schedule == "linear":
-            return w * (1.0 - frac)
-        if schedule == "cosine":
-            return w * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return w
-
-    return fn
-
-
-def _jsonable(v):
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu()
-        return float(v) if v.numel() == 1 else v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
-
+__all__ = ["Environment", "Batch", "Trainer", "SOLVERS", "solver_kwargs", "iteration_generator", "lr_lambda"]
 
 class Trainer:
     """Base trainer: owns the policy optimiser, the loop, logging, checkpoints and evaluation.
@@ -162,9 +71,7 @@ class Trainer:
         if cfg.solver not in SOLVERS or SOLVERS[cfg.solver][2]:
             raise ValueError(f"training solver must be one of {[k for k, v in SOLVERS.items() if not v[2]]}, "
                              f"got {cfg.solver!r} (the ODE is for evaluation)")
-        for name in ("iterations", "batch_size", "sampler_steps", "grad_accum"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"config field {name!r} must be >= 1, got {getattr(cfg, name)}")
+        validate(cfg)
         if cfg.batch_size % cfg.grad_accum:
             raise ValueError(f"'batch_size' ({cfg.batch_size}) must be divisible by 'grad_accum' ({cfg.grad_accum})")
         self.cfg, self.env, self.policy, self.value, self.evaluator = cfg, env, policy, value, evaluator
@@ -179,6 +86,11 @@ class Trainer:
         self.iteration = 0
         self.queries = 0
         self.history: list[dict] = []
+        #: what else defines the run (e.g. the toy problem), saved with checkpoints and checked on resume
+        self.context: dict = {}
+        #: how to resume, printed after a checkpoint written on SIGINT/SIGTERM (CLIs set their command line)
+        self.resume_hint: str | None = None
+        self._fresh_checked = False
         self._init_extra()
 
     # ------------------------------------------------------------------ hooks
@@ -231,8 +143,15 @@ class Trainer:
         return traj, cond
 
     def reward(self, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """``env.reward(x, cond)`` checked: a ``(B,)`` tensor (``ValueError`` otherwise) without NaN/Inf
+        (``FloatingPointError``), both naming the reward."""
         r = self.env.reward(x, cond)
-        return check_finite("reward", r.detach())
+        B = x.shape[0]
+        if not isinstance(r, torch.Tensor) or tuple(r.shape) != (B,):
+            got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"reward of environment {self.env.name!r} must return a tensor of shape ({B},) (one "
+                             f"value per path), got {got}")
+        return check_finite(f"reward of environment {self.env.name!r}", r.detach())
 
     def collect(self, it: int) -> Batch:
         """Step 1-2 of the loop: the rollout batch of iteration ``it`` with rewards and log-densities."""
@@ -288,43 +207,84 @@ class Trainer:
         return list(torch.arange(B).chunk(self.cfg.grad_accum))
 
     # ------------------------------------------------------------------ loop
-    def train(self, until: int | None = None) -> list[dict]:
-        """Run iterations ``self.iteration .. until`` (default ``cfg.iterations``); returns the metric history."""
+    @property
+    def checkpoint_interval(self) -> int:
+        """Iterations between periodic checkpoints (``checkpoint_every``; 0: ~10% of the run; -1: none)."""
+        every = self.cfg.checkpoint_every
+        return max(1, self.cfg.iterations // 10) if every == 0 else every
+
+    def _check_fresh_outputs(self) -> None:
+        """Before a fresh run's first iteration: refuse to append to / replace an existing log or checkpoint
+        (naming the field and file) unless ``overwrite``; with it, remove them."""
+        self._fresh_checked = True
         cfg = self.cfg
+        files = [("log_path", cfg.log_path)]
+        if cfg.checkpoint_path:
+            files += [("checkpoint_path", cfg.checkpoint_path), ("checkpoint_path", previous_path(cfg.checkpoint_path))]
+        for name, path in files:
+            if path and os.path.exists(path) and (name != "log_path" or os.path.getsize(path) > 0):
+                if not cfg.overwrite:
+                    raise FileExistsError(f"config field {name!r}: {path!r} already holds a previous run's data; "
+                                          f"resume that run, choose another path, or set overwrite=True to replace it")
+                os.remove(path)
+
+    def train(self, until: int | None = None) -> list[dict]:
+        """Run iterations ``self.iteration .. until`` (default ``cfg.iterations``); returns the metric history.
+        On SIGINT/SIGTERM the current iteration finishes, a checkpoint is written (if ``checkpoint_path``) and
+        :class:`~.checkpoint.TrainingInterrupted` is raised saying how to resume."""
+        cfg = self.cfg
+        if self.iteration == 0 and not self._fresh_checked:
+            self._check_fresh_outputs()
         stop = cfg.iterations if until is None else min(until, cfg.iterations)
         bar = self.progress_bar(stop, type(self).__name__, initial=self.iteration)
-        while self.iteration < stop:
-            it = self.iteration
-            beta = self.beta_at(it)
-            batch = self.collect(it)
-            self.policy.train()
-            metrics = self.update(batch)
-            self.scheduler.step()
-            self.iteration += 1
-            self.queries += batch.batch_size
-            if self.iteration == cfg.iterations:
-                metrics = {**metrics, **self.on_train_end()}
-            rec = {"iteration": self.iteration, "queries": self.queries,
-                   "reward": float(batch.reward.mean()), "path_kl": float(batch.path_kl.mean()),
-                   "objective": float((batch.reward - beta * batch.path_kl).mean()),
-                   "beta": beta, "lr": self.optimizer.param_groups[0]["lr"], **metrics}
-            if cfg.eval_every > 0 and self.evaluator is not None and (
-                    self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
-                rec.update({f"eval/{k}": v for k, v in self.evaluator(self).items()})
-            rec = {k: _jsonable(v) for k, v in rec.items()}
-            if self.iteration % cfg.log_every == 0 or self.iteration == stop:
-                self.history.append(rec)
-                if cfg.log_path:
-                    self._append_log(rec)
-            if cfg.checkpoint_path and ((cfg.checkpoint_every > 0 and self.iteration % cfg.checkpoint_every == 0)
-                                        or self.iteration == stop):
-                self.save(cfg.checkpoint_path)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(J=f"{rec['objective']:.3f}", r=f"{rec['reward']:.3f}", kl=f"{rec['path_kl']:.3f}")
+        every = self.checkpoint_interval
+        with GracefulInterrupt() as interrupt:
+            while self.iteration < stop:
+                rec = self._iteration()
+                last = self.iteration == stop or interrupt.requested
+                if self.iteration % cfg.log_every == 0 or last:
+                    self.history.append(rec)
+                    if cfg.log_path:
+                        self._append_log(rec)
+                if cfg.checkpoint_path and ((every > 0 and self.iteration % every == 0) or last):
+                    self.save(cfg.checkpoint_path)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(J=f"{rec['objective']:.3f}", r=f"{rec['reward']:.3f}", kl=f"{rec['path_kl']:.3f}")
+                if interrupt.requested and self.iteration < stop:
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingInterrupted(self._interrupt_message(interrupt.signame))
         if bar is not None:
             bar.close()
         return self.history
+
+    def _iteration(self) -> dict:
+        cfg, it = self.cfg, self.iteration
+        beta = self.beta_at(it)
+        batch = self.collect(it)
+        self.policy.train()
+        metrics = self.update(batch)
+        self.scheduler.step()
+        self.iteration += 1
+        self.queries += batch.batch_size
+        if self.iteration == cfg.iterations:
+            metrics = {**metrics, **self.on_train_end()}
+        rec = {"iteration": self.iteration, "queries": self.queries,
+               "reward": float(batch.reward.mean()), "path_kl": float(batch.path_kl.mean()),
+               "objective": float((batch.reward - beta * batch.path_kl).mean()),
+               "beta": beta, "lr": self.optimizer.param_groups[0]["lr"], **metrics}
+        if cfg.eval_every > 0 and self.evaluator is not None and (
+                self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
+            rec.update({f"eval/{k}": v for k, v in self.evaluator(self).items()})
+        return {k: jsonable(v) for k, v in rec.items()}
+
+    def _interrupt_message(self, signame: str | None) -> str:
+        where = (f"checkpoint written to {self.cfg.checkpoint_path!r}" if self.cfg.checkpoint_path
+                 else "no checkpoint_path is set, so nothing was saved")
+        hint = self.resume_hint or "build the trainer with the same config and call resume()"
+        return f"{signame or 'interrupt'}: stopped after iteration {self.iteration}/{self.cfg.iterations}; {where}. " \
+               f"To continue: {hint}"
 
     def _append_log(self, rec: dict) -> None:
         d = os.path.dirname(self.cfg.log_path)
@@ -338,7 +298,7 @@ class Trainer:
         state = {"config": to_dict(self.cfg), "iteration": self.iteration, "queries": self.queries,
                  "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "history": list(self.history), "rng": rng_state(),
-                 "extra": self.extra_state()}
+                 "extra": self.extra_state(), "context": dict(self.context)}
         if self.value is not None:
             state["value"] = self.value.state_dict()
         return state
@@ -355,15 +315,33 @@ class Trainer:
         self.load_extra_state(state["extra"])
 
     def save(self, path: str | None = None) -> None:
-        save_checkpoint(path or self.cfg.checkpoint_path, self.state_dict())
+        """Checksummed atomic checkpoint; the previous one is kept as :func:`~.checkpoint.previous_path`."""
+        save_rotating(path or self.cfg.checkpoint_path, self.state_dict())
 
     def resume(self, path: str | None = None) -> bool:
-        """Load the checkpoint at ``path`` (default ``cfg.checkpoint_path``) if it exists; drop JSONL records
-        written after it (a run killed between checkpoint and crash). Returns whether it resumed."""
+        """Load the newest intact checkpoint at ``path`` (default ``cfg.checkpoint_path``) or its previous one
+        (saying on stderr which file was damaged); drop JSONL records written after it. Returns ``False`` when
+        there is no checkpoint. A checkpoint made with other settings (``algo``, problem, ``lr``, ...) raises
+        ``ValueError`` naming the fields, before anything is loaded; changes of :data:`~.config.RESUME_MUTABLE`
+        fields are applied and reported; ``iterations`` below the checkpoint's iteration raises."""
         path = path or self.cfg.checkpoint_path
-        if not path or not os.path.exists(path):
+        try:
+            state, used, notes = load_newest_intact(path) if path else (None, None, [])
+        except FileNotFoundError:
             return False
-        self.load_state_dict(load_checkpoint(path))
+        if state is None:
+            return False
+        saved = {"config": state["config"], **state.get("context", {})}
+        changes = resume_changes(saved, {"config": to_dict(self.cfg), **self.context})
+        if state["iteration"] > self.cfg.iterations:
+            raise ValueError(f"config field 'iterations' ({self.cfg.iterations}) is below the checkpoint's iteration "
+                             f"{state['iteration']} ({used!r})")
+        self.load_state_dict(state)
+        self._fresh_checked = True
+        for note in notes:
+            print(note, file=sys.stderr)
+        for k, (old, new) in sorted(changes.items()):
+            print(f"resume: {k} changed from {old!r} to {new!r} (applied)", file=sys.stderr)
         if self.cfg.log_path and os.path.exists(self.cfg.log_path):
             with open(self.cfg.log_path) as fh:
                 recs = [json.loads(line) for line in fh if line.strip()]
@@ -396,7 +374,3 @@ class Trainer:
             out["final"] = traj.final
         return out
 
-
-def seed_module_init(seed: int) -> None:
-    """Seed the global generators before building networks (reproducible initialisation)."""
-    seed_everything(seed)
