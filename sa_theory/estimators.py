@@ -5,10 +5,19 @@ respect to the policy parameters, averaged over paths, is the estimator (its val
 unless stated). Maximise ``surrogate.mean()`` (or minimise its negative). States are always detached:
 the surrogate is re-evaluated on recorded states with the current policy (:func:`policy_means`).
 
-Notation (theory.md §1-2): grid :math:`\tau_k`, step :math:`d\tau`, :math:`g_k^2 = g^2(T-\tau_k)`, policy mean
+Notation (theory.md §1-2, §5): grid :math:`\tau_k`, step :math:`d\tau`, :math:`g_k^2 = g^2(T-\tau_k)`, policy mean
 :math:`\mu_k = \mu_\theta(\tau_k, Y_k)`, pretrained action :math:`s_k`, standardised noise :math:`\xi_k`,
-terminal reward :math:`R = r(Y_N)`, per-step KL :math:`\ell_k = \frac{g_k^2 d\tau}{2}|\mu_k - s_k|^2` (nats
+terminal reward :math:`R = r(Y_N)`, per-step KL :math:`\ell_k = \frac{w_k d\tau}{2}|\mu_k - s_k|^2` (nats
 per step, summed over dimensions; :func:`sa_theory.kl.girsanov_kl_step`).
+
+**Noise level.** For the sampler of noise level :math:`\eta` (``ControlledSDE(schedule, noise=eta)``) the
+action enters the drift with the coefficient :math:`c_k = \frac{1+\eta_k}{2}g_k^2` (``sde.action_coef``) and
+the KL with the weight rate :math:`w_k = \frac{(1+\eta_k)^2}{4\eta_k} g_k^2` (``sde.kl_weight_rate``); both
+equal :math:`g_k^2` at :math:`\eta = 1`, which is what the formulas below show. Functions that take ``sde``
+use both automatically; functions that take a weight ``g2`` read it as :math:`c` and take :math:`w` as
+``kl_weight`` (default ``g2``, i.e. :math:`\eta = 1`). The Hamiltonian is
+:math:`H = (-f y + c\,a)\cdot p - \frac{\beta w}{2}|a - s|^2`, maximised by
+:math:`a = s + \frac{c}{\beta w} p = s + \frac{2\eta}{1+\eta} p/\beta`.
 
 =========================  ====================================================================
 estimator                   per-path surrogate (gradient = estimator)
@@ -61,7 +70,6 @@ __all__ = [
     "advantage_rate",
     "value_grad",
     "pathwise_costates",
-    "batch_means_gradient",
     "grouped_gradient",
 ]
 
@@ -90,9 +98,10 @@ def euler_log_probs(sde: ControlledSDE, taus: torch.Tensor, states: torch.Tensor
 
 
 def kl_steps(sde: ControlledSDE, taus: torch.Tensor, means: torch.Tensor, ref_actions: torch.Tensor) -> torch.Tensor:
-    """:math:`\\ell_k = \\frac{g_k^2 d\\tau}{2}|\\mu_k - s_k|^2`, ``(N, B)`` (nats per step)."""
+    """:math:`\\ell_k = \\frac{w_k d\\tau}{2}|\\mu_k - s_k|^2`, ``(N, B)`` (nats per step), :math:`w` =
+    ``sde.kl_weight_rate``."""
     dt = float(taus[1] - taus[0])
-    g2 = sde.g2(taus)
+    g2 = sde.kl_weight_rate(taus)
     return torch.stack([girsanov_kl_step(g2[k], dt, means[k], ref_actions[k].detach()) for k in range(means.shape[0])])
 
 
@@ -132,7 +141,7 @@ def pathwise_costates(sde: ControlledSDE, policy: ActionFn, reference: ActionFn,
 
     For the chain :math:`Y_{k+1} = Y_k + b(\tau_k, Y_k, \mu_\theta(\tau_k, Y_k))\,d\tau + g_k\sqrt{d\tau}\,\xi_k`
     and the per-path return :math:`G_k = r(Y_N) - \beta\sum_{j\ge k}\ell_j`,
-    :math:`\ell_j = \frac{g_j^2 d\tau}{2}|\mu_\theta(\tau_j, Y_j) - s(\tau_j, Y_j)|^2` (nats per step, summed
+    :math:`\ell_j = \frac{w_j d\tau}{2}|\mu_\theta(\tau_j, Y_j) - s(\tau_j, Y_j)|^2` (nats per step, summed
     over dimensions), returns :math:`P_k = \partial G_k / \partial Y_k` for ``k = 0..N`` by the recursion
 
     .. math:: P_N = \nabla r(Y_N),\qquad
@@ -148,7 +157,7 @@ def pathwise_costates(sde: ControlledSDE, policy: ActionFn, reference: ActionFn,
     """
     N = taus.numel() - 1
     dtau = float(taus[1] - taus[0])
-    g2 = sde.g2(taus)
+    g2 = sde.kl_weight_rate(taus)
     out = torch.empty_like(states)
     with torch.enable_grad():
         y = states[N].detach().requires_grad_(True)
@@ -167,19 +176,27 @@ def pathwise_costates(sde: ControlledSDE, policy: ActionFn, reference: ActionFn,
 
 # --------------------------------------------------------------------------- estimators
 def value_gradient_surrogate(means: torch.Tensor, value_grads: torch.Tensor, ref_actions: torch.Tensor,
-                             g2: torch.Tensor, dtau: float, beta: float) -> torch.Tensor:
+                             g2: torch.Tensor, dtau: float, beta: float, *,
+                             kl_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Value-gradient (deterministic) policy gradient, theory.md R4.
 
     :math:`\\nabla J = E\\int g^2(\\partial_\\theta\\mu)^\\top[\\nabla_y V^\\theta - \\beta(\\mu - s)]d\\tau`;
     per-path surrogate
     :math:`\\sum_k g_k^2 d\\tau\\langle\\mu_k, \\mathrm{sg}[\\nabla V_k - \\beta(\\mu_k-s_k)]\\rangle`.
     ``means``/``value_grads``/``ref_actions``: ``(N, B, *event)``; ``g2``: ``(N,)`` or ``(N+1,)``. O(dtau)-biased
-    for the discrete chain when ``V`` is the continuous value.
+    for the discrete chain when ``V`` is the continuous value. Noise level :math:`\\eta`: pass
+    ``g2 = sde.action_coef(taus)`` and ``kl_weight = sde.kl_weight_rate(taus)``; the surrogate is then
+    :math:`\\sum_k d\\tau\\langle\\mu_k, \\mathrm{sg}[c_k\\nabla V_k - \\beta w_k(\\mu_k - s_k)]\\rangle`.
     """
     N = means.shape[0]
-    w = (g2[:N] * dtau).reshape(N, *([1] * (means.dim() - 1)))
-    dual = (value_grads - beta * (means - ref_actions)).detach()
-    return torch.stack([sum_event(means[k] * dual[k] * w[k]) for k in range(N)]).sum(0)
+    shape = (N, *([1] * (means.dim() - 1)))
+    w = (g2[:N] * dtau).reshape(shape)
+    if kl_weight is None:
+        dual = (value_grads - beta * (means - ref_actions)).detach()
+        return torch.stack([sum_event(means[k] * dual[k] * w[k]) for k in range(N)]).sum(0)
+    wkl = (kl_weight[:N] * dtau).reshape(shape)
+    dual = (w * value_grads - beta * wkl * (means - ref_actions)).detach()
+    return torch.stack([sum_event(means[k] * dual[k]) for k in range(N)]).sum(0)
 
 
 def ode_value_gradient_surrogate(means: torch.Tensor, value_grads: torch.Tensor, g2: torch.Tensor,
@@ -257,30 +274,41 @@ def ppo_clip_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, adv
 
 
 def hamiltonian_gap(new_means: torch.Tensor, old_means: torch.Tensor, ref_actions: torch.Tensor,
-                    value_grads: torch.Tensor, g2: torch.Tensor | float, beta: float) -> torch.Tensor:
+                    value_grads: torch.Tensor, g2: torch.Tensor | float, beta: float, *,
+                    kl_weight: torch.Tensor | float | None = None) -> torch.Tensor:
     """Rate :math:`H(a') - H(a)` with :math:`p = \\nabla V^\\theta` (theory.md R7), ``(B,)`` per unit time:
 
     :math:`g^2[(a'-a)\\cdot(\\nabla V - \\beta(a - s)) - \\tfrac\\beta2|a'-a|^2]`. Includes the KL term of H.
+    Noise level :math:`\\eta`: ``g2`` = :math:`c` (``sde.action_coef``), ``kl_weight`` = :math:`w`
+    (``sde.kl_weight_rate``): :math:`c(a'-a)\\cdot\\nabla V - \\beta w[(a'-a)\\cdot(a-s) + \\frac12|a'-a|^2]`.
     """
     diff = new_means - old_means.detach()
-    dual = (value_grads - beta * (old_means - ref_actions)).detach()
-    return g2 * (sum_event(diff * dual) - 0.5 * beta * sum_event(diff**2))
+    if kl_weight is None:
+        dual = (value_grads - beta * (old_means - ref_actions)).detach()
+        return g2 * (sum_event(diff * dual) - 0.5 * beta * sum_event(diff**2))
+    return (g2 * sum_event(diff * value_grads.detach())
+            - beta * kl_weight * (sum_event(diff * (old_means - ref_actions).detach()) + 0.5 * sum_event(diff**2)))
 
 
 def trust_region_surrogate(new_means: torch.Tensor, old_means: torch.Tensor, ref_actions: torch.Tensor,
                            value_grads: torch.Tensor, g2: torch.Tensor, dtau: float, beta: float,
-                           kl_penalty: float = 0.0, max_path_kl: float | None = None) -> torch.Tensor:
+                           kl_penalty: float = 0.0, max_path_kl: float | None = None, *,
+                           kl_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Continuous-time TRPO/PPO surrogate :math:`L_\\theta(\\theta') - J(\\theta)` per path (theory.md R8).
 
     :math:`\\sum_k d\\tau\\,[H(\\mu'_k) - H(\\mu_k)]` on the OLD policy's states, minus ``kl_penalty`` times the
     path KL :math:`KL(P^{\\theta'}\\|P^\\theta) \\approx \\sum_k \\frac{g_k^2 d\\tau}{2}|\\mu'_k-\\mu_k|^2`. With
     ``max_path_kl``, paths whose KL to the old policy exceeds it contribute no gradient (clipping by a
     step-count-independent trust region). At :math:`\\theta'=\\theta` value 0 and gradient = value gradient.
+    Noise level :math:`\\eta`: ``g2 = sde.action_coef(taus)``, ``kl_weight = sde.kl_weight_rate(taus)`` (used by
+    both H and the path KL; default ``g2``, i.e. :math:`\\eta = 1`).
     """
     N = new_means.shape[0]
-    gap = torch.stack([hamiltonian_gap(new_means[k], old_means[k], ref_actions[k], value_grads[k], g2[k], beta)
+    kw = g2 if kl_weight is None else kl_weight
+    gap = torch.stack([hamiltonian_gap(new_means[k], old_means[k], ref_actions[k], value_grads[k], g2[k], beta,
+                                       kl_weight=None if kl_weight is None else kw[k])
                        for k in range(N)]).sum(0) * dtau
-    pkl = policy_path_kl(new_means, old_means, g2, dtau)
+    pkl = policy_path_kl(new_means, old_means, kw, dtau)
     out = gap - kl_penalty * pkl
     if max_path_kl is not None:
         keep = (pkl.detach() <= max_path_kl).to(out.dtype)
@@ -289,37 +317,31 @@ def trust_region_surrogate(new_means: torch.Tensor, old_means: torch.Tensor, ref
 
 
 def policy_path_kl(new_means: torch.Tensor, old_means: torch.Tensor, g2: torch.Tensor, dtau: float) -> torch.Tensor:
-    """Girsanov KL between two policies on the same states, :math:`\\sum_k\\frac{g_k^2 d\\tau}{2}|\\mu'_k - \\mu_k|^2`,
-    ``(B,)`` nats per path (old means detached)."""
+    """Girsanov KL between two policies on the same states, :math:`\\sum_k\\frac{w_k d\\tau}{2}|\\mu'_k - \\mu_k|^2`,
+    ``(B,)`` nats per path (old means detached); ``g2`` is the KL weight rate :math:`w` (``sde.kl_weight_rate``)."""
     N = new_means.shape[0]
     return torch.stack([girsanov_kl_step(g2[k], dtau, new_means[k], old_means[k].detach()) for k in range(N)]).sum(0)
 
 
 def advantage_rate(action: torch.Tensor, mean: torch.Tensor, ref_action: torch.Tensor, value_grad_: torch.Tensor,
-                   g2: torch.Tensor | float, beta: float, action_var_trace: torch.Tensor | float = 0.0) -> torch.Tensor:
+                   g2: torch.Tensor | float, beta: float, action_var_trace: torch.Tensor | float = 0.0, *,
+                   kl_weight: torch.Tensor | float | None = None) -> torch.Tensor:
     """q-function (advantage rate) in closed form, theory.md R5, ``(B,)``:
 
     :math:`q(\\tau,y,a) = g^2(a-\\mu)\\cdot\\nabla V - \\frac{\\beta g^2}{2}(|a-s|^2 - E_\\pi|a'-s|^2)` with
     :math:`E_\\pi|a'-s|^2 = |\\mu - s|^2 + \\mathrm{tr}\\,\\Sigma` (``action_var_trace``). Zero mean under
-    :math:`a\\sim\\pi = N(\\mu,\\Sigma)`.
+    :math:`a\\sim\\pi = N(\\mu,\\Sigma)`. Noise level :math:`\\eta`: ``g2`` = :math:`c` (``sde.action_coef``) multiplies
+    the first term, ``kl_weight`` = :math:`w` (``sde.kl_weight_rate``, default ``g2``) the second.
     """
     e_sq = sum_event((mean - ref_action) ** 2) + action_var_trace
-    return g2 * (sum_event((action - mean) * value_grad_) - 0.5 * beta * (sum_event((action - ref_action) ** 2) - e_sq))
+    if kl_weight is None:
+        return g2 * (sum_event((action - mean) * value_grad_)
+                     - 0.5 * beta * (sum_event((action - ref_action) ** 2) - e_sq))
+    return g2 * sum_event((action - mean) * value_grad_) - 0.5 * beta * kl_weight * (
+        sum_event((action - ref_action) ** 2) - e_sq)
 
 
 # --------------------------------------------------------------------------- Monte-Carlo helpers
-def batch_means_gradient(per_path: torch.Tensor, params: Sequence[torch.Tensor], groups: int = 50
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of ``per_path.mean()`` and its standard error by the method of batch means.
-
-    Paths are split into ``groups`` equal consecutive groups; each group's mean gradient is one draw
-    (groups are i.i.d.), so ``se = std(group gradients)/sqrt(groups)``. Returns flat ``(mean, se)``.
-    All groups backpropagate through the one shared graph of ``per_path``; :func:`grouped_gradient`
-    builds a graph per group instead (cheaper for long rollouts).
-    """
-    return grouped_gradient(lambda sl: per_path[sl], params, per_path.shape[0], groups, retain_graph=True)
-
-
 def grouped_gradient(group_surrogate: Callable[[slice], torch.Tensor], params: Sequence[torch.Tensor],
                      batch: int, groups: int = 50, retain_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the mean surrogate and its standard error by batch means, one autograd graph per group.

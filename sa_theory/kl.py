@@ -8,14 +8,18 @@ Units, once and for all:
   :func:`girsanov_kl_step` is the KL of **one Euler step** of length ``dtau`` (nats per step).
   Summing the steps gives :func:`path_kl`, nats per path.
 
-Girsanov (theory.md §1): for two samplers with drifts differing by :math:`g^2(\mu-s)` and the same
-diffusion :math:`g`,
+Girsanov (theory.md §1, §5): for two samplers of noise level :math:`\eta` (:class:`sa_theory.sde.ControlledSDE`)
+with drifts differing by :math:`\frac{1+\eta}{2}g^2(\mu-s)` and the same diffusion :math:`\sqrt\eta\,g`,
 
-.. math:: KL(P^\mu \| P^s) = E^\mu \int_0^T \frac{g^2}{2} |\mu - s|^2\, d\tau .
+.. math:: KL(P^\mu \| P^s) = E^\mu \int_0^T \frac{w}{2} |\mu - s|^2\, d\tau, \qquad
+          w = \frac{(1+\eta)^2}{4\eta}\, g^2 \quad (\texttt{sde.kl\_weight\_rate}),
 
-The per-step Gaussian KL of two Euler transitions :math:`N(y + b_1 d\tau, g^2 d\tau I)` and
-:math:`N(y + b_2 d\tau, g^2 d\tau I)` is exactly :math:`\frac{g^2 d\tau}{2}|\mu - s|^2`, so the discrete
-and continuous definitions agree step by step.
+so :math:`w = g^2` for the reverse SDE (:math:`\eta = 1`) and :math:`w \to \infty` as :math:`\eta \to 0`.
+The per-step Gaussian KL of two Euler transitions :math:`N(y + b_1 d\tau, \eta g^2 d\tau I)` and
+:math:`N(y + b_2 d\tau, \eta g^2 d\tau I)` is exactly :math:`\frac{w\, d\tau}{2}|\mu - s|^2`, so the discrete
+and continuous definitions agree step by step. The functions below take the weight ``w`` (called ``g2``
+for backward compatibility: pass ``sde.kl_weight_rate(tau)``, which is :math:`g^2` at :math:`\eta = 1`).
+Averaging over dimensions or dropping the :math:`1/d\tau` (as some peers do) is not offered here.
 """
 
 from __future__ import annotations
@@ -56,20 +60,23 @@ def euler_log_prob(y_next: torch.Tensor, y: torch.Tensor, drift: torch.Tensor, g
                    dtau: float) -> torch.Tensor:
     r"""Log-density of one Euler-Maruyama transition, summed over dimensions (nats per step).
 
-    :math:`\log N(y_{k+1};\; y_k + b_k\,d\tau,\; g_k^2\,d\tau\,I)`. Shape ``(B,)``.
+    :math:`\log N(y_{k+1};\; y_k + b_k\,d\tau,\; g_k^2\,d\tau\,I)`. Shape ``(B,)``. ``g`` is the
+    diffusion coefficient of the step (``sde.diffusion(tau)`` :math:`= \sqrt{\eta} g`).
     """
     std = torch.as_tensor(g, dtype=y.dtype, device=y.device) * math.sqrt(dtau)
     return gaussian_log_prob(y_next, y + drift * dtau, std)
 
 
 def girsanov_kl_rate(g2: torch.Tensor | float, action: torch.Tensor, ref_action: torch.Tensor) -> torch.Tensor:
-    r"""KL rate :math:`\frac{g^2}{2}|a - s|^2` (nats per unit sampler time, summed over dims). ``(B,)``."""
+    r"""KL rate :math:`\frac{w}{2}|a - s|^2` (nats per unit sampler time, summed over dims), ``(B,)``;
+    ``g2`` is the KL weight rate :math:`w` (``sde.kl_weight_rate(tau)``; :math:`g^2` at :math:`\eta = 1`)."""
     return 0.5 * g2 * sum_event((action - ref_action) ** 2)
 
 
 def girsanov_kl_step(g2: torch.Tensor | float, dtau: float, action: torch.Tensor,
                      ref_action: torch.Tensor) -> torch.Tensor:
-    r"""KL of one Euler step, :math:`\frac{g^2 d\tau}{2}|a - s|^2` (nats per step, summed over dims)."""
+    r"""KL of one Euler step, :math:`\frac{w\,d\tau}{2}|a - s|^2` (nats per step, summed over dims); ``g2`` is
+    the KL weight rate :math:`w = \frac{(1+\eta)^2}{4\eta}g^2` (``sde.kl_weight_rate``)."""
     return girsanov_kl_rate(g2, action, ref_action) * dtau
 
 
@@ -88,6 +95,7 @@ def mean_and_se(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 def gaussian_mean_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     r""":math:`KL(N(m_p, \mathrm{std}^2 I)\|N(m_q, \mathrm{std}^2 I)) = |m_p - m_q|^2/(2\,\mathrm{std}^2)`, summed over
-    non-batch dims (nats per step), ``(B,)``. For an Euler step, ``std^2 = g^2 dtau`` and
-    ``m_p - m_q = g^2 dtau (a - s)``, which gives :func:`girsanov_kl_step` exactly."""
+    non-batch dims (nats per step), ``(B,)``. For an Euler step, ``std^2 = eta g^2 dtau`` and
+    ``m_p - m_q = (1+eta)/2 g^2 dtau (a - s)``, which gives :func:`girsanov_kl_step` with the weight
+    ``(1+eta)^2/(4 eta) g^2`` exactly."""
     return sum_event((mean_p - mean_q) ** 2) / (2 * torch.as_tensor(std, dtype=mean_p.dtype) ** 2)

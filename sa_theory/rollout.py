@@ -4,10 +4,12 @@ r"""Rolling out the controlled sampler: a lean native loop and a torchsde backen
 >>> traj.final            # Y_T, shape (B, *event)
 >>> traj.path_kl          # Girsanov KL per path (nats), shape (B,)
 
-Grid: uniform :math:`\tau_k = kT/N`, :math:`k = 0..N`, :math:`d\tau = T/N`. The Euler-Maruyama step freezes
-the coefficients at the left end:
+Grid: uniform :math:`\tau_k = kT/N`, :math:`k = 0..N`, :math:`d\tau = T/N`. The Euler-Maruyama step of the
+sampler of noise level :math:`\eta` (``sde.noise``, constant or a function of tau) freezes the coefficients
+at the left end:
 
-.. math:: Y_{k+1} = Y_k + \big[-f(\tau_k) Y_k + g^2(\tau_k)\,a_k\big] d\tau + g(\tau_k)\sqrt{d\tau}\,\xi_k,
+.. math:: Y_{k+1} = Y_k + \big[-f_k Y_k + \tfrac{1+\eta_k}{2} g_k^2\,a_k\big] d\tau
+          + \sqrt{\eta_k}\, g_k\sqrt{d\tau}\,\xi_k,
           \qquad a_k = \mu_\theta(\tau_k, Y_k, c) \;(+\ \sigma_a \varepsilon_k),\ \xi_k,\varepsilon_k \sim N(0, I).
 
 Backends:
@@ -25,10 +27,14 @@ What the returned :class:`Trajectory` holds (``save_every=1``, the default):
   :math:`\xi_k = (B_{\tau_{k+1}} - B_{\tau_k})/\sqrt{d\tau}`;
 * ``actions`` ``(N, B, *event)``: the actions :math:`a_k` used by the step; ``means`` the policy means
   :math:`\mu_\theta(\tau_k,Y_k)`; ``ref_actions`` the pretrained actions :math:`s_k` (when ``reference``);
-* ``log_probs`` ``(N, B)``: :math:`\log N(Y_{k+1}; Y_k + b_k d\tau, g_k^2 d\tau I)`, the Euler transition
-  density **summed over dimensions** (nats per step; Euler only);
-* ``kl_steps`` ``(N, B)``: :math:`\frac{g_k^2 d\tau}{2}|a_k - s_k|^2` (nats per step, summed over dims);
-  ``path_kl`` ``(B,)`` their sum, the Girsanov path KL estimate per path.
+* ``log_probs`` ``(N, B)``: :math:`\log N(Y_{k+1}; Y_k + b_k d\tau, \eta_k g_k^2 d\tau I)`, the Euler
+  transition density **summed over dimensions** (nats per step; Euler only, :math:`\eta > 0`);
+* ``kl_steps`` ``(N, B)``: :math:`\frac{w_k d\tau}{2}|a_k - s_k|^2` with the KL weight rate
+  :math:`w_k = \frac{(1+\eta_k)^2}{4\eta_k} g_k^2` (``sde.kl_weight_rate``; :math:`g_k^2` at
+  :math:`\eta = 1`): the exact KL of the two Euler steps, nats per step, summed over dims; ``path_kl``
+  ``(B,)`` their sum, the Girsanov path KL estimate per path. For the ODE (:math:`\eta \equiv 0`) the path
+  KL is infinite; there the rollout records the :math:`\eta = 1` integrand :math:`\frac{g_k^2 d\tau}{2}
+  |a_k - s_k|^2` as a diagnostic (not a KL of the ODE).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch
 from .kl import euler_log_prob, girsanov_kl_rate, girsanov_kl_step
 from .sde import ActionFn, ControlledSDE, check_finite
 
-__all__ = ["Trajectory", "rollout", "uniform_grid", "NATIVE_METHODS", "TORCHSDE_METHODS"]
+__all__ = ["Trajectory", "rollout", "uniform_grid", "kl_weights", "NATIVE_METHODS", "TORCHSDE_METHODS"]
 
 NATIVE_METHODS = ("euler", "heun")
 TORCHSDE_METHODS = ("euler", "milstein", "srk")
@@ -122,8 +128,9 @@ def rollout(
 
     Parameters
     ----------
-    sde: the controlled SDE (``sde.ode=True`` integrates the probability-flow ODE; no noise drawn).
-    policy: action mean ``mu(tau, y, cond)``.
+    sde: the controlled sampler of noise level ``sde.noise`` (``sde.ode``: the probability-flow ODE, no
+        noise drawn).
+    policy: action mean ``mu(tau, y, cond)``; must return a finite tensor of ``y``'s shape.
     reference: pretrained action ``s(tau, y, cond)``; when given, the Girsanov KL is recorded.
     backend, method: see the module docstring.
     seed / generator: randomness of the native backend (``seed`` is the torchsde ``entropy``).
@@ -133,7 +140,8 @@ def rollout(
         its draws are kept in ``traj.extras["action_noise"]``.
     save_every: record states/actions every this many steps (``1`` keeps everything that the estimators
         need); ``None`` keeps only ``final`` and the accumulated ``path_kl`` (low memory).
-    check: raise ``FloatingPointError`` if the final state or KL is NaN/Inf.
+    check: raise ``FloatingPointError`` if the final state or KL is NaN/Inf, and (native backend) check every
+        action of ``policy``/``reference`` for shape and finiteness.
     """
     _validate(y0, backend, method)
     if exploration_std < 0 or not math.isfinite(exploration_std):
@@ -148,7 +156,7 @@ def rollout(
             generator = torch.Generator(device=y0.device)
             generator.manual_seed(0 if seed is None else int(seed))
         traj = _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, noise,
-                               exploration_std, save_every)
+                               exploration_std, save_every, check)
     if check:
         check_finite("rollout final state", traj.final)
         if traj.path_kl is not None:
@@ -156,8 +164,23 @@ def rollout(
     return traj
 
 
+def kl_weights(sde: ControlledSDE, taus: torch.Tensor) -> torch.Tensor:
+    r"""KL weight rate on the grid: ``sde.kl_weight_rate`` (:math:`\eta > 0`), or :math:`g^2` for the ODE (the
+    :math:`\eta = 1` Girsanov integrand, recorded as a diagnostic: the ODE's own path KL is infinite)."""
+    return sde.g2(taus) if sde.ode else sde.kl_weight_rate(taus)
+
+
+def _checked(name: str, a, y: torch.Tensor) -> torch.Tensor:
+    """The action ``a`` returned by ``name`` (``policy``/``reference``), checked for type, shape, finiteness."""
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"'{name}' must return a torch.Tensor, got {type(a).__name__}")
+    if a.shape != y.shape:
+        raise ValueError(f"'{name}' must return an action of the state's shape {tuple(y.shape)}, got {tuple(a.shape)}")
+    return check_finite(f"action returned by '{name}'", a)
+
+
 def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, noise, exploration_std,
-                    save_every) -> Trajectory:
+                    save_every, check=True) -> Trajectory:
     N = taus.numel() - 1
     dt = float(taus[1] - taus[0])
     sqrt_dt = math.sqrt(dt)
@@ -169,9 +192,14 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
     full = keep and save_every == 1
     # coefficients on the grid, computed once
     f = sde.schedule.f_tau(taus)
-    g2 = sde.g2(taus)
+    coef = sde.action_coef(taus)
     gdiff = sde.diffusion(taus)
-    gain = sde.action_gain
+    klw = kl_weights(sde, taus) if reference is not None else None
+    if check:
+        policy_fn, reference_fn = (lambda t, x, c: _checked("policy", policy(t, x, c), x)), (
+            None if reference is None else (lambda t, x, c: _checked("reference", reference(t, x, c), x)))
+    else:
+        policy_fn, reference_fn = policy, reference
 
     y = y0
     states, saved_taus, noises, actions, means, refs, logps, kls, act_noise = [], [], [], [], [], [], [], [], []
@@ -181,14 +209,14 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
     kl = torch.zeros(y0.shape[0], dtype=y0.dtype, device=y0.device)
     for k in range(N):
         tk = taus[k]
-        mu = policy(tk, y, cond)
+        mu = policy_fn(tk, y, cond)
         a = mu
         if exploration_std:
             eps = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
             a = mu + exploration_std * eps
             if full:
                 act_noise.append(eps)
-        drift = -f[k] * y + gain * g2[k] * a
+        drift = -f[k] * y + coef[k] * a
         if sde.ode:
             xi = None
             incr = 0.0
@@ -200,13 +228,13 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
             y_next = y + drift * dt + incr
         else:  # heun: predictor-corrector, trapezoidal in drift and in the (time-dependent) noise scale
             y_pred = y + drift * dt + incr
-            a_pred = policy(taus[k + 1], y_pred, cond)
-            drift_pred = -f[k + 1] * y_pred + gain * g2[k + 1] * a_pred
+            a_pred = policy_fn(taus[k + 1], y_pred, cond)
+            drift_pred = -f[k + 1] * y_pred + coef[k + 1] * a_pred
             incr2 = 0.0 if sde.ode else 0.5 * (gdiff[k] + gdiff[k + 1]) * sqrt_dt * xi
             y_next = y + 0.5 * (drift + drift_pred) * dt + incr2
         if reference is not None:
-            s = reference(tk, y, cond)
-            step_kl = girsanov_kl_step(g2[k], dt, a if not exploration_std else mu, s)
+            s = reference_fn(tk, y, cond)
+            step_kl = girsanov_kl_step(klw[k], dt, a if not exploration_std else mu, s)
             kl = kl + step_kl
             if full:
                 refs.append(s)
@@ -251,7 +279,7 @@ class _TorchsdeSystem(torch.nn.Module):
     torchsde's fixed-step loop accumulates ``t += dt`` in floating point, so on a grid ``taus`` it takes
     extra tiny steps and queries the Brownian path off the grid (float32, N = 1000: 1001 steps). The system
     is therefore written in step-index time :math:`u = \tau/d\tau` (``du = 1``, exact in floating point):
-    drift :math:`d\tau\,b(\tau)`, diffusion :math:`\sqrt{d\tau}\,g(\tau)`, KL rate times :math:`d\tau`.
+    drift :math:`d\tau\,b(\tau)`, diffusion :math:`\sqrt{d\tau}\sqrt{\eta}\,g(\tau)`, KL rate times :math:`d\tau`.
     The Brownian increments over ``[k, k+1]`` are then the standardised increments :math:`\xi_k`.
     """
 
@@ -284,7 +312,7 @@ class _TorchsdeSystem(torch.nn.Module):
         a = self.policy(tau, y, self.cond)
         b = self.sde.drift(tau, y, a).reshape(z.shape[0], self.D)
         if self.reference is not None:
-            rate = girsanov_kl_rate(self.sde.g2(tau), a, self.reference(tau, y, self.cond))
+            rate = girsanov_kl_rate(kl_weights(self.sde, tau), a, self.reference(tau, y, self.cond))
         else:
             rate = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         return torch.cat([b, rate[:, None]], dim=1) * self.dtau

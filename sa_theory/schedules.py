@@ -28,6 +28,10 @@ Schedules:
   :math:`f=0`, :math:`g^2 = d\sigma^2/dt`, :math:`\sigma_t^2 = \sigma(t)^2-\sigma(0)^2`.
 * :class:`ConstantOU` -- VP with a constant rate :math:`b` (an Ornstein-Uhlenbeck process); with
   :math:`bT` of order one the sampler keeps a strong memory of its initial point (theory.md R2).
+* :class:`RectifiedFlow` -- flow matching (SD3, FLUX): :math:`x_t = (1-t)x_0 + t\varepsilon` on
+  :math:`[0, t_\max]`, :math:`\alpha_t = 1-t`, :math:`\sigma_t^2 = t^2`, :math:`f = -1/(1-t)`,
+  :math:`g^2 = 2t/(1-t)` (theory.md §5); ``T = t_max < 1`` because :math:`g^2` is singular at 1.
+  The velocity / eps / x0 <-> score maps are in :mod:`sa_theory.parametrization`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Schedule", "VPLinear", "VPCosine", "VEGeometric", "ConstantOU", "SCHEDULES", "get_schedule"]
+__all__ = ["Schedule", "VPLinear", "VPCosine", "VEGeometric", "ConstantOU", "RectifiedFlow", "SCHEDULES",
+           "get_schedule"]
 
 
 def _xp(x: Any):
@@ -262,11 +267,49 @@ class VEGeometric(Schedule):
         return self.sigma(t) ** 2 - self.sigma_min**2
 
 
-SCHEDULES = {"vp_linear": VPLinear, "vp_cosine": VPCosine, "ve": VEGeometric, "ou": ConstantOU}
+@dataclass(frozen=True, kw_only=True)
+class RectifiedFlow(Schedule):
+    r"""Rectified flow / flow matching: :math:`x_t = (1-t)\,x_0 + t\,\varepsilon`, :math:`t \in [0, t_\max]`.
+
+    :math:`\alpha_t = 1 - t`, :math:`\sigma_t = t`, :math:`f(t) = -1/(1-t)`, :math:`g^2(t) = 2t/(1-t)`
+    (so :math:`d\sigma_t^2/dt = 2f\sigma_t^2 + g^2`). ``T`` equals ``t_max`` (give one of them); ``t_max``
+    must be < 1. Its probability-flow ODE is :math:`dx/dt = v` with :math:`v = \varepsilon - x_0` the
+    flow-matching velocity (:func:`sa_theory.parametrization.velocity_from_score`).
+    """
+
+    t_max: float = 0.999
+    T: float | None = None  # type: ignore[assignment]
+    kind: str = "rf"
+
+    def __post_init__(self) -> None:
+        tm = _check_finite_positive("t_max", self.t_max)
+        if tm >= 1.0:
+            raise ValueError(f"schedule parameter 't_max' must be < 1 (g^2 = 2t/(1-t) is singular at 1), got {tm}")
+        if self.T is not None and float(self.T) != tm:
+            raise ValueError(f"RectifiedFlow: 'T' ({self.T}) must equal 't_max' ({tm}); give only t_max")
+        object.__setattr__(self, "T", tm)
+        super().__post_init__()
+
+    def f(self, t):
+        return -1.0 / (1.0 - _asarray(t))
+
+    def g2(self, t):
+        t = _asarray(t)
+        return 2.0 * t / (1.0 - t)
+
+    def log_alpha(self, t):
+        return _xp(t).log1p(-_asarray(t))
+
+    def marginal_var(self, t):
+        return _asarray(t) ** 2
+
+
+SCHEDULES = {"vp_linear": VPLinear, "vp_cosine": VPCosine, "ve": VEGeometric, "ou": ConstantOU,
+             "rectified_flow": RectifiedFlow}
 
 
 def get_schedule(name: str, **kwargs) -> Schedule:
-    """Build a schedule by name (``vp_linear``, ``vp_cosine``, ``ve``, ``ou``)."""
+    """Build a schedule by name (``vp_linear``, ``vp_cosine``, ``ve``, ``ou``, ``rectified_flow``)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
     return SCHEDULES[name](**kwargs)

@@ -31,7 +31,7 @@ from torch import nn
 from .schedules import Schedule
 
 __all__ = ["TweedieValue", "ResidualValue", "MLPValue", "tweedie_x0", "mc_value_targets",
-           "value_regression_loss", "td_value_loss", "evaluate_values"]
+           "value_regression_loss", "td_value_loss"]
 
 
 def tweedie_x0(schedule: Schedule, t: torch.Tensor, y: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
@@ -107,12 +107,6 @@ class ResidualValue(nn.Module):
         else:
             base, nn_in = self.tweedie(tau, y, cond), y
         return (1 + t * self.gamma) * base + t * self.net(tau, nn_in, cond)
-
-
-def evaluate_values(value: Callable, taus: torch.Tensor, states: torch.Tensor, cond: Any = None) -> torch.Tensor:
-    """:math:`V(\\tau_k, Y_k)` for ``k = 0..N-1`` on detached states: ``(N, B)``."""
-    N = taus.numel() - 1
-    return torch.stack([value(taus[k], states[k].detach(), cond) for k in range(N)])
 
 
 def mc_value_targets(terminal_reward: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from sa_theory import schedules
 from sa_theory.rollout import rollout
 from sa_theory.sde import ControlledSDE
 from toy_problems import LinearGaussianProblem, gaussian_kl
-from toy_problems.linear_gaussian import _Affine
+from toy_problems._lg_policies import Affine as _Affine
 
 VP = schedules.VPLinear(b_min=0.1, b_max=20.0, T=1.0)
 OU = schedules.ConstantOU(b=1.0, T=1.0)
