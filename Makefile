@@ -2,13 +2,15 @@
 #   make reproduce   -- regenerate every figure in figures/ and print summaries: the toy figures (~9 min on
 #                       2 cores) and the digits experiment (~25 min on 2 cores incl. pretraining, 2 workers)
 #   make test        -- run the default test suite (excludes slow and GPU tests)
-# Other targets: make test-slow, make test-gpu, make bench, make lint.
+# Other targets: make test-slow, make test-gpu, make bench, make bench-t2i-cost, make lint,
+#   make retrain-digits (retrain the shipped digits models in digits/weights/, ~7 min on one core).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce reproduce-toy reproduce-digits quick test test-slow test-gpu bench lint clean
+.PHONY: install reproduce reproduce-toy reproduce-digits retrain-digits quick test test-slow test-gpu bench \
+	bench-t2i-cost lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +30,9 @@ reproduce-toy: $(STAMP)
 reproduce-digits: $(STAMP)
 	$(PY) -m digits.experiment --workers 2
 
+retrain-digits: $(STAMP)
+	$(PY) -m digits.pretrain --retrain-shipped
+
 quick: $(STAMP)
 	$(PY) -m figures.make_all --quick
 
@@ -44,6 +49,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_rollout.py
 	$(PY) benchmarks/bench_estimators.py
 	$(PY) benchmarks/bench_queries.py --json benchmarks/results/queries.json
+
+bench-t2i-cost: $(STAMP)
+	$(PY) benchmarks/bench_t2i_cost.py --out benchmarks/results/t2i_cost.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,13 @@ The result is written with ``save_pretrained`` (see :func:`t2i.models.save_pixel
 ``<hash>`` is the first 16 hex digits of the SHA-256 of the JSON of :class:`PretrainConfig` (plus a format
 version): a second call with the same config reuses the folder. ``model.pretrained=<folder>`` then loads it
 in :class:`t2i.trainer.Trainer` (``t2i.models.load_pipeline`` recognises the folder).
+
+**Shipped weights.** ``digits/weights/`` holds the models of the default and the ``QUICK`` configs (and the
+digit classifiers of :mod:`digits.rewards`) as safetensors, listed in ``digits/weights/manifest.json`` with
+their config, config hash and the SHA-256 of every file. On a cache miss, :func:`pretrain` copies the shipped
+folder whose hash equals the requested config's hash (after checking every file's SHA-256) instead of
+training; any other config trains as before. Retrain them all (about 7 min on one core) with
+``python -m digits.pretrain --retrain-shipped`` (``make retrain-digits``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -32,9 +40,20 @@ import torch.nn.functional as F
 
 from .data import ALL_PROMPTS, load_split
 
-__all__ = ["PretrainConfig", "config_hash", "cache_root", "pretrain", "build_untrained_pipeline"]
+__all__ = [
+    "PretrainConfig",
+    "config_hash",
+    "cache_root",
+    "pretrain",
+    "build_untrained_pipeline",
+    "shipped_pretrained",
+    "read_manifest",
+    "retrain_shipped",
+]
 
 FORMAT_VERSION = 1
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -209,10 +228,14 @@ def pretrain(
     folder = os.path.join(cache_root(cache_dir), h)
     if is_pixel_pipeline(folder) and not force:
         return folder
-    pipe, info = _train(cfg, log_every)
     tmp = folder + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pixel_pipeline(pipe, tmp, extra={"hash": h, "config": cfg.to_dict(), **info})
+    shipped = None if force else shipped_pretrained(cfg)
+    if shipped is not None:  # same config hash, files verified: copy instead of training
+        shutil.copytree(shipped, tmp)
+    else:
+        pipe, info = _train(cfg, log_every)
+        save_pixel_pipeline(pipe, tmp, extra={"hash": h, "config": cfg.to_dict(), **info})
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -222,3 +245,112 @@ def pretrain(
 def pretrain_info(folder: str) -> dict:
     with open(os.path.join(folder, "pixel_pipeline.json")) as f:
         return json.load(f)
+
+
+# --------------------------------------------------------------------------- shipped weights
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(weights_dir: str | None = None) -> dict:
+    """``manifest.json`` of the shipped weights (``{"pretrain": {hash: entry}, "classifiers": {hash: entry}}``;
+    empty sections when there is none)."""
+    path = os.path.join(weights_dir or WEIGHTS_DIR, MANIFEST)
+    if not os.path.isfile(path):
+        return {"pretrain": {}, "classifiers": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def files_verified(base: str, files: dict) -> bool:
+    """True when every ``relative path -> sha256`` of ``files`` exists under ``base`` with that digest."""
+    for rel, digest in files.items():
+        p = os.path.join(base, rel)
+        if not os.path.isfile(p) or sha256_file(p) != digest:
+            return False
+    return bool(files)
+
+
+def shipped_pretrained(cfg: PretrainConfig, weights_dir: str | None = None) -> str | None:
+    """Folder of the shipped model whose config hash equals ``config_hash(cfg)``, or ``None`` (no such entry,
+    or a file missing or failing its SHA-256, then with a warning)."""
+    wd = weights_dir or WEIGHTS_DIR
+    h = config_hash(cfg)
+    entry = read_manifest(wd)["pretrain"].get(h)
+    if entry is None:
+        return None
+    folder = os.path.join(wd, "pretrain", h)
+    if not files_verified(folder, entry["files"]):
+        warnings.warn(f"shipped digits model {folder} fails its SHA-256 check; training instead", stacklevel=2)
+        return None
+    return folder
+
+
+def _folder_digests(folder: str) -> dict:
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            out[os.path.relpath(p, folder).replace(os.sep, "/")] = sha256_file(p)
+    return dict(sorted(out.items()))
+
+
+def retrain_shipped(weights_dir: str | None = None, log_every: int = 200) -> dict:
+    """Retrain every shipped model (the default and ``QUICK`` pretraining configs, and the classifiers of
+    :func:`digits.rewards.shipped_classifier_specs`) into a fresh ``weights_dir`` and write its manifest."""
+    from t2i.models import save_pixel_pipeline
+
+    from .experiment import QUICK
+    from .rewards import save_shipped_classifier, shipped_classifier_specs, train_classifier
+
+    wd = weights_dir or WEIGHTS_DIR
+    new = wd.rstrip(os.sep) + ".new"
+    shutil.rmtree(new, ignore_errors=True)
+    os.makedirs(new)
+    manifest = {"format": 1, "torch": torch.__version__, "threads": torch.get_num_threads(), "pretrain": {}}
+    manifest["classifiers"] = {}
+    for name, cfg in (("default", PretrainConfig()), ("quick", QUICK().pretrain)):
+        h = config_hash(cfg)
+        print(f"pretraining {name} config {h}", flush=True)
+        pipe, info = _train(cfg, log_every)
+        folder = os.path.join(new, "pretrain", h)
+        save_pixel_pipeline(pipe, folder, extra={"hash": h, "config": cfg.to_dict(), **info})
+        manifest["pretrain"][h] = {"name": name, "config": cfg.to_dict(), **info, "files": _folder_digests(folder)}
+    for seed, cfg in shipped_classifier_specs():
+        model, info = train_classifier(seed, cfg)
+        h, rel = save_shipped_classifier(model, info, new)
+        print(f"classifier {h} seed {seed} {cfg}: test accuracy {info['test_accuracy']:.3f}", flush=True)
+        manifest["classifiers"][h] = {"file": rel, "sha256": sha256_file(os.path.join(new, rel)), **info}
+    with open(os.path.join(new, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    if os.path.isfile(os.path.join(wd, "README.md")):
+        shutil.copy2(os.path.join(wd, "README.md"), os.path.join(new, "README.md"))
+    shutil.rmtree(wd, ignore_errors=True)
+    os.replace(new, wd)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m digits.pretrain", description=__doc__.split("\n")[0])
+    ap.add_argument("--retrain-shipped", action="store_true", help="retrain everything in digits/weights/")
+    ap.add_argument("--cache", default=None, help="model cache (default $SA_CACHE or ~/.cache/scores-as-actions)")
+    ap.add_argument("--force", action="store_true", help="train even if cached or shipped")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    if args.retrain_shipped:
+        m = retrain_shipped()
+        print(f"wrote {WEIGHTS_DIR} ({len(m['pretrain'])} models, {len(m['classifiers'])} classifiers)")
+    else:
+        print(pretrain(PretrainConfig(), args.cache, force=args.force, log_every=200))
+    print(f"{time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

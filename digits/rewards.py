@@ -2,7 +2,8 @@
 
 * :class:`DigitCNN` -- a small CNN on 8x8 grey images (two 3x3 convs, pooling, a 64-d feature layer, 10
   logits), trained on the **training split only** (real digits, small shifts and pixel noise as
-  augmentation; never on generated images). Cached by config hash next to the diffusion model.
+  augmentation; never on generated images). Cached by config hash next to the diffusion model; the
+  experiment's classifiers ship in ``digits/weights/`` (safetensors; used when the config hash matches).
 * :class:`DigitProbReward` (registry name ``digit_prob``) -- the classifier's probability of the digit named
   in the prompt (``"a handwritten digit 7"`` -> p(7 | image)), in [0, 1]. Differentiable.
 * ``jpeg_compress`` (t2i built-in) -- JPEG compressibility, usable as is on the (B, 3, H, W) images.
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -40,6 +42,10 @@ __all__ = [
     "frechet_distance",
     "accuracy",
     "BoldReward",
+    "classifier_hash",
+    "shipped_classifier",
+    "shipped_classifier_specs",
+    "save_shipped_classifier",
 ]
 
 CLF_CONFIG = {
@@ -106,10 +112,58 @@ def _augment(x: torch.Tensor, g: torch.Generator, shift: int, noise: float) -> t
     return (x + noise * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
-def classifier_path(cache_root: str, seed: int = 0, cfg: dict | None = None) -> str:
+def classifier_hash(seed: int = 0, cfg: dict | None = None) -> str:
+    """First 16 hex digits of the SHA-256 of ``{**CLF_CONFIG, **cfg, "seed": seed}`` (sorted JSON)."""
     c = {**CLF_CONFIG, **(cfg or {}), "seed": seed}
-    h = hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(cache_root, f"classifier-{h}.pt")
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def classifier_path(cache_root: str, seed: int = 0, cfg: dict | None = None) -> str:
+    return os.path.join(cache_root, f"classifier-{classifier_hash(seed, cfg)}.pt")
+
+
+def shipped_classifier_specs() -> list[tuple[int, dict]]:
+    """``(seed, cfg)`` of the shipped classifiers: reward classifiers (seed 0, targets digit and bold) and the
+    evaluation classifier (seed 1), at the default and the ``QUICK`` experiment's ``classifier_steps``."""
+    from .experiment import QUICK, ExperimentConfig
+
+    steps = sorted({ExperimentConfig().classifier_steps, QUICK().classifier_steps})
+    return [(seed, {"steps": n, "target": t}) for n in steps for seed, t in ((0, "digit"), (0, "bold"), (1, "digit"))]
+
+
+def save_shipped_classifier(model: DigitCNN, info: dict, weights_dir: str) -> tuple[str, str]:
+    """Write ``classifiers/classifier-<hash>.safetensors`` (``info`` as JSON metadata); (hash, relative path)."""
+    from safetensors.torch import save_file
+
+    h = classifier_hash(info["seed"], {k: info[k] for k in CLF_CONFIG})
+    rel = f"classifiers/classifier-{h}.safetensors"
+    os.makedirs(os.path.join(weights_dir, "classifiers"), exist_ok=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(weights_dir, rel), metadata={"info": json.dumps(info, sort_keys=True)})
+    return h, rel
+
+
+def shipped_classifier(seed: int = 0, cfg: dict | None = None, weights_dir: str | None = None):
+    """``(model, info)`` of the shipped classifier with this seed and config hash, or ``None`` (none shipped,
+    or its file fails the SHA-256 recorded in the manifest, then with a warning)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .pretrain import WEIGHTS_DIR, read_manifest, sha256_file
+
+    wd = weights_dir or WEIGHTS_DIR
+    entry = read_manifest(wd)["classifiers"].get(classifier_hash(seed, cfg))
+    if entry is None:
+        return None
+    path = os.path.join(wd, entry["file"])
+    if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
+        warnings.warn(f"shipped classifier {path} fails its SHA-256 check; training instead", stacklevel=2)
+        return None
+    with safe_open(path, "pt") as f:
+        info = json.loads(f.metadata()["info"])
+    model = DigitCNN(info["width"], info["feat"], 10 if info["target"] == "digit" else 2)
+    model.load_state_dict(load_file(path))
+    return model.eval().requires_grad_(False), info
 
 
 def train_classifier(seed: int = 0, cfg: dict | None = None) -> tuple[DigitCNN, dict]:
@@ -143,7 +197,9 @@ def train_classifier(seed: int = 0, cfg: dict | None = None) -> tuple[DigitCNN, 
 
 
 def load_classifier(cache_root: str, seed: int = 0, cfg: dict | None = None) -> tuple[DigitCNN, dict]:
-    """Cached classifier (trained on first use; path hashed from its config and seed) and its info dict."""
+    """Cached classifier and its info dict (path hashed from its config and seed). On a cache miss the shipped
+    classifier with the same hash (``digits/weights``, :func:`shipped_classifier`) is used, else one is
+    trained; either way it is written to the cache (``.pt``, the file ``reward.weights_path`` points to)."""
     path = classifier_path(cache_root, seed, cfg)
     if os.path.isfile(path):
         blob = torch.load(path, weights_only=True)
@@ -151,7 +207,7 @@ def load_classifier(cache_root: str, seed: int = 0, cfg: dict | None = None) -> 
         model = DigitCNN(info["width"], info["feat"], 10 if info.get("target", "digit") == "digit" else 2)
         model.load_state_dict(blob["state_dict"])
         return model.eval().requires_grad_(False), info
-    model, info = train_classifier(seed, cfg)
+    model, info = shipped_classifier(seed, cfg) or train_classifier(seed, cfg)
     os.makedirs(cache_root, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}"
     torch.save({"state_dict": model.state_dict(), "info": json.dumps(info)}, tmp)

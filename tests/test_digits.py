@@ -1,11 +1,13 @@
 """The digits experiment (issue #6): data, cached pretraining, rewards, a reduced end-to-end run.
 
-The default suite trains a very small model (``digits.experiment.QUICK()``: 150 pretraining steps) into a
-temporary cache shared by the session (``$TMPDIR/sa_digits_test_cache``; reused by config hash), then runs
+The default suite uses a very small model (``digits.experiment.QUICK()``: 150 pretraining steps; shipped in
+``digits/weights``, so it is copied, not trained) in a temporary cache shared by the session
+(``$TMPDIR/sa_digits_test_cache``; reused by config hash), then runs
 ``sa_ac`` for a few iterations through ``t2i.trainer.Trainer`` and checks that the reward rises and the path
 KL is finite. The full experiment is ``-m slow``.
 """
 
+import json
 import math
 import os
 import tempfile
@@ -56,6 +58,105 @@ def test_pretrained_model_is_cached_by_config_hash_and_loads_in_t2i(quick_assets
     assert isinstance(pipe, PixelPipeline)
     img = decode_latents(pipe, torch.rand(2, 1, 8, 8) * 2 - 1)
     assert img.shape == (2, 3, 8, 8) and 0 <= float(img.min()) and float(img.max()) <= 1
+
+
+def test_shipped_weights_reproduce_their_config_hashes():
+    """Every shipped model and classifier: the config recorded with it hashes to the name it is stored under,
+    its files pass their SHA-256, the weights fit the architecture that config builds, and the default and
+    QUICK configs (and every classifier the experiment asks for) are shipped. Total size < 10 MB."""
+    from digits.experiment import QUICK
+    from digits.pretrain import (
+        WEIGHTS_DIR,
+        PretrainConfig,
+        build_untrained_pipeline,
+        config_hash,
+        read_manifest,
+        shipped_pretrained,
+    )
+    from digits.rewards import (
+        CLF_CONFIG,
+        DigitCNN,
+        classifier_hash,
+        shipped_classifier,
+        shipped_classifier_specs,
+    )
+    from t2i.models import load_pipeline
+
+    man = read_manifest()
+    assert {config_hash(PretrainConfig()), config_hash(QUICK().pretrain)} <= set(man["pretrain"])
+    for h, entry in man["pretrain"].items():
+        cfg = PretrainConfig(**entry["config"])
+        assert config_hash(cfg) == h
+        folder = shipped_pretrained(cfg)
+        assert folder is not None and os.path.basename(folder) == h
+        with open(os.path.join(folder, "pixel_pipeline.json")) as f:
+            recorded = json.load(f)
+        assert recorded["hash"] == h and config_hash(PretrainConfig(**recorded["config"])) == h
+        pipe, fresh = load_pipeline(folder), build_untrained_pipeline(cfg)
+        for got, want in ((pipe.unet, fresh.unet), (pipe.text_encoder, fresh.text_encoder)):
+            sd, ref = got.state_dict(), want.state_dict()
+            assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref.items()}
+            assert all(torch.isfinite(v).all() for v in sd.values())
+    assert man["pretrain"][config_hash(PretrainConfig())]["steps"] == PretrainConfig().num_train_steps
+    for seed, cfg in shipped_classifier_specs():
+        assert classifier_hash(seed, cfg) in man["classifiers"], (seed, cfg)
+    for h, entry in man["classifiers"].items():
+        model, info = shipped_classifier(entry["seed"], {k: entry[k] for k in ("steps", "target")})
+        assert classifier_hash(info["seed"], {k: info[k] for k in CLF_CONFIG}) == h
+        assert isinstance(model, DigitCNN) and info == {k: v for k, v in entry.items() if k not in ("file", "sha256")}
+    size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(WEIGHTS_DIR) for n in ns)
+    assert size < 10 * 2**20, size
+
+
+def test_changed_config_does_not_use_shipped_weights(tmp_path, monkeypatch):
+    """A config whose hash is not shipped (or a shipped file that fails its SHA-256) trains; a shipped one is
+    copied into the cache without training (training is made to raise to show it)."""
+    import dataclasses
+    import shutil
+
+    import digits.pretrain as P
+    import digits.rewards as R
+    from digits.experiment import QUICK
+
+    quick = QUICK().pretrain
+    for change in ({"seed": 1}, {"num_train_steps": 149}, {"extra": {"x": 1}}):
+        assert P.shipped_pretrained(dataclasses.replace(quick, **change)) is None, change
+    assert R.shipped_classifier(0, {"steps": 299}) is None and R.shipped_classifier(2, {"steps": 300}) is None
+    # tampered copy: one byte of the UNet weights flipped -> not used
+    wd = str(tmp_path / "weights")
+    shutil.copytree(P.WEIGHTS_DIR, wd)
+    w = os.path.join(wd, "pretrain", P.config_hash(quick), "unet", "diffusion_pytorch_model.safetensors")
+    data = bytearray(open(w, "rb").read())
+    data[-1] ^= 1
+    open(w, "wb").write(data)
+    with pytest.warns(UserWarning, match="SHA-256"):
+        assert P.shipped_pretrained(quick, wd) is None
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although shipped")
+
+    monkeypatch.setattr(P, "_train", no_training)
+    monkeypatch.setattr(R, "train_classifier", no_training)
+    folder = P.pretrain(quick, str(tmp_path / "cache"))
+    src = P.shipped_pretrained(quick)
+    assert os.path.basename(folder) == P.config_hash(quick)
+    assert (
+        P._folder_digests(folder)
+        == P._folder_digests(src)
+        == P.read_manifest()["pretrain"][P.config_hash(quick)]["files"]
+    )
+    model, info = R.load_classifier(str(tmp_path / "cache"), 1, {"steps": 300})
+    assert os.path.isfile(R.classifier_path(str(tmp_path / "cache"), 1, {"steps": 300}))
+    shipped, _ = R.shipped_classifier(1, {"steps": 300})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), shipped.state_dict().values()))
+    with pytest.raises(AssertionError, match="trained although shipped"):
+        P.pretrain(dataclasses.replace(quick, num_train_steps=2), str(tmp_path / "cache"))
+    with pytest.raises(AssertionError, match="trained although shipped"):
+        R.load_classifier(str(tmp_path / "cache"), 0, {"steps": 2})
+    monkeypatch.undo()
+    tiny = dataclasses.replace(quick, num_train_steps=2, warmup_steps=1)
+    info = P.pretrain_info(P.pretrain(tiny, str(tmp_path / "cache")))  # not shipped: trains (fallback path)
+    assert info["steps"] == 2 and info["hash"] == P.config_hash(tiny)
 
 
 def test_rewards_classifiers_trained_on_real_digits_only(quick_assets):
