@@ -270,8 +270,8 @@ def test_optimal_action_value_and_stationarity_in_the_family(schedule, eta):
     assert abs(slope(wrong)) > 1e-3 * abs(curvature), slope(wrong)
 
 
-@pytest.mark.parametrize("schedule, eta", [(VP, 0.5), (RF9, 0.245),
-                                           pytest.param(RF9, "ramp", marks=pytest.mark.slow)], ids=["vp", "rf", "rf-ramp"])
+@pytest.mark.parametrize("schedule, eta", [(VP, 0.5), (RF9, 0.245), pytest.param(RF9, "ramp", marks=pytest.mark.slow)],
+                         ids=["vp", "rf", "rf-ramp"])
 def test_exact_gradient_equals_richardson_finite_differences_at_eta(schedule, eta):
     base = random_problem(8, 2, schedule, True, 1.0)
     prob = LinearGaussianProblem(base.m0, base.S0, schedule, Q=base.Q, w=base.w, noise=_noise(eta, schedule))
