@@ -1,9 +1,16 @@
-"""``sa-t2i`` command line: ``train``, ``sample``, ``evaluate``, ``presets``.
+"""``sa-t2i`` command line: ``train``, ``sample``, ``evaluate``, ``presets``, ``config``.
 
 sa-t2i train --config sd15_sa_ac [--section.field value ...]
+sa-t2i train --config sd15_sa_ac --resume_from auto      # continue the run in log.output_dir
+sa-t2i train --config sd15_sa_ac --log.overwrite true    # replace the run in log.output_dir
 accelerate launch --num_processes 8 -m t2i.cli train --config sd15_sa_ac
 sa-t2i sample --checkpoint runs/sd15_sa_ac --prompts "a cat" "a dog" --out samples/
 sa-t2i evaluate --checkpoint runs/sd15_sa_ac [--section.field value ...]
+sa-t2i config --config tiny_cpu                          # every field: type, value, meaning
+
+A run folder that already holds a run is never written over without --log.overwrite; a resume with settings
+that differ from the checkpoint's is refused naming them. Ctrl-C finishes the epoch, saves and prints the resume
+command. Errors are one "error: ..." line; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,22 +25,11 @@ __all__ = ["main", "parse_overrides", "evaluate", "sample"]
 
 
 def parse_overrides(rest: list[str]) -> dict[str, str]:
-    """``["--a.b", "1", "--c.d=x"]`` -> ``{"a.b": "1", "c.d": "x"}``; raises on a dangling token."""
-    out, i = {}, 0
-    while i < len(rest):
-        tok = rest[i]
-        if not tok.startswith("--"):
-            raise ValueError(f"unexpected argument {tok!r}: overrides are --section.field value")
-        key = tok[2:]
-        if "=" in key:
-            key, val = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(rest):
-                raise ValueError(f"override {tok!r} needs a value")
-            val, i = rest[i + 1], i + 2
-        out[key] = val
-    return out
+    """``["--a.b", "1", "--c.d=x"]`` -> ``{"a.b": "1", "c.d": "x"}`` (the shared parser of both CLIs,
+    :func:`sa_theory.algorithms.config.parse_overrides`); a stray token raises ``ValueError``."""
+    from sa_theory.algorithms.config import parse_overrides as _parse
+
+    return _parse(rest)
 
 
 def _mean_se(x) -> tuple[float, float]:
@@ -174,8 +170,95 @@ def sample(
     return paths
 
 
+def _check_out(path: str | None, kind: str) -> None:
+    """``--out`` before any model is built: ``kind='dir'`` must not be a file, ``'file'`` must not be a folder;
+    the nearest existing parent must be a writable folder."""
+    if path is None:
+        return
+    if kind == "dir" and os.path.isfile(path):
+        raise ValueError(f"--out {path!r} is a file, not a folder")
+    if kind == "file" and os.path.isdir(path):
+        raise ValueError(f"--out {path!r} is a folder; give a file name for the JSON results")
+    parent = os.path.abspath(path if kind == "dir" else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path!r}: {parent!r} is not a writable folder")
+
+
+def _train(args, overrides: dict, argv: list[str]) -> int:
+    import shlex
+
+    from sa_theory.algorithms import TrainingInterrupted
+
+    from .config import apply_overrides, get_preset, validate
+
+    cfg = apply_overrides(get_preset(args.config), overrides)
+    validate(cfg)  # every field and log.output_dir, before the (expensive) trainer import and model build
+    from .trainer import Trainer
+
+    tr = Trainer(cfg)
+    cmd, i = [], 0
+    while i < len(argv):  # the same command with --resume_from auto (the run folder's newest checkpoint)
+        if argv[i].startswith("--resume_from"):
+            i += 1 if "=" in argv[i] else 2
+            continue
+        cmd.append(argv[i])
+        i += 1
+    tr.resume_hint = shlex.join(["sa-t2i", *cmd, "--resume_from", "auto"])
+    try:
+        tr.train()
+    except TrainingInterrupted as err:
+        tr.acc.print(f"interrupted: {err}")
+        return 130
+    s = tr.summary()
+    if tr.acc.is_main_process:
+        pm = lambda k: f"{s[k + '_mean']:.4g} +- {s.get(k + '_se', float('nan')):.2g}" if k + "_mean" in s else "n/a"
+        print(f"done: {s['epochs']} epochs | final epoch reward {pm('reward')} | path KL {pm('path_kl')} nats"
+              + (f" (continuous-time {pm('path_kl_ct')})" if "path_kl_ct_mean" in s else ""))
+        print(f"outputs in {s['output_dir']}: metrics {s['metrics']}, checkpoint {s['checkpoint']}"
+              + (f", images {s['images']}" if s["images"] else "") + f", summary {s['output_dir']}/summary.json")
+    return 0
+
+
+def _run(args, rest: list[str], argv: list[str]) -> int:
+    overrides = parse_overrides(rest)
+    if args.cmd == "presets":
+        from .config import PRESETS
+
+        print("\n".join(sorted(PRESETS)))
+        return 0
+    if args.cmd == "config":
+        from .config import apply_overrides, describe_config, get_preset
+
+        print(describe_config(apply_overrides(get_preset(args.config), overrides)))
+        return 0
+    if args.cmd == "train":
+        return _train(args, overrides, argv)
+    if args.cmd == "sample":
+        _check_out(args.out, "dir")
+        paths = sample(args.checkpoint, args.prompts, args.out, args.num_per_prompt, overrides, args.seed)
+        print(f"wrote {len(paths)} images and grid.png to {args.out}")
+        return 0
+    if args.cmd == "evaluate":
+        _check_out(args.out, "file")
+        res = evaluate(args.checkpoint, overrides)
+        for label, r in res.items():
+            print(
+                f"{label:>10}: reward {r['reward_mean']:.4g} +- {r['reward_se']:.2g} | path KL "
+                f"{r['path_kl_mean']:.4g} +- {r['path_kl_se']:.2g} nats | diversity {r['diversity_pixels']:.4g}"  # noqa: E501
+            )
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     ap = argparse.ArgumentParser(
         prog="sa-t2i", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -192,37 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--out", default=None, help="write the results as JSON here")
     sub.add_parser("presets", help="list presets")
+    cf = sub.add_parser("config", help="every config field with its type, value and meaning")
+    cf.add_argument("--config", default="sd15_sa_ac", help="preset name (sa-t2i presets)")
+    for p in (ap, tr, sa, ev, cf):
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args, rest = ap.parse_known_args(argv)
-    overrides = parse_overrides(rest)
-    if args.cmd == "presets":
-        from .config import PRESETS
-
-        print("\n".join(sorted(PRESETS)))
-        return 0
-    if args.cmd == "train":
-        from .config import apply_overrides, get_preset, validate
-        from .trainer import Trainer
-
-        cfg = apply_overrides(get_preset(args.config), overrides)
-        validate(cfg)
-        Trainer(cfg).train()
-        return 0
-    if args.cmd == "sample":
-        paths = sample(args.checkpoint, args.prompts, args.out, args.num_per_prompt, overrides, args.seed)
-        print(f"wrote {len(paths)} images and grid.png to {args.out}")
-        return 0
-    if args.cmd == "evaluate":
-        res = evaluate(args.checkpoint, overrides)
-        for label, r in res.items():
-            print(
-                f"{label:>10}: reward {r['reward_mean']:.4g} +- {r['reward_se']:.2g} | path KL "
-                f"{r['path_kl_mean']:.4g} +- {r['path_kl_se']:.2g} nats | diversity {r['diversity_pixels']:.4g}"  # noqa: E501
-            )
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
-        return 0
-    return 1
+    try:
+        return _run(args, rest, argv)
+    except Exception as err:  # one line for the user; --debug for the traceback
+        if debug:
+            raise
+        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
+
+from sa_theory.algorithms.config import _f, describe
 
 __all__ = [
     "ModelConfig",
@@ -31,158 +32,162 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "METHODS",
+    "RESUME_MUTABLE",
+    "describe_config",
+    "ANIMALS",
 ]
 
 METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok")
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-ANIMALS = [
-    "cat",
-    "dog",
-    "horse",
-    "monkey",
-    "rabbit",
-    "zebra",
-    "spider",
-    "bird",
-    "sheep",
-    "deer",
-    "cow",
-    "goat",
-    "lion",
-    "tiger",
-    "bear",
-    "raccoon",
-    "fox",
-    "wolf",
-    "lizard",
-    "beetle",
-    "ant",
-    "butterfly",
-    "fish",
-    "shark",
-    "whale",
-    "dolphin",
-    "squirrel",
-    "mouse",
-    "rat",
-    "snake",
-    "turtle",
-    "frog",
-    "chicken",
-    "duck",
-    "goose",
-    "bee",
-    "pig",
-    "turkey",
-    "fly",
-    "llama",
-    "camel",
-    "bat",
-    "gorilla",
-    "hedgehog",
-    "kangaroo",
-]
+#: DDPO's 45 animal prompts, shipped as ``t2i/data/animal_prompts.txt`` (one per line)
+ANIMALS = [ln.strip() for ln in resources.files("t2i").joinpath("data/animal_prompts.txt").read_text().splitlines()
+           if ln.strip()]
 
 
 @dataclass
 class ModelConfig:
-    pretrained: str = SD15  # local folder or Hub id; "tiny" = in-process tiny pipeline; "tiny_pixel" = same,
-    # identity pixel-space VAE (t2i.models.PixelSpaceVAE); a folder from t2i.models.save_pixel_pipeline
-    revision: str | None = None  # Hub revision (None = default branch)
-    tiny_seed: int = 0  # seed of the random weights of the tiny pipeline (pretrained="tiny")
-    lora_rank: int = 4  # LoRA rank r on to_q/to_k/to_v/to_out.0 of the UNet attention layers
-    lora_alpha: float = 4.0  # LoRA scaling numerator (scale = alpha / r)
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16": frozen weights in this dtype, LoRA params fp32
-    gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass (saves memory)
-    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    """Model and LoRA."""
+
+    pretrained: str = _f(SD15, 'local folder or Hub id; "tiny" = in-process tiny pipeline; "tiny_pixel" = same with '
+                               "an identity pixel-space VAE; a folder from t2i.models.save_pixel_pipeline")
+    revision: str | None = _f(None, "Hub revision (None = default branch)")
+    tiny_seed: int = _f(0, 'seed of the random weights of the tiny pipeline (pretrained="tiny")')
+    lora_rank: int = _f(4, "LoRA rank r on to_q/to_k/to_v/to_out.0 of the UNet attention layers")
+    lora_alpha: float = _f(4.0, "LoRA scaling numerator (scale = alpha / r)")
+    mixed_precision: str = _f("no", '"no" | "fp16" | "bf16": frozen weights in this dtype, LoRA params fp32')
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in the backward pass (saves memory)")
+    allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs")
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # training sampler with log-probs: "ddim" (uses eta) or "ddpm"
-    num_steps: int = 50  # K sampling steps per image (also the number of per-step actor terms)
-    eta: float = 1.0  # DDIM eta (> 0 for training: the step must be stochastic to have a log-prob)
-    guidance_scale: float = 5.0  # classifier-free guidance w; the action is the guided score
-    negative_prompt: str = ""  # unconditional prompt of CFG
-    batch_size: int = 8  # images sampled per process per sampling batch
-    num_batches_per_epoch: int = 4  # sampling batches per process per epoch
-    eval_sampler: str = "ddim"  # sampler for `evaluate`/`sample`: ddim, ddpm, dpmsolver++, unipc, deis
-    eval_num_steps: int = 50  # steps for `evaluate`/`sample`
-    eval_num_images: int = 64  # images per process in `evaluate`
+    """Sampling (training rollouts and evaluation)."""
+
+    sampler: str = _f("ddim", 'training sampler with log-probs: "ddim" (uses eta) or "ddpm"')
+    num_steps: int = _f(50, "K sampling steps per image (also the number of per-step actor terms)")
+    eta: float = _f(1.0, "DDIM eta (> 0 for training: the step must be stochastic to have a log-prob)")
+    guidance_scale: float = _f(5.0, "classifier-free guidance w; the action is the guided score")
+    negative_prompt: str = _f("", "unconditional prompt of CFG")
+    batch_size: int = _f(8, "images sampled per process per sampling batch")
+    num_batches_per_epoch: int = _f(4, "sampling batches per process per epoch")
+    eval_sampler: str = _f("ddim", "sampler for `evaluate`/`sample`: ddim, ddpm, dpmsolver++, unipc, deis")
+    eval_num_steps: int = _f(50, "steps for `evaluate`/`sample`")
+    eval_num_images: int = _f(64, "images per process in `evaluate`")
 
 
 @dataclass
 class TrainConfig:
-    method: str = "sa_ac"  # "sa_ac" (continuous-time AC), "ddpo_sf" (REINFORCE), "ddpo_is" (PPO-clip), "dpok"
-    num_epochs: int = 100  # epochs; one epoch = sample, reward, then num_inner_epochs passes of updates
-    batch_size: int = 4  # paths per process per backward pass (minibatch)
-    gradient_accumulation_steps: int = 2  # minibatches per optimizer update
-    num_inner_epochs: int = 1  # passes over each epoch's samples
-    learning_rate: float = 3e-4  # actor (LoRA) learning rate, AdamW
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    adam_weight_decay: float = 1e-4  # AdamW weight decay
-    adam_epsilon: float = 1e-8  # AdamW epsilon
-    lr_warmup_steps: int = 0  # linear LR warm-up, in optimizer updates (then constant)
-    max_grad_norm: float = 1.0  # gradient clipping of actor + critic parameters
-    timestep_fraction: float = 1.0  # fraction of the K steps trained on per path (random subset per epoch)
-    beta: float = 0.01  # KL weight: objective E[r] - beta * KL(P_theta || P_pre) (nats per path)
-    kl_penalty: float = 1.0  # sa_ac: penalty on the path KL to the old (sampling) policy (trust region)
-    max_path_kl: float = (
-        0.0  # sa_ac: stop the epoch's updates once mean path KL to the old policy exceeds this (0 = off)
-    )
-    clip_range: float = 1e-4  # ddpo_is: PPO clip range on per-step ratios of SUMMED log-probs
-    ratio_clamp: float = 1e-4  # dpok: per-step ratio clamped to [1 - c, 1 + c] (DPOK's 1e-4)
-    adv_clip_max: float = 5.0  # clamp advantages to [-c, c]
-    advantage: str = "value"  # sa_ac: "value" (reward-to-go minus V baseline) or "td" (one-step TD errors)
-    per_prompt_norm: bool = (
-        False  # standardise rewards per prompt (running tracker, DDPO); ddpo_is and ddpo_sf always do
-    )
-    stat_buffer_size: int = 32  # per-prompt tracker: rewards kept per prompt
-    stat_min_count: int = 8  # per-prompt tracker: below this count use batch statistics
-    seed: int = 0  # global seed; per-epoch/per-rank RNG streams derive from it (exact resume)
+    """Optimisation."""
+
+    method: str = _f("sa_ac", '"sa_ac" (continuous-time AC), "ddpo_sf" (REINFORCE), "ddpo_is" (PPO-clip), "dpok"')
+    num_epochs: int = _f(100, "epochs (>= 1); one epoch = sample, reward, then num_inner_epochs passes of updates")
+    batch_size: int = _f(4, "paths per process per backward pass (minibatch)")
+    gradient_accumulation_steps: int = _f(2, "minibatches per optimizer update")
+    num_inner_epochs: int = _f(1, "passes over each epoch's samples")
+    learning_rate: float = _f(3e-4, "actor (LoRA) learning rate, AdamW")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_weight_decay: float = _f(1e-4, "AdamW weight decay")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    lr_warmup_steps: int = _f(0, "linear LR warm-up, in optimizer updates (then constant)")
+    max_grad_norm: float = _f(1.0, "gradient clipping of actor + critic parameters (0: none)")
+    timestep_fraction: float = _f(1.0, "fraction of the K steps trained on per path (random subset per epoch)")
+    beta: float = _f(0.01, "KL weight: objective E[r] - beta * KL(P_theta || P_pre) (nats per path)")
+    kl_weighting: str = _f("continuous", 'which per-step KL regularises: "continuous" (Girsanov rate integrated over '
+                                         'the step; stable across K) or "chain" (exact KL of the K-step chain)')
+    kl_penalty: float = _f(1.0, "sa_ac: penalty on the path KL to the old (sampling) policy (trust region)")
+    max_path_kl: float = _f(0.0, "sa_ac: stop the epoch's updates once mean path KL to the old policy exceeds this "
+                                 "(0 = off; > 0 otherwise)")
+    clip_range: float = _f(1e-4, "ddpo_is: PPO clip range on per-step ratios of SUMMED log-probs")
+    ratio_clamp: float = _f(1e-4, "dpok: per-step ratio clamped to [1 - c, 1 + c] (DPOK's 1e-4)")
+    adv_clip_max: float = _f(5.0, "clamp advantages to [-c, c]")
+    advantage: str = _f("value", 'sa_ac: "value" (reward-to-go minus V baseline) or "td" (one-step TD errors)')
+    per_prompt_norm: bool = _f(False, "standardise rewards per prompt (running tracker, DDPO); ddpo_is and ddpo_sf "
+                                      "always do")
+    stat_buffer_size: int = _f(32, "per-prompt tracker: rewards kept per prompt")
+    stat_min_count: int = _f(8, "per-prompt tracker: below this count use batch statistics")
+    seed: int = _f(0, "global seed; per-epoch/per-rank RNG streams derive from it (exact resume)")
 
 
 @dataclass
 class ValueConfig:
-    kind: str = "critic"  # "critic" (conv net), "tweedie" (r(VAE(x0_hat))), "residual", "none"
-    learning_rate: float = 1e-4  # critic learning rate
-    width: int = 64  # critic channel width
-    loss: str = (
-        "mc"  # "mc" (regress on R - beta * KL-to-go) or "td" (TD(0) targets from the pre-update critic)
-    )
-    coef: float = 1.0  # weight of the critic loss in the summed loss (separate parameters)
+    """Value model (critic / baseline)."""
+
+    kind: str = _f("critic", '"critic" (conv net), "tweedie" (r(VAE(x0_hat))), "residual", "none"')
+    learning_rate: float = _f(1e-4, "critic learning rate")
+    width: int = _f(64, "critic channel width")
+    loss: str = _f("mc", '"mc" (regress on R - beta * KL-to-go) or "td" (TD(0) targets from the pre-update critic)')
+    coef: float = _f(1.0, "weight of the critic loss in the summed loss (separate parameters)")
 
 
 @dataclass
 class RewardConfig:
-    name: str = "jpeg_compress"  # reward name: built-in, entry point (group sa_t2i.rewards) or "module:Factory"
-    clip_path: str | None = None  # local CLIPModel folder (aesthetic, clip_score, pickscore)
-    weights_path: str | None = None  # reward head weights (aesthetic: .safetensors/.pt state dict)
+    """Reward."""
+
+    name: str = _f("jpeg_compress", 'reward name: built-in, entry point (group sa_t2i.rewards) or "module:Factory"')
+    clip_path: str | None = _f(None, "local CLIPModel folder (aesthetic, clip_score, pickscore)")
+    weights_path: str | None = _f(None, "reward head weights (aesthetic: .safetensors/.pt state dict)")
 
 
 @dataclass
 class LogConfig:
-    output_dir: str = "runs/sa_t2i"  # run folder: metrics.jsonl, tensorboard/, images/, checkpoints/
-    save_every: int = 10  # checkpoint every N epochs (and at the end); 0 = only at the end
-    keep_last: int = 3  # checkpoints kept
-    image_every: int = 5  # save an image grid every N epochs (0 = never)
-    tensorboard: bool = True  # write TensorBoard event files
-    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str = "scores-as-actions"  # wandb project
-    progress: bool = True  # tqdm progress bars on the main process
+    """Logging and checkpoints."""
+
+    output_dir: str = _f("runs/sa_t2i", "run folder: metrics.jsonl, tensorboard/, images/, checkpoints/")
+    overwrite: bool = _f(False, "let a fresh run replace an existing run in output_dir (removes its metrics.jsonl, "
+                                "checkpoints/, images/, tensorboard/); default: refuse, naming the folder")
+    save_every: int = _f(10, "checkpoint every N epochs (and at the end, and on SIGINT/SIGTERM); 0 = only at the end")
+    keep_last: int = _f(3, "checkpoints kept (a damaged latest falls back to the newest intact one)")
+    image_every: int = _f(5, "save an image grid every N epochs (0 = never)")
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+    wandb: bool = _f(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = _f("scores-as-actions", "wandb project")
+    progress: bool = _f(True, "tqdm progress bars on the main process")
+
+
+def _section(cls):
+    return field(default_factory=cls, metadata={"help": cls.__doc__})
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)  # model and LoRA
-    sample: SampleConfig = field(default_factory=SampleConfig)  # sampling
-    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
-    value: ValueConfig = field(default_factory=ValueConfig)  # value model
-    reward: RewardConfig = field(default_factory=RewardConfig)  # reward
-    log: LogConfig = field(default_factory=LogConfig)  # logging and checkpoints
-    prompts: list[str] = field(default_factory=lambda: list(ANIMALS))  # training prompts (sampled uniformly)
-    resume_from: str | None = None  # checkpoint dir, or a run dir (uses its `latest`), or "auto"
+    """Every knob of an image fine-tuning run."""
+
+    model: ModelConfig = _section(ModelConfig)
+    sample: SampleConfig = _section(SampleConfig)
+    train: TrainConfig = _section(TrainConfig)
+    value: ValueConfig = _section(ValueConfig)
+    reward: RewardConfig = _section(RewardConfig)
+    log: LogConfig = _section(LogConfig)
+    prompts: list[str] = field(default_factory=lambda: list(ANIMALS),
+                               metadata={"help": "training prompts (sampled uniformly); CLI: JSON list or a|b|c"})
+    resume_from: str | None = _f(None, 'checkpoint dir, or a run dir (uses its `latest`), or "auto" (resume if the '
+                                       "run dir has a checkpoint, else start fresh)")
+
+
+#: fields a resumed run may change (applied and reported); any other difference refuses to resume
+RESUME_MUTABLE = frozenset({"train.num_epochs", "resume_from", "log.output_dir", "log.overwrite", "log.save_every",
+                            "log.keep_last", "log.image_every", "log.tensorboard", "log.wandb", "log.wandb_project",
+                            "log.progress", "sample.eval_sampler", "sample.eval_num_steps", "sample.eval_num_images"})
+
+
+def describe_config(cfg: Config | None = None) -> str:
+    """Every field as ``section.field (type) = value  # meaning`` (``cfg``'s values, else the defaults)."""
+    cfg = cfg or Config()
+    out = []
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub):
+            out.append(describe(sub, prefix=f"{f.name}."))
+    top = [f for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))]
+    hints = typing.get_type_hints(Config)
+    out.append("top level:")
+    for f in top:
+        val = getattr(cfg, f.name)
+        shown = val if not isinstance(val, list) or len(val) <= 4 else [*val[:4], f"... {len(val)} in all"]
+        tname = str(hints[f.name]).replace("typing.", "")
+        out.append(f"  {f.name} ({tname}) = {shown!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- presets
@@ -305,89 +310,10 @@ def config_from_dict(d: dict) -> Config:
 
 # --------------------------------------------------------------------------- validation and arithmetic
 def validate(cfg: Config, num_processes: int = 1) -> None:
-    """Fail fast with a message naming the offending field."""
-    from .rewards import available_rewards
-    from .scheduling import SAMPLERS, TRAIN_SAMPLERS
-    from .values import VALUE_KINDS
+    """Fail fast with a ``ValueError`` naming the offending field (:func:`t2i.validation.validate`)."""
+    from .validation import validate as _validate
 
-    s, t, v, r, m = cfg.sample, cfg.train, cfg.value, cfg.reward, cfg.model
-
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
-    need(t.method in METHODS, f"train.method: unknown method {t.method!r}; choose one of {METHODS}")
-    need(
-        r.name in available_rewards() or ":" in r.name,
-        f"reward.name: unknown reward {r.name!r}; known rewards: {', '.join(available_rewards())} "
-        "(or 'package.module:Factory')",
-    )
-    for fld in ("weights_path", "clip_path"):
-        p = getattr(r, fld)
-        if p is not None and not os.path.exists(p):
-            raise ValueError(f"reward.{fld}: path {p!r} does not exist")
-    if r.name == "aesthetic":
-        need(
-            r.weights_path is not None,
-            "reward.weights_path: reward 'aesthetic' needs the head's weights file",
-        )
-    if r.name in ("aesthetic", "clip_score", "pickscore"):
-        need(r.clip_path is not None, f"reward.clip_path: reward {r.name!r} needs a local CLIP model folder")
-    need(
-        s.sampler in TRAIN_SAMPLERS,
-        f"sample.sampler: {s.sampler!r} has no log-probs; choose one of {TRAIN_SAMPLERS}",
-    )
-    need(
-        s.eval_sampler in SAMPLERS,
-        f"sample.eval_sampler: unknown sampler {s.eval_sampler!r}; choose one of {SAMPLERS}",
-    )
-    need(s.sampler != "ddim" or s.eta > 0, f"sample.eta: must be > 0 for training with DDIM (got {s.eta})")
-    need(s.num_steps >= 1, f"sample.num_steps: must be >= 1 (got {s.num_steps})")
-    need(
-        s.batch_size >= 1 and s.num_batches_per_epoch >= 1,
-        "sample.batch_size and sample.num_batches_per_epoch: must be >= 1",
-    )
-    need(t.batch_size >= 1, f"train.batch_size: must be >= 1 (got {t.batch_size})")
-    need(
-        s.batch_size % t.batch_size == 0,
-        f"train.batch_size: sample.batch_size ({s.batch_size}) must be divisible by train.batch_size ({t.batch_size})",  # noqa: E501
-    )
-    n_mb = s.batch_size * s.num_batches_per_epoch // t.batch_size
-    need(
-        n_mb % t.gradient_accumulation_steps == 0,
-        f"train.gradient_accumulation_steps: minibatches per epoch per process ({n_mb}) must be divisible by "
-        f"train.gradient_accumulation_steps ({t.gradient_accumulation_steps})",
-    )
-    for name in ("beta", "kl_penalty", "max_path_kl", "learning_rate", "max_grad_norm", "adv_clip_max"):
-        val = getattr(t, name)
-        need(math.isfinite(val) and val >= 0, f"train.{name}: must be finite and >= 0 (got {val})")
-    need(t.clip_range > 0, f"train.clip_range: must be > 0 (got {t.clip_range})")
-    need(0 < t.ratio_clamp, f"train.ratio_clamp: must be > 0 (got {t.ratio_clamp})")
-    need(
-        0 < t.timestep_fraction <= 1,
-        f"train.timestep_fraction: must be in (0, 1] (got {t.timestep_fraction})",
-    )
-    need(t.advantage in ("value", "td"), f"train.advantage: {t.advantage!r} must be 'value' or 'td'")
-    need(
-        t.num_epochs >= 0 and t.num_inner_epochs >= 1,
-        "train.num_epochs/num_inner_epochs: must be >= 0 / >= 1",
-    )
-    need(v.kind in VALUE_KINDS, f"value.kind: unknown value design {v.kind!r}; choose one of {VALUE_KINDS}")
-    need(v.loss in ("mc", "td"), f"value.loss: {v.loss!r} must be 'mc' or 'td'")
-    need(
-        t.method != "dpok" or v.kind in ("critic", "residual"),
-        f"value.kind: dpok needs a learned value baseline ('critic' or 'residual'), got {v.kind!r}",
-    )
-    need(
-        t.advantage != "td" or v.kind != "none",
-        "train.advantage: 'td' needs a value model (value.kind != 'none')",
-    )
-    need(
-        m.mixed_precision in ("no", "fp16", "bf16"),
-        f"model.mixed_precision: {m.mixed_precision!r} not in no/fp16/bf16",
-    )
-    need(m.lora_rank >= 1, f"model.lora_rank: must be >= 1 (got {m.lora_rank})")
-    need(len(cfg.prompts) >= 1, "prompts: need at least one prompt")
+    _validate(cfg, num_processes)
 
 
 def batch_arithmetic(cfg: Config, num_processes: int = 1) -> dict[str, int]:

@@ -11,10 +11,16 @@ Randomness is a pure function of ``(train.seed, epoch, process index)`` (one ``t
 so a resumed run repeats exactly what the uninterrupted run would have done.
 
 Checkpoints (``log.output_dir/checkpoints/checkpoint-EEEEEE``) are written by **every** rank through
-``accelerator.save_state`` (rank-0-only saving deadlocks) into a temporary folder that rank 0 then renames;
-``checkpoints/latest`` is a pointer file replaced atomically. A checkpoint holds the diffusers-loadable LoRA
-(``pytorch_lora_weights.safetensors``), the peft LoRA and value model (safetensors), optimizer, LR scheduler,
-RNG states, trainer state (epoch, step, per-prompt statistics) and ``config.json``.
+``accelerator.save_state`` (rank-0-only saving deadlocks) into a temporary folder that rank 0 then checksums
+(``checksums.sha256``) and renames; ``checkpoints/latest`` is a pointer file replaced atomically. A checkpoint
+holds the diffusers-loadable LoRA (``pytorch_lora_weights.safetensors``), the peft LoRA and value model
+(safetensors), optimizer, LR scheduler, RNG states, trainer state (epoch, step, per-prompt statistics) and
+``config.json``. Run folders and resume (:mod:`t2i.checkpointing`): a fresh run refuses a folder that holds a run
+unless ``log.overwrite``; a resume is refused, before any model is built, when the checkpoint's config differs in
+a field outside :data:`~t2i.config.RESUME_MUTABLE` (allowed changes are applied and reported); a damaged latest
+checkpoint falls back to the newest intact one. SIGINT/SIGTERM: the current epoch finishes, every rank agrees
+(one all-reduce per epoch), a checkpoint is written and :class:`~sa_theory.algorithms.TrainingInterrupted` says
+how to resume.
 """
 
 from __future__ import annotations
@@ -24,24 +30,28 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
 import torch.nn.functional as F
 
+from sa_theory.algorithms.checkpoint import GracefulInterrupt, TrainingInterrupted
+
+from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...: re-exported)
+    CheckpointMixin,
+    atomic_write,
+    build_pipeline,
+    guard_run_dir,
+    has_checkpoint,
+    load_policy_from_checkpoint,
+    lora_hash,
+    resolve_checkpoint,
+    resolve_intact_checkpoint,
+)
 from .config import Config, config_to_dict, format_arithmetic, validate
 from .logging_utils import RunLogger
 from .methods import make_method
-from .models import (
-    PixelPipeline,
-    add_lora,
-    build_tiny_pipeline,
-    load_pipeline,
-    lora_parameters,
-    lora_state_dict,
-    save_lora,
-)
+from .models import add_lora, lora_parameters
 from .rewards import PerPromptStatTracker, diversity, make_reward
 from .rollout import RolloutBatch, sample_rollout
 from .scheduling import make_kernel
@@ -70,51 +80,7 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(h[:15], 16)
 
 
-def lora_hash(unet) -> str:
-    """SHA-256 of the LoRA weights (sorted keys, float32 bytes): equal on all ranks iff weights are equal."""
-    h = hashlib.sha256()
-    for k, v in sorted(lora_state_dict(unet).items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run dir / checkpoints dir containing a ``latest`` pointer."""
-    for cand in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(cand, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                return os.path.join(cand, f.read().strip())
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return path
-    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a checkpoint folder or a 'latest' pointer)")
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def build_pipeline(cfg: Config, device, weight_dtype=torch.float32):
-    if cfg.model.pretrained == "tiny":
-        pipe = build_tiny_pipeline(cfg.model.tiny_seed)
-    elif cfg.model.pretrained == "tiny_pixel":  # tiny UNet/text encoder, identity VAE (images respond)
-        t = build_tiny_pipeline(cfg.model.tiny_seed)
-        pipe = PixelPipeline(t.unet, t.text_encoder, t.tokenizer, t.scheduler)
-    else:
-        pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision)
-    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
-        m.requires_grad_(False)
-        m.to(device, dtype=weight_dtype)
-    return pipe
-
-
-class Trainer:
+class Trainer(CheckpointMixin):
     """``Trainer(cfg).train()``; see the module docstring. ``accelerator`` may be passed in (tests)."""
 
     def __init__(self, cfg: Config, accelerator=None):
@@ -131,6 +97,10 @@ class Trainer:
         )
         validate(cfg, self.acc.num_processes)
         acc = self.acc
+        self.resume_hint: str | None = None  # printed after an interrupt (the CLI sets its command line)
+        self._resume_ckpt, resume_notes = self._check_resume_target(cfg)  # before any model is built
+        guard_run_dir(cfg, self._resume_ckpt is not None, acc.is_main_process)
+        acc.wait_for_everyone()
         if cfg.model.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
@@ -190,81 +160,17 @@ class Trainer:
             config_to_dict(cfg),
         )
         self.history: list[dict] = []
-        if cfg.resume_from:
-            self.resume(cfg.resume_from)
-
-    # ------------------------------------------------------------------ checkpoint hooks
-    def _save_hook(self, models, weights, output_dir):
-        if self.acc.is_main_process:
-            save_lora(self.pipe.unet, output_dir)
-            from safetensors.torch import save_file
-
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.pipe.unet).items()},
-                os.path.join(output_dir, "lora_peft.safetensors"),
-            )
-            if self.learned_value:
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in self.value.state_dict().items()},
-                    os.path.join(output_dir, "value_model.safetensors"),
-                )
-        while weights:
-            weights.pop()
-
-    def _load_hook(self, models, input_dir):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        sd = load_file(os.path.join(input_dir, "lora_peft.safetensors"))
-        res = set_peft_model_state_dict(self.pipe.unet, {k: v.to(self.acc.device) for k, v in sd.items()})
-        if getattr(res, "unexpected_keys", None):
-            raise RuntimeError(f"unexpected LoRA keys in checkpoint: {res.unexpected_keys[:5]}")
-        if self.learned_value:
-            self.value.load_state_dict(load_file(os.path.join(input_dir, "value_model.safetensors")))
-        while models:
-            models.pop()
-
-    def save_checkpoint(self) -> str:
-        """All ranks call this. Writes ``checkpoint-EEEEEE`` atomically and updates ``latest``."""
-        acc = self.acc
-        name = f"checkpoint-{self.state.epoch:06d}"
-        final, tmp = os.path.join(self.ckpt_root, name), os.path.join(self.ckpt_root, f".tmp-{name}")
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(tmp)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(config_to_dict(self.cfg), f, indent=1)
-            _atomic_write(
-                os.path.join(tmp, "trainer_state.json"),
-                json.dumps({"epoch": self.state.epoch, "global_step": self.state.global_step}),
-            )
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _atomic_write(os.path.join(self.ckpt_root, "latest"), name)
-            kept = sorted(d for d in os.listdir(self.ckpt_root) if d.startswith("checkpoint-"))
-            for old in kept[: max(0, len(kept) - max(1, self.cfg.log.keep_last))]:
-                shutil.rmtree(os.path.join(self.ckpt_root, old), ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    def resume(self, path: str) -> None:
-        if path == "auto":
-            try:
-                path = resolve_checkpoint(self.cfg.log.output_dir)
-            except FileNotFoundError:
-                return
-        ckpt = resolve_checkpoint(path)
-        self.acc.load_state(ckpt)
-        self.logger.truncate(self.state.epoch)
-        self.acc.print(f"resumed from {ckpt} at epoch {self.state.epoch}, step {self.state.global_step}")
+        if self._resume_ckpt is not None:
+            for note in resume_notes:
+                acc.print(note)
+            self.resume(self._resume_ckpt)
 
     # ------------------------------------------------------------------ one epoch
-    def _check_reward(self, r: torch.Tensor) -> torch.Tensor:
+    def _check_reward(self, r: torch.Tensor, n: int) -> torch.Tensor:
+        if not isinstance(r, torch.Tensor) or tuple(r.shape) != (n,):
+            got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"reward {self.cfg.reward.name!r} must return a tensor of shape ({n},) (one value per "
+                             f"image), got {got}")
         if not torch.isfinite(r).all():
             raise FloatingPointError(
                 f"reward {self.cfg.reward.name!r} returned {(~torch.isfinite(r)).sum().item()} "
@@ -291,7 +197,7 @@ class Trainer:
                     unet=self.pipe.unet,
                 )
             with torch.no_grad():
-                b.rewards = self._check_reward(self.reward(b.images, b.prompts))
+                b.rewards = self._check_reward(self.reward(b.images, b.prompts), len(b.prompts))
             batches.append(b)
         return RolloutBatch.concat(batches)
 
@@ -309,6 +215,7 @@ class Trainer:
         metrics: dict = {"epoch": epoch}
         metrics["reward_mean"], metrics["reward_se"] = self._gather_stats(batch.rewards)
         metrics["path_kl_mean"], metrics["path_kl_se"] = self._gather_stats(batch.path_kl)
+        metrics["path_kl_ct_mean"], metrics["path_kl_ct_se"] = self._gather_stats(batch.path_kl_ct)
         feats = F.interpolate(batch.images, size=(32, 32), mode="area").flatten(1)
         div, _ = diversity(feats, batch.prompts)
         metrics["diversity_pixels"] = float(acc.gather(torch.tensor([div], device=acc.device)).nanmean())
@@ -395,52 +302,37 @@ class Trainer:
         return metrics
 
     def train(self) -> list[dict]:
+        """Run the remaining epochs; returns this call's metric records. On SIGINT/SIGTERM (any rank) the current
+        epoch finishes, every rank saves a checkpoint and :class:`TrainingInterrupted` says how to resume."""
+        from tqdm.auto import tqdm
+
         cfg, acc = self.cfg, self.acc
         acc.print(format_arithmetic(cfg, acc.num_processes))
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=cfg.train.num_epochs,
-                initial=self.state.epoch,
-                disable=not (acc.is_main_process and cfg.log.progress),
-                desc="epochs",
-            )
-        except ImportError:  # pragma: no cover
-            bar = None
-        while self.state.epoch < cfg.train.num_epochs:
-            m = self.train_epoch()
-            self.state.epoch += 1
-            self.history.append(m)
-            self.logger.log(m, self.state.global_step)
-            if bar is not None:
+        bar = tqdm(total=cfg.train.num_epochs, initial=self.state.epoch, desc="epochs",
+                   disable=not (acc.is_main_process and cfg.log.progress))
+        with GracefulInterrupt() as interrupt:
+            while self.state.epoch < cfg.train.num_epochs:
+                m = self.train_epoch()
+                self.state.epoch += 1
+                self.history.append(m)
+                self.logger.log(m, self.state.global_step)
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward_mean']:.3g}", kl=f"{m['path_kl_mean']:.3g}")
-            last = self.state.epoch == cfg.train.num_epochs
-            if last or (cfg.log.save_every and self.state.epoch % cfg.log.save_every == 0):
-                self.save_checkpoint()
-        if bar is not None:
-            bar.close()
+                stop = interrupt.requested
+                if acc.num_processes > 1:  # every rank must take the same branch (save_state is collective)
+                    stop = float(acc.reduce(torch.tensor([float(stop)], device=acc.device), "sum")) > 0
+                last = self.state.epoch == cfg.train.num_epochs
+                if last or stop or (cfg.log.save_every and self.state.epoch % cfg.log.save_every == 0):
+                    ckpt = self.save_checkpoint()
+                if stop and not last:
+                    bar.close()
+                    self.logger.close()
+                    hint = self.resume_hint or f"resume_from='auto' with log.output_dir={cfg.log.output_dir!r}"
+                    raise TrainingInterrupted(f"{interrupt.signame or 'signal on another rank'}: stopped after epoch "
+                                              f"{self.state.epoch}/{cfg.train.num_epochs}; checkpoint written to "
+                                              f"{ckpt!r}. To continue: {hint}")
+        bar.close()
         self.logger.close()
+        if acc.is_main_process:
+            atomic_write(os.path.join(cfg.log.output_dir, "summary.json"), json.dumps(self.summary(), indent=1))
         return self.history
-
-
-def load_policy_from_checkpoint(checkpoint: str, device="cpu", overrides: dict | None = None):
-    """Rebuild ``(cfg, pipe)`` from a checkpoint folder (or run dir) with its LoRA loaded (fp32)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from .config import apply_overrides, config_from_dict
-
-    ckpt = resolve_checkpoint(checkpoint)
-    with open(os.path.join(ckpt, "config.json")) as f:
-        cfg = config_from_dict(json.load(f))
-    cfg.resume_from = None
-    if overrides:
-        apply_overrides(cfg, overrides)
-    torch.manual_seed(cfg.train.seed)
-    pipe = build_pipeline(cfg, device)
-    add_lora(pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, init_seed=cfg.train.seed)
-    set_peft_model_state_dict(pipe.unet, load_file(os.path.join(ckpt, "lora_peft.safetensors")))
-    pipe.unet.eval()
-    return cfg, pipe

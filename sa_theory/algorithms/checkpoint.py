@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -196,17 +197,20 @@ def verify_dir_checksums(folder: str) -> None:
 # ---------------------------------------------------------------------------------------------- signals
 class GracefulInterrupt:
     """``with GracefulInterrupt() as stop:`` -- SIGINT/SIGTERM set ``stop.requested`` (and ``stop.signame``)
-    instead of raising; a second signal restores the default behaviour (a second Ctrl-C kills at once). Outside
-    the main thread it installs nothing (``requested`` stays False)."""
+    instead of raising. A second Ctrl-C (SIGINT) more than a second after the first restores the default
+    behaviour and raises ``KeyboardInterrupt`` at once; other repeats (a launcher forwarding the signal as SIGTERM
+    to its workers) are ignored. Outside the main thread it installs nothing (``requested`` stays False)."""
 
     def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
-        self.signals, self.requested, self.signame, self._old = signals, False, None, {}
+        self.signals, self.requested, self.signame, self._old, self._t = signals, False, None, {}, 0.0
 
     def _handler(self, signum, frame):
-        if self.requested:  # second signal: give up waiting for the safe point
-            self.__exit__()
-            raise KeyboardInterrupt
-        self.requested, self.signame = True, signal.Signals(signum).name
+        if self.requested:
+            if signum == signal.SIGINT and time.monotonic() - self._t > 1.0:  # impatient user: stop now
+                self.__exit__()
+                raise KeyboardInterrupt
+            return
+        self.requested, self.signame, self._t = True, signal.Signals(signum).name, time.monotonic()
 
     def __enter__(self) -> GracefulInterrupt:
         if threading.current_thread() is threading.main_thread():

@@ -109,7 +109,7 @@ def test_bad_configs_fail_fast_naming_the_field(over, field):
         validate(cfg)
 
 
-def test_unknown_cli_field_and_bad_type_are_named():
+def test_unknown_cli_field_and_bad_type_are_named(capsys):
     from t2i.cli import main, parse_overrides
 
     with pytest.raises(ValueError, match="train.bogus"):
@@ -118,10 +118,14 @@ def test_unknown_cli_field_and_bad_type_are_named():
         apply_overrides(get_preset("tiny_cpu"), {"nosection.x": "1"})
     with pytest.raises(ValueError, match="train.num_epochs"):
         apply_overrides(get_preset("tiny_cpu"), {"train.num_epochs": "many"})
+    # the CLI: one "error: ..." line naming the field (no traceback), exit status 2; --debug re-raises
+    assert main(["train", "--config", "tiny_cpu", "--train.bogus", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train.bogus" in err and "Traceback" not in err and err.count("\n") == 1
+    assert main(["train", "--config", "nope"]) == 2
+    assert "unknown config preset" in capsys.readouterr().err
     with pytest.raises(ValueError, match="train.bogus"):
-        main(["train", "--config", "tiny_cpu", "--train.bogus", "3"])
-    with pytest.raises(ValueError, match="unknown config preset"):
-        main(["train", "--config", "nope"])
+        main(["train", "--config", "tiny_cpu", "--train.bogus", "3", "--debug"])
     cfg = apply_overrides(
         get_preset("sd15_sa_ac"), parse_overrides(["--train.beta=0.5", "--prompts", "a|b c"])
     )

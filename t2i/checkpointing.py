@@ -1,0 +1,270 @@
+"""Run folders and checkpoints of the image trainer: finding, verifying and loading them; guarding a run folder.
+
+A run folder (``log.output_dir``) holds ``metrics.jsonl``, ``summary.json``, ``images/``, ``tensorboard/`` and
+``checkpoints/checkpoint-EEEEEE/`` folders with a ``checkpoints/latest`` pointer. Each checkpoint folder carries
+``checksums.sha256`` (:func:`sa_theory.algorithms.checkpoint.write_dir_checksums`);
+:func:`resolve_intact_checkpoint` follows ``latest`` and, if that checkpoint is damaged or missing, falls back to
+the newest intact one, with a note naming both. :func:`guard_run_dir` refuses to start a fresh run over an
+existing one unless ``log.overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+
+from sa_theory.algorithms.checkpoint import CheckpointCorruptError, verify_dir_checksums, write_dir_checksums
+from sa_theory.algorithms.config import resume_changes
+
+from .config import RESUME_MUTABLE, Config, config_to_dict
+from .models import PixelPipeline, add_lora, build_tiny_pipeline, load_pipeline, lora_state_dict, save_lora
+
+__all__ = ["resolve_checkpoint", "resolve_intact_checkpoint", "has_checkpoint", "guard_run_dir", "lora_hash",
+           "build_pipeline", "load_policy_from_checkpoint", "atomic_write", "RUN_ENTRIES", "CheckpointMixin"]
+
+#: what a run writes into its folder (all that ``log.overwrite`` removes)
+RUN_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "images", "tensorboard")
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def lora_hash(unet) -> str:
+    """SHA-256 of the LoRA weights (sorted keys, float32 bytes): equal on all ranks iff weights are equal."""
+    h = hashlib.sha256()
+    for k, v in sorted(lora_state_dict(unet).items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder, or a run dir / checkpoints dir containing a ``latest`` pointer."""
+    for cand in (path, os.path.join(path, "checkpoints")):
+        latest = os.path.join(cand, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                return os.path.join(cand, f.read().strip())
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return path
+    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a checkpoint folder or a 'latest' pointer)")
+
+
+def _checkpoint_folders(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    return sorted((os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint-")), reverse=True)
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a ``latest`` pointer or any checkpoint folder."""
+    root = os.path.join(run_dir, "checkpoints")
+    return os.path.isfile(os.path.join(root, "latest")) or bool(_checkpoint_folders(root))
+
+
+def _verify(folder: str) -> None:
+    for f in ("trainer_state.json", "config.json", "lora_peft.safetensors"):
+        if not os.path.isfile(os.path.join(folder, f)):
+            raise CheckpointCorruptError(f"checkpoint {folder!r} is incomplete: {f!r} is missing")
+    verify_dir_checksums(folder)
+
+
+def resolve_intact_checkpoint(path: str) -> tuple[str, list[str]]:
+    """``(folder, notes)``: the checkpoint ``path`` names (a folder, or a run / checkpoints dir via ``latest``),
+    verified against its checksums. Via ``latest``, a damaged or missing latest falls back to the newest intact
+    checkpoint folder next to it (``notes`` names both); an explicitly named damaged folder raises
+    :class:`CheckpointCorruptError` naming it."""
+    root = next((c for c in (path, os.path.join(path, "checkpoints")) if os.path.isdir(c) and
+                 (os.path.isfile(os.path.join(c, "latest")) or _checkpoint_folders(c))), None)
+    if root is None or os.path.isfile(os.path.join(path, "trainer_state.json")):
+        folder = resolve_checkpoint(path)
+        _verify(folder)
+        return folder, []
+    try:
+        first = resolve_checkpoint(root)
+    except FileNotFoundError:
+        first = None
+    cands = ([first] if first else []) + [c for c in _checkpoint_folders(root) if c != first]
+    errors = []
+    for c in cands:
+        try:
+            if not os.path.isdir(c):
+                raise CheckpointCorruptError(f"checkpoint {c!r} (named by {os.path.join(root, 'latest')!r}) is missing")
+            _verify(c)
+        except CheckpointCorruptError as err:
+            errors.append(str(err))
+            continue
+        return c, [f"{e}; falling back to the newest intact checkpoint {c!r}" for e in errors]
+    raise CheckpointCorruptError(f"no intact checkpoint in {root!r}: " + " | ".join(errors))
+
+
+def guard_run_dir(cfg: Config, resuming: bool, is_main: bool) -> None:
+    """Before a fresh run (``resuming`` False): refuse an output folder that already holds a run (naming it and
+    what is there) unless ``log.overwrite``, in which case the main process removes :data:`RUN_ENTRIES`."""
+    out = cfg.log.output_dir
+    if resuming or not os.path.isdir(out):
+        return
+    metrics = os.path.join(out, "metrics.jsonl")
+    found = [e for e in RUN_ENTRIES if os.path.exists(os.path.join(out, e))
+             and not (e == "metrics.jsonl" and os.path.getsize(metrics) == 0)
+             and not (os.path.isdir(os.path.join(out, e)) and not os.listdir(os.path.join(out, e)))]
+    if not found:
+        return
+    if not cfg.log.overwrite:
+        hint = " (it has no checkpoint to resume from)" if not has_checkpoint(out) else \
+            "; resume it with resume_from='auto' (CLI: --resume_from auto)"
+        raise FileExistsError(f"log.output_dir: {out!r} already holds a run ({', '.join(found)}){hint}; choose "
+                              f"another folder, or set log.overwrite=true to replace it")
+    if is_main:
+        for e in found:
+            p = os.path.join(out, e)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def build_pipeline(cfg: Config, device, weight_dtype=torch.float32):
+    if cfg.model.pretrained == "tiny":
+        pipe = build_tiny_pipeline(cfg.model.tiny_seed)
+    elif cfg.model.pretrained == "tiny_pixel":  # tiny UNet/text encoder, identity VAE (images respond)
+        t = build_tiny_pipeline(cfg.model.tiny_seed)
+        pipe = PixelPipeline(t.unet, t.text_encoder, t.tokenizer, t.scheduler)
+    else:
+        pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision)
+    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+        m.requires_grad_(False)
+        m.to(device, dtype=weight_dtype)
+    return pipe
+
+
+def load_policy_from_checkpoint(checkpoint: str, device="cpu", overrides: dict | None = None):
+    """Rebuild ``(cfg, pipe)`` from a checkpoint folder (or run dir: its newest intact one) with its LoRA (fp32)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .config import apply_overrides, config_from_dict
+
+    ckpt, notes = resolve_intact_checkpoint(checkpoint)
+    for n in notes:
+        print(n)
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg = config_from_dict(json.load(f))
+    cfg.resume_from = None
+    if overrides:
+        apply_overrides(cfg, overrides)
+    torch.manual_seed(cfg.train.seed)
+    pipe = build_pipeline(cfg, device)
+    add_lora(pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, init_seed=cfg.train.seed)
+    set_peft_model_state_dict(pipe.unet, load_file(os.path.join(ckpt, "lora_peft.safetensors")))
+    pipe.unet.eval()
+    return cfg, pipe
+
+
+class CheckpointMixin:
+    """The image :class:`~t2i.trainer.Trainer`'s checkpoint side: accelerate save/load hooks, checksummed
+    checkpoint folders written by every rank, the checked resume target, and the end-of-run summary."""
+
+    def _check_resume_target(self, cfg: Config) -> tuple[str | None, list[str]]:
+        """The intact checkpoint to resume from (None: fresh run) and notes, after checking that its config
+        matches ``cfg`` (``ValueError`` naming the differing fields; allowed changes are printed)."""
+        path = cfg.resume_from
+        if not path or (path == "auto" and not has_checkpoint(cfg.log.output_dir)):
+            return None, []
+        ckpt, notes = resolve_intact_checkpoint(cfg.log.output_dir if path == "auto" else path)
+        with open(os.path.join(ckpt, "config.json")) as f:
+            saved = json.load(f)
+        changes = resume_changes(saved, config_to_dict(cfg), RESUME_MUTABLE)
+        notes += [f"resume: {k} changed from {a!r} to {b!r} (applied)" for k, (a, b) in sorted(changes.items())
+                  if k != "resume_from"]
+        return ckpt, notes
+
+    # ------------------------------------------------------------------ checkpoint hooks
+    def _save_hook(self, models, weights, output_dir):
+        if self.acc.is_main_process:
+            save_lora(self.pipe.unet, output_dir)
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.pipe.unet).items()},
+                os.path.join(output_dir, "lora_peft.safetensors"),
+            )
+            if self.learned_value:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in self.value.state_dict().items()},
+                    os.path.join(output_dir, "value_model.safetensors"),
+                )
+        while weights:
+            weights.pop()
+
+    def _load_hook(self, models, input_dir):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        sd = load_file(os.path.join(input_dir, "lora_peft.safetensors"))
+        res = set_peft_model_state_dict(self.pipe.unet, {k: v.to(self.acc.device) for k, v in sd.items()})
+        if getattr(res, "unexpected_keys", None):
+            raise RuntimeError(f"unexpected LoRA keys in checkpoint: {res.unexpected_keys[:5]}")
+        if self.learned_value:
+            self.value.load_state_dict(load_file(os.path.join(input_dir, "value_model.safetensors")))
+        while models:
+            models.pop()
+
+    def save_checkpoint(self) -> str:
+        """All ranks call this. Writes ``checkpoint-EEEEEE`` atomically and updates ``latest``."""
+        acc = self.acc
+        name = f"checkpoint-{self.state.epoch:06d}"
+        final, tmp = os.path.join(self.ckpt_root, name), os.path.join(self.ckpt_root, f".tmp-{name}")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config_to_dict(self.cfg), f, indent=1)
+            atomic_write(
+                os.path.join(tmp, "trainer_state.json"),
+                json.dumps({"epoch": self.state.epoch, "global_step": self.state.global_step}),
+            )
+            write_dir_checksums(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            atomic_write(os.path.join(self.ckpt_root, "latest"), name)
+            kept = sorted(d for d in os.listdir(self.ckpt_root) if d.startswith("checkpoint-"))
+            for old in kept[: max(0, len(kept) - max(1, self.cfg.log.keep_last))]:
+                shutil.rmtree(os.path.join(self.ckpt_root, old), ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, ckpt: str) -> None:
+        """Load the checkpoint folder ``ckpt`` (verified by :meth:`_check_resume_target`) on every rank."""
+        self.acc.load_state(ckpt)
+        self.logger.truncate(self.state.epoch)
+        self.acc.print(f"resumed from {ckpt} at epoch {self.state.epoch}, step {self.state.global_step}")
+
+    def summary(self) -> dict:
+        """The last epoch's reward and path KL (means, standard errors) and where the outputs are."""
+        out = self.cfg.log.output_dir
+        last = self.history[-1] if self.history else {}
+        if not last and os.path.isfile(self.logger.path):  # resumed at the end: read the log
+            with open(self.logger.path) as f:
+                recs = [json.loads(ln) for ln in f if ln.strip()]
+            last = recs[-1] if recs else {}
+        keys = ("epoch", "reward_mean", "reward_se", "path_kl_mean", "path_kl_se", "path_kl_ct_mean", "path_kl_ct_se")
+        try:
+            ckpt = resolve_checkpoint(out)
+        except FileNotFoundError:
+            ckpt = None
+        return {"epochs": self.state.epoch, **{k: last[k] for k in keys if k in last}, "output_dir": out,
+                "metrics": self.logger.path, "checkpoint": ckpt,
+                "images": os.path.join(out, "images") if os.path.isdir(os.path.join(out, "images")) else None}

@@ -1,0 +1,315 @@
+"""Run folders never lose or misstate data (issue 17): checksummed checkpoints with fallback, checked resume,
+no silent overwrite, Ctrl-C checkpoints, periodic checkpoints; toy trainer + ``sa-toy``, image trainer, figures.
+
+Every refusal is checked for (a) a message naming the field or file and (b) the run folder being byte-for-byte
+unchanged afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import signal
+
+import pytest
+import torch
+
+from sa_theory.algorithms import CheckpointCorruptError, TrainingInterrupted, load_checkpoint, save_checkpoint
+from sa_theory.algorithms.checkpoint import previous_path
+from sa_theory.algorithms.trainer import Trainer as ToyTrainer
+from toy_problems.cli import main as toy_main
+from toy_problems.train import build
+
+SMALL = {"progress": False, "batch_size": 16, "sampler_steps": 5, "seed": 3}
+CLI_SMALL = ["--batch_size", "16", "--sampler_steps", "5", "--progress", "false", "--eval_paths", "64"]
+
+
+def snapshot(folder) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file below ``folder`` (to prove nothing was changed or lost)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.policy.parameters()] + \
+        [p.detach().clone() for p in (trainer.value.parameters() if trainer.value is not None else [])]
+
+
+def _interrupt_at(monkeypatch, iteration: int):
+    """Send ourselves SIGINT in the middle of the run, right after iteration ``iteration`` finished its update."""
+    orig = ToyTrainer._iteration
+
+    def patched(self):
+        rec = orig(self)
+        if self.iteration == iteration:
+            os.kill(os.getpid(), signal.SIGINT)
+        return rec
+
+    monkeypatch.setattr(ToyTrainer, "_iteration", patched)
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+def test_checkpoint_checksum_detects_truncation_and_alteration_naming_the_file(tmp_path):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"w": torch.arange(1000.0)})
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.0))  # control: intact file loads
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointCorruptError, match="ck.pt.*SHA-256"):
+        load_checkpoint(path)
+    path.write_bytes(data[:-10] + bytes(10))  # same length, altered payload
+    with pytest.raises(CheckpointCorruptError, match="ck.pt"):
+        load_checkpoint(path)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one_naming_both_and_stays_exact(tmp_path, capsys):
+    ov = {**SMALL, "iterations": 4}
+    full = build("sa_ac", "gauss2d", ov)
+    full.trainer.train()
+    ck = tmp_path / "checkpoint.pt"
+    first = build("sa_ac", "gauss2d", {**ov, "checkpoint_path": str(ck), "checkpoint_every": 1})
+    first.trainer.train(until=2)
+    prev = previous_path(ck)
+    assert load_checkpoint(prev)["iteration"] == 1 and load_checkpoint(ck)["iteration"] == 2
+    ck.write_bytes(ck.read_bytes()[:300])  # the latest is truncated (e.g. the disk filled up)
+    before = snapshot(tmp_path)
+    second = build("sa_ac", "gauss2d", {**ov, "checkpoint_path": str(ck), "checkpoint_every": 1})
+    assert second.trainer.resume() and second.trainer.iteration == 1
+    err = capsys.readouterr().err
+    assert str(ck) in err and prev in err and "falling back" in err
+    assert snapshot(tmp_path) == before  # the damaged file is kept for inspection, nothing else touched
+    second.trainer.train()
+    for a, b in zip(_params(full.trainer), _params(second.trainer)):
+        assert torch.equal(a, b)
+    assert second.trainer.history == full.trainer.history
+    # both damaged: a clear error naming both files, nothing loaded
+    third = build("sa_ac", "gauss2d", {**ov, "checkpoint_path": str(tmp_path / "x.pt")})
+    (tmp_path / "x.pt").write_bytes(b"junk")
+    (tmp_path / "x.prev.pt").write_bytes(b"junk too")
+    with pytest.raises(CheckpointCorruptError, match=r"x\.pt.*x\.prev\.pt"):
+        third.trainer.resume()
+
+
+# ---------------------------------------------------------------------------------------------- toy trainer
+def test_fresh_toy_run_refuses_to_append_to_an_existing_log_unless_overwrite(tmp_path):
+    log = tmp_path / "m.jsonl"
+    log.write_text('{"iteration": 1}\n')
+    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 1, "log_path": str(log)})
+    with pytest.raises(FileExistsError, match="'log_path'.*m.jsonl"):
+        s.trainer.train()
+    assert log.read_text() == '{"iteration": 1}\n'
+    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 1, "log_path": str(log), "overwrite": True})
+    s.trainer.train()
+    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1]
+
+
+def test_default_checkpoints_are_periodic_so_a_crash_loses_at_most_10_percent(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.pt"
+    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 20, "checkpoint_path": str(ck)})
+    assert s.trainer.checkpoint_interval == 2
+    orig = ToyTrainer.collect
+
+    def crash(self, it):
+        if it == 5:
+            raise RuntimeError("power cut")
+        return orig(self, it)
+
+    monkeypatch.setattr(ToyTrainer, "collect", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        s.trainer.train()
+    assert load_checkpoint(ck)["iteration"] == 4
+
+
+def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_path, monkeypatch):
+    ov = {**SMALL, "iterations": 4, "checkpoint_every": -1}
+    full = build("ddpo_is", "gauss2d", ov)
+    full.trainer.train()
+    ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
+    run = build("ddpo_is", "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(log)})
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT.*iteration 2/4.*ck\.pt.*resume"):
+        run.trainer.train()
+    assert load_checkpoint(ck)["iteration"] == 2  # only the end-of-run checkpoint was configured
+    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1, 2]
+    monkeypatch.undo()
+    again = build("ddpo_is", "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(log)})
+    assert again.trainer.resume()
+    again.trainer.train()
+    for a, b in zip(_params(full.trainer), _params(again.trainer)):
+        assert torch.equal(a, b)
+    assert [json.loads(x) for x in log.read_text().splitlines()] == full.trainer.history
+
+
+# ---------------------------------------------------------------------------------------------- sa-toy
+def test_sa_toy_refuses_a_non_empty_out_and_resume_without_checkpoint_losing_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--problem", "gauss2d", "--steps", "2", *CLI_SMALL, "--out", str(out)]
+    assert toy_main(args) == 0
+    before = snapshot(out)
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "final.json"} <= set(before)
+    capsys.readouterr()
+    assert toy_main(args) == 2  # the same command again: refused
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and str(out) in err and "--overwrite" in err and "--resume" in err
+    assert snapshot(out) == before
+    # a run folder with a log but no checkpoint: --resume says so instead of restarting and deleting the log
+    os.remove(out / "checkpoint.pt")
+    os.remove(out / "checkpoint.prev.pt")
+    before = snapshot(out)
+    assert toy_main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "checkpoint.pt" in err and snapshot(out) == before
+    assert toy_main([*args, "--resume", "--overwrite"]) == 2
+    assert "contradict" in capsys.readouterr().err and snapshot(out) == before
+    # the explicit flag replaces the run
+    assert toy_main([*args, "--steps", "3", "--overwrite"]) == 0
+    assert [json.loads(x)["iteration"] for x in open(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_sa_toy_resume_refuses_other_settings_naming_them_and_reports_allowed_changes(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--algo", "sa_ac", *CLI_SMALL, "--out", str(out)]
+    assert toy_main([*base, "--problem", "gauss2d", "--steps", "2"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    for extra, field in ((["--problem", "gmm2d"], "toy.problem"), (["--problem", "gauss2d", "--lr", "0.5"], "lr"),
+                         (["--problem", "gauss2d", "--policy", "affine"], "toy.policy")):
+        assert toy_main([*base, *extra, "--steps", "3", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot resume") and field in err and err.count("\n") == 1
+        assert snapshot(out) == before  # config.json, log and checkpoints untouched by the failed resume
+    assert toy_main(["train", "--algo", "ddpo_is", *CLI_SMALL, "--out", str(out), "--problem", "gauss2d",
+                     "--steps", "3", "--resume"]) == 2
+    assert "algo" in capsys.readouterr().err and snapshot(out) == before
+    assert toy_main([*base, "--problem", "gauss2d", "--steps", "3", "--resume"]) == 0
+    assert "iterations changed from 2 to 3 (applied)" in capsys.readouterr().err
+    assert json.load(open(out / "config.json"))["train"]["iterations"] == 3
+    assert [json.loads(x)["iteration"] for x in open(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_sa_toy_ctrl_c_saves_and_prints_a_resume_command_that_works(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train", "--problem", "gauss2d", "--steps", "4", *CLI_SMALL, "--out", str(out)]
+    _interrupt_at(monkeypatch, 2)
+    assert toy_main(args) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT" in err and "checkpoint.pt" in err
+    cmd = shlex.split(err.split("To continue: ", 1)[1].strip())
+    assert cmd[0] == "sa-toy" and cmd[-1] == "--resume"
+    monkeypatch.undo()
+    assert toy_main(cmd[1:]) == 0
+    assert [json.loads(x)["iteration"] for x in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def test_quick_figures_never_write_over_the_committed_ones(tmp_path):
+    from figures.make_all import FIGURES_DIR, QUICK_OUT, make_all
+
+    assert os.path.realpath(QUICK_OUT) != os.path.realpath(FIGURES_DIR)
+    before = snapshot(FIGURES_DIR)
+    with pytest.raises(ValueError, match="'out_dir'.*committed"):
+        make_all(FIGURES_DIR, quick=True, only=[5])
+    assert snapshot(FIGURES_DIR) == before
+
+
+# ---------------------------------------------------------------------------------------------- sa-t2i trainer
+T2I_FAST = {"sample.num_steps": 2, "sample.batch_size": 2, "train.batch_size": 2, "train.num_epochs": 1,
+            "log.save_every": 1}
+
+
+def _t2i(tmp_path, **over):
+    from t2i.trainer import Trainer
+
+    from .t2i.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "sa_ac", **{**T2I_FAST, **over})
+    cfg.log.output_dir = str(tmp_path / "run")
+    return Trainer(cfg)
+
+
+@pytest.fixture
+def t2i_env():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_t2i_refuses_an_existing_run_folder_and_a_changed_resume_before_building(tmp_path, t2i_env, monkeypatch):
+    import t2i.trainer as trmod
+
+    _t2i(tmp_path).train()
+    run = tmp_path / "run"
+    before = snapshot(run)
+    built = []
+    monkeypatch.setattr(trmod, "build_pipeline", lambda *a, **k: built.append(1) / 0)  # must not be reached
+    with pytest.raises(FileExistsError, match="log.output_dir.*run.*metrics.jsonl.*checkpoints.*overwrite"):
+        _t2i(tmp_path)
+    with pytest.raises(ValueError, match=r"train\.method: checkpoint has 'sa_ac', requested 'dpok'"):
+        _t2i(tmp_path, **{"resume_from": "auto", "train.method": "dpok"})
+    with pytest.raises(ValueError, match=r"train\.learning_rate"):
+        _t2i(tmp_path, **{"resume_from": "auto", "train.learning_rate": 0.5, "train.num_epochs": 2})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        _t2i(tmp_path, **{"resume_from": str(tmp_path / "nowhere")})
+    assert not built and snapshot(run) == before
+    monkeypatch.undo()
+    tr = _t2i(tmp_path, **{"log.overwrite": True})  # the explicit flag replaces the run
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    tr.train()
+    assert [json.loads(x)["epoch"] for x in open(run / "metrics.jsonl")] == [0]
+
+
+def test_t2i_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, t2i_env, capsys):
+    from sa_theory.algorithms import CheckpointCorruptError
+
+    _t2i(tmp_path, **{"train.num_epochs": 2}).train()
+    ckpts = tmp_path / "run" / "checkpoints"
+    bad = ckpts / "checkpoint-000002"
+    assert (bad / "checksums.sha256").is_file() and (ckpts / "checkpoint-000001").is_dir()
+    opt = bad / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[:64])  # truncated
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(CheckpointCorruptError, match=r"checkpoint-000002.*optimizer\.bin"):
+        _t2i(tmp_path, **{"resume_from": str(bad), "train.num_epochs": 3})  # named explicitly: no fallback
+    assert snapshot(tmp_path / "run") == before
+    capsys.readouterr()
+    tr = _t2i(tmp_path, **{"resume_from": "auto", "train.num_epochs": 3})
+    out = capsys.readouterr().out
+    assert all(s in out for s in ("checkpoint-000002", "optimizer.bin", "falling back", "checkpoint-000001"))
+    assert tr.state.epoch == 1
+    assert [json.loads(x)["epoch"] for x in open(tmp_path / "run" / "metrics.jsonl")] == [0]
+
+
+class _SigintOnce:
+    def __init__(self):
+        from t2i.rewards import Brightness
+
+        self.inner, self.sent = Brightness(), False
+
+    def to(self, device):
+        return self
+
+    def __call__(self, images, prompts):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner(images, prompts)
+
+
+def test_t2i_sigint_finishes_the_epoch_saves_and_says_how_to_resume(tmp_path, t2i_env):
+    from t2i.rewards import register_reward
+
+    register_reward("sigint_once", lambda **kw: _SigintOnce())
+    tr = _t2i(tmp_path, **{"train.num_epochs": 3, "log.save_every": 0, "reward.name": "sigint_once"})
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT.*epoch 1/3.*checkpoint-000001.*resume_from='auto'"):
+        tr.train()
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "checkpoint-000001" / "checksums.sha256").is_file()
+    resumed = _t2i(tmp_path, **{"train.num_epochs": 3, "resume_from": "auto", "reward.name": "sigint_once"})
+    assert resumed.state.epoch == 1
