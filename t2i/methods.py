@@ -3,7 +3,12 @@ r"""RL methods on a recorded :class:`~t2i.rollout.RolloutBatch`: ``prepare`` (ad
 log-prob and KL code; every formula comes from :mod:`sa_theory`.
 
 Units: per-step log-probs and KLs are **summed over latent dimensions** (nats per step); a path KL is their
-sum over steps (nats per image). Each loss is a **sum over steps, mean over paths** of a per-path surrogate
+sum over steps (nats per image). **Which KL regularises** (``train.kl_weighting``, every method with a KL
+term): ``"continuous"`` (default) weights the step's :math:`\frac12|a_k - s_k|^2` by the Girsanov KL rate
+integrated over the step, :math:`\bar w_k` -- a path-KL estimate stable across the step count K;
+``"chain"`` by :math:`w_k = \lambda_k^2/\mathrm{std}_k^2`, the exact KL of the K-step chain, which exceeds
+the continuous one at coarse steps (:mod:`sa_theory.kernels`). Rollouts record both; the same weight is
+used for the trust region to the old policy. Each loss is a **sum over steps, mean over paths** of a per-path surrogate
 (steps not in ``steps`` are skipped; ``train.timestep_fraction < 1`` rescales by K / #steps trained so the
 sum stays unbiased).
 
@@ -12,14 +17,12 @@ sum stays unbiased).
   or the
   TD error :math:`V_{k+1} - V_k - \beta\ell_k` (:func:`td_advantages`). Actor: the likelihood-ratio surrogate
   :math:`\sum_k A_k\rho_k - \beta\sum_k\ell_k(\theta)` (:func:`likelihood_ratio_surrogate` with the per-step
-  importance weight :math:`\rho_k = \pi_\theta/\pi_{old}(x_{k+1}|x_k)` in place of
-  :math:`\log\pi_\theta`: same
-  gradient at :math:`\theta = \theta_{old}`, importance-corrected after it) with the exact per-step KL
-  :math:`\ell_k(\theta) = \frac{w_k}{2}|a^\theta_k - s_k|^2` to the pretrained model, minus
-  ``kl_penalty`` times the
-  path KL to the old policy :math:`\sum_k\frac{w_k}{2}|a^\theta_k - a^{old}_k|^2`
-  (:func:`policy_path_kl`): a trust
-  region independent of the number of steps, not a per-step ratio clip. Critic: Monte-Carlo regression
+  importance weight :math:`\rho_k = \pi_\theta/\pi_{old}(x_{k+1}|x_k)` in place of :math:`\log\pi_\theta`:
+  same gradient at :math:`\theta = \theta_{old}`, importance-corrected after it) with the per-step KL
+  :math:`\ell_k(\theta) = \frac{w_k}{2}|a^\theta_k - s_k|^2` to the pretrained model (:math:`w_k` of
+  ``train.kl_weighting``), minus ``kl_penalty`` times the path KL to the old policy
+  :math:`\sum_k\frac{w_k}{2}|a^\theta_k - a^{old}_k|^2` (:func:`policy_path_kl`): a trust region
+  independent of the number of steps, not a per-step ratio clip. Critic: Monte-Carlo regression
   onto :math:`R - \beta\sum_{j\ge k}\ell_j` (:func:`mc_value_targets`) or TD(0).
 * :class:`DDPOScoreFunction` (``ddpo_sf``) -- REINFORCE on the K-step chain:
   :math:`\sum_k A\log\pi_\theta(x_{k+1}|x_k)` with the per-prompt normalised reward as the advantage
@@ -48,8 +51,8 @@ from sa_theory.estimators import (
 )
 from sa_theory.value import mc_value_targets, value_regression_loss
 
-from .rollout import RolloutBatch, guided_eps, step_kl, step_log_prob
-from .scheduling import StepKernel
+from .rollout import RolloutBatch, guided_eps
+from .scheduling import StepKernel, score_from_eps
 
 __all__ = [
     "Method",
@@ -71,6 +74,7 @@ class Method:
     def __init__(self, cfg, kernel: StepKernel, unet, value_model=None, prediction_type: str = "epsilon"):
         self.cfg, self.kernel, self.unet, self.value_model = cfg, kernel, unet, value_model
         self.prediction_type = prediction_type
+        self.kl_form = cfg.train.kl_weighting  # "continuous" | "chain": the regulariser's per-step KL weight
         self.steps_scale = 1.0
 
     # -- shared pieces
@@ -89,21 +93,25 @@ class Method:
 
     def step_terms(self, batch: RolloutBatch, k: int) -> dict[str, torch.Tensor]:
         """log-prob, old log-prob, action, old action and KL to the pretrained model at step ``k``."""
-        kern = self.kernel
+        kern, ab = self.kernel, float(self.kernel.alphabar[k])
         x, x1 = batch.latents[k].detach(), batch.latents[k + 1].detach()
-        eps = self.policy_eps(batch, k)
-        mean = kern.mean(x, eps, k)
+        action = score_from_eps(self.policy_eps(batch, k), ab)
         out = {
-            "log_prob": step_log_prob(kern, k, x1, mean),
+            "log_prob": kern.log_prob(k, x1, kern.mean(k, x, action)),
             "old_log_prob": batch.log_probs[k],
-            "action": kern.action(eps, k),
-            "old_action": kern.action(batch.eps[k], k),
+            "action": action,
+            "old_action": score_from_eps(batch.eps[k], ab),
         }
         if batch.ref_eps is not None:
-            out["kl"] = step_kl(kern, k, mean, kern.mean(x, batch.ref_eps[k], k))
+            out["kl"] = kern.step_kl(k, action, score_from_eps(batch.ref_eps[k], ab), self.kl_form)
         else:
             out["kl"] = torch.zeros_like(out["log_prob"])
         return out
+
+    def kl_steps(self, batch: RolloutBatch) -> torch.Tensor:
+        """The regulariser's recorded per-step KLs to the pretrained model, ``(K, B)`` (0 if not recorded)."""
+        kl = batch.kl_steps_of(self.kl_form)
+        return kl if kl is not None else torch.zeros_like(batch.log_probs)
 
     def value_cond(self, batch: RolloutBatch, k: int) -> dict:
         cond = {"text": batch.pooled}
@@ -167,7 +175,7 @@ class SAActorCritic(Method):
 
     def prepare(self, batch, rewards):
         t, beta = self.cfg.train, self.cfg.train.beta
-        kl = batch.kl_steps if batch.kl_steps is not None else torch.zeros_like(batch.log_probs)
+        kl = self.kl_steps(batch)
         V = self.all_values(batch) if self.value_model is not None else None
         if t.advantage == "td":
             adv = td_advantages(V, rewards, kl, beta)
@@ -188,7 +196,7 @@ class SAActorCritic(Method):
         tr, s = self.cfg.train, self.steps_scale
         terms = self.step_terms(batch, k)
         ratio = torch.exp(terms["log_prob"] - terms["old_log_prob"])
-        w = torch.tensor([self.kernel.kl_weight[k]], dtype=ratio.dtype, device=ratio.device)
+        w = torch.tensor([self.kernel.weights(self.kl_form)[k]], dtype=ratio.dtype, device=ratio.device)
         sur = likelihood_ratio_surrogate(
             ratio[None], batch.step_data["adv"][k][None], terms["kl"][None], tr.beta
         )

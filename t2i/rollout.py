@@ -1,18 +1,21 @@
 r"""Sampling rollouts on a Stable Diffusion UNet that record what the RL methods need.
 
-:func:`sample_rollout` runs K steps of a :class:`~t2i.scheduling.StepKernel` (DDIM ``eta>0`` or DDPM) with the
+:func:`sample_rollout` runs K steps of a Gaussian step kernel (:class:`sa_theory.kernels.DDIMKernel` with
+``eta > 0`` or :class:`~sa_theory.kernels.DDPMKernel`, built by :func:`t2i.scheduling.make_kernel`) with the
 LoRA policy and records, for every step ``k``:
 
 * the latents :math:`x_k` (``latents``, ``(K+1, B, C, h, w)``; ``latents[0]`` is the initial noise);
 * the policy's guided noise prediction ``eps`` (the action is :math:`a_k =
--\epsilon_k/\sqrt{1-\bar\alpha_k}`);
+  -\epsilon_k/\sqrt{1-\bar\alpha_k}`, :func:`~t2i.scheduling.score_from_eps`);
 * ``log_probs`` ``(K, B)``: :math:`\log N(x_{k+1}; m_k, \mathrm{std}_k^2 I)` **summed over latent dims**,
-  nats per step (:func:`sa_theory.kl.gaussian_log_prob`); 0 on deterministic steps;
-* with ``record_reference``: the pretrained model's guided ``ref_eps`` (same UNet, adapters disabled) and
-  ``kl_steps`` ``(K, B)``: the exact per-step Gaussian KL :math:`|m_k^\theta -
-  m_k^{pre}|^2/(2\mathrm{std}_k^2)
-  = \frac{w_k}{2}|a_k - s_k|^2` (:func:`sa_theory.kl.gaussian_mean_kl`, nats per step, summed over dims);
-  ``kl_steps.sum(0)`` is the path KL to the pretrained sampler per image.
+  nats per step (``kernel.log_prob``); 0 on deterministic steps;
+* with ``record_reference``: the pretrained model's guided ``ref_eps`` (same UNet, adapters disabled) and two
+  per-step KLs to it, ``(K, B)``, nats per step, summed over dims (``kernel.step_kl``):
+  ``kl_steps`` the exact KL of the chain's step :math:`\frac{w_k}{2}|a_k - s_k|^2 = |m_k^\theta -
+  m_k^{pre}|^2/(2\mathrm{std}_k^2)`, and ``kl_steps_ct`` the continuous-time (Girsanov) estimate
+  :math:`\frac{\bar w_k}{2}|a_k - s_k|^2` with the KL rate integrated over the step. ``path_kl`` and
+  ``path_kl_ct`` (per image, nats per path) are their sums over steps; the first depends on K at coarse
+  steps, the second is stable across K (:mod:`sa_theory.kernels`).
 
 Classifier-free guidance: both the policy and the pretrained action are the *guided* score with the same
 scale ``w`` (:func:`guided_eps`).
@@ -25,12 +28,10 @@ from typing import Any
 
 import torch
 
-from sa_theory.kl import gaussian_log_prob, gaussian_mean_kl
-
 from .models import decode_latents, encode_prompts, pretrained
-from .scheduling import StepKernel, eps_from_model_output
+from .scheduling import StepKernel, eps_from_model_output, score_from_eps
 
-__all__ = ["RolloutBatch", "guided_eps", "sample_rollout", "step_log_prob", "step_kl", "sample_images"]
+__all__ = ["RolloutBatch", "guided_eps", "sample_rollout", "sample_images"]
 
 
 def guided_eps(
@@ -57,20 +58,6 @@ def guided_eps(
     return eps_from_model_output(out, x, alphabar, prediction_type)
 
 
-def step_log_prob(kernel: StepKernel, k: int, x_next: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """:math:`\\log N(x_{k+1}; m_k, \\mathrm{std}_k^2 I)` summed over dims, ``(B,)`` nats; 0 if std_k = 0."""
-    if not kernel.stochastic[k]:
-        return torch.zeros(x_next.shape[0], dtype=mean.dtype, device=mean.device)
-    return gaussian_log_prob(x_next, mean, kernel.std_t(k, mean))
-
-
-def step_kl(kernel: StepKernel, k: int, mean: torch.Tensor, ref_mean: torch.Tensor) -> torch.Tensor:
-    """Exact per-step KL :math:`|m - m_{ref}|^2/(2\\mathrm{std}_k^2)`, ``(B,)`` nats; 0 if std_k = 0."""
-    if not kernel.stochastic[k]:
-        return torch.zeros(mean.shape[0], dtype=mean.dtype, device=mean.device)
-    return gaussian_mean_kl(mean, ref_mean, kernel.std_t(k, mean))
-
-
 @dataclass
 class RolloutBatch:
     """One batch of recorded sampler paths (see module docstring). Tensors on the rollout device."""
@@ -84,6 +71,7 @@ class RolloutBatch:
     log_probs: torch.Tensor
     ref_eps: torch.Tensor | None = None
     kl_steps: torch.Tensor | None = None
+    kl_steps_ct: torch.Tensor | None = None
     images: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     step_data: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step extras, (K, B, ...)
@@ -99,8 +87,17 @@ class RolloutBatch:
 
     @property
     def path_kl(self) -> torch.Tensor | None:
-        """Path KL to the pretrained sampler per image (nats per path)."""
+        """Exact KL of the discrete chain to the pretrained sampler per image (nats per path)."""
         return None if self.kl_steps is None else self.kl_steps.sum(0)
+
+    @property
+    def path_kl_ct(self) -> torch.Tensor | None:
+        """Continuous-time (Girsanov) path KL estimate per image (nats per path), stable across K."""
+        return None if self.kl_steps_ct is None else self.kl_steps_ct.sum(0)
+
+    def kl_steps_of(self, form: str) -> torch.Tensor | None:
+        """Per-step KLs of ``form``: ``"chain"`` (``kl_steps``) or ``"continuous"`` (``kl_steps_ct``)."""
+        return {"chain": self.kl_steps, "continuous": self.kl_steps_ct}[form]
 
     def select(self, idx: torch.Tensor) -> RolloutBatch:
         """Sub-batch of paths ``idx`` (step-major tensors indexed on dim 1)."""
@@ -108,20 +105,13 @@ class RolloutBatch:
         def sel(t, dim):
             return None if t is None else t.index_select(dim, idx.to(t.device))
 
+        step_major = ("latents", "eps", "log_probs", "ref_eps", "kl_steps", "kl_steps_ct")
         return RolloutBatch(
-            [self.prompts[i] for i in idx.tolist()],
-            sel(self.embeds, 0),
-            sel(self.uncond, 0),
-            sel(self.pooled, 0),
-            sel(self.latents, 1),
-            sel(self.eps, 1),
-            sel(self.log_probs, 1),
-            sel(self.ref_eps, 1),
-            sel(self.kl_steps, 1),
-            sel(self.images, 0),
-            sel(self.rewards, 0),
-            {k: sel(v, 1) for k, v in self.step_data.items()},
-            {k: sel(v, 0) for k, v in self.path_data.items()},
+            prompts=[self.prompts[i] for i in idx.tolist()],
+            **{n: sel(getattr(self, n), 0) for n in ("embeds", "uncond", "pooled", "images", "rewards")},
+            **{n: sel(getattr(self, n), 1) for n in step_major},
+            step_data={k: sel(v, 1) for k, v in self.step_data.items()},
+            path_data={k: sel(v, 0) for k, v in self.path_data.items()},
         )
 
     @staticmethod
@@ -130,18 +120,11 @@ class RolloutBatch:
             ts = [getattr(b, name) for b in batches]
             return None if ts[0] is None else torch.cat(ts, dim)
 
+        step_major = ("latents", "eps", "log_probs", "ref_eps", "kl_steps", "kl_steps_ct")
         return RolloutBatch(
-            sum((b.prompts for b in batches), []),
-            cat("embeds", 0),
-            cat("uncond", 0),
-            cat("pooled", 0),
-            cat("latents", 1),
-            cat("eps", 1),
-            cat("log_probs", 1),
-            cat("ref_eps", 1),
-            cat("kl_steps", 1),
-            cat("images", 0),
-            cat("rewards", 0),
+            prompts=sum((b.prompts for b in batches), []),
+            **{n: cat(n, 0) for n in ("embeds", "uncond", "pooled", "images", "rewards")},
+            **{n: cat(n, 1) for n in step_major},
         )
 
 
@@ -172,19 +155,22 @@ def sample_rollout(
     C, h = unet.config.in_channels, unet.config.sample_size
     x = torch.randn((B, C, h, h), generator=generator, device="cpu").to(device)
     pt = pipe.scheduler.config.get("prediction_type", "epsilon")
-    lat, eps_l, lps, refs, kls = [x], [], [], [], []
+    lat, eps_l, lps, refs, kls, kls_ct = [x], [], [], [], [], []
     for k in range(kernel.num_steps):
         t, ab = int(kernel.timesteps[k]), float(kernel.alphabar[k])
         eps = guided_eps(unet, x, t, embeds, uncond, guidance_scale, ab, pt)
-        mean = kernel.mean(x, eps, k)
+        action = score_from_eps(eps, ab)
+        mean = kernel.mean(k, x, action)
         noise = torch.randn(x.shape, generator=generator, device="cpu").to(device)
-        x_next = mean + kernel.std_t(k, mean) * noise
-        lps.append(step_log_prob(kernel, k, x_next, mean))
+        x_next = mean + kernel.std(k) * noise
+        lps.append(kernel.log_prob(k, x_next, mean))
         if record_reference:
             with pretrained(unet):
                 ref = guided_eps(unet, x, t, embeds, uncond, guidance_scale, ab, pt)
             refs.append(ref)
-            kls.append(step_kl(kernel, k, mean, kernel.mean(x, ref, k)))
+            ref_action = score_from_eps(ref, ab)
+            kls.append(kernel.step_kl(k, action, ref_action, "chain"))
+            kls_ct.append(kernel.step_kl(k, action, ref_action, "continuous"))
         eps_l.append(eps)
         lat.append(x_next)
         x = x_next
@@ -198,6 +184,7 @@ def sample_rollout(
         torch.stack(lps),
         torch.stack(refs) if record_reference else None,
         torch.stack(kls) if record_reference else None,
+        torch.stack(kls_ct) if record_reference else None,
     )
     if decode:
         batch.images = decode_latents(pipe, x)
