@@ -34,6 +34,7 @@ from sa_theory.algorithms import (
     make_trainer,
     override,
     seed_everything,
+    validate,
 )
 from sa_theory.algorithms.config import _f
 from sa_theory.schedules import ConstantOU, VPLinear
@@ -340,6 +341,7 @@ def build(algo: str = "sa_ac", problem: str | None = None, overrides: dict[str, 
     if problem is not None:
         overrides["problem"] = problem
     cfg, toy = split_overrides(algo, overrides)
+    validate(cfg)  # before anything is built (the trainer validates again)
     validate_toy(toy)
     prob = make_problem(toy.problem, cfg.beta)
     env = make_env(prob, toy.problem)
