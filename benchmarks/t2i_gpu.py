@@ -159,6 +159,7 @@ def run(args) -> dict:
                 "train.batch_size": str(args.train_batch),
                 "train.gradient_accumulation_steps": str(args.batch // args.train_batch),
                 "log.output_dir": args.workdir + f"/{method}",
+                "log.overwrite": "true",  # scratch folders, replaced on every benchmark run
                 "log.tensorboard": "false",
                 "log.image_every": "0",
                 "log.progress": "false",

@@ -138,6 +138,7 @@ def make_config(ec: ExperimentConfig, assets: dict, method: str, seed: int, K: i
     c.log.output_dir = out_dir
     c.log.save_every, c.log.keep_last, c.log.image_every = 0, 1, 0
     c.log.tensorboard, c.log.progress = False, False
+    c.log.overwrite = True  # the experiment owns these scratch run folders and regenerates them on a re-run
     return c
 
 
