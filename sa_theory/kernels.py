@@ -275,8 +275,10 @@ class DiscreteVPKernel(GaussianKernel):
     family_eta = 1.0
 
     def __init__(self, alphas_cumprod, timesteps, prev_timesteps, final_alphabar, *, name, schedule=None):
-        self.schedule = schedule or DiscreteVPSchedule(alphas_cumprod=tuple(np.asarray(alphas_cumprod, float).tolist()))
-        ac = np.asarray(self.schedule.alphas_cumprod, dtype=np.float64)
+        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        if schedule is not None and not np.array_equal(np.asarray(schedule.alphas_cumprod), ac):
+            raise ValueError(f"{name}: 'schedule' was built from other 'alphas_cumprod'")
+        self.schedule = schedule or DiscreteVPSchedule(alphas_cumprod=tuple(ac.tolist()))
         M = ac.size
         ts, prev = np.asarray(timesteps), np.asarray(prev_timesteps)
         if ts.ndim != 1 or ts.size < 1 or not np.issubdtype(ts.dtype, np.integer) or ts.shape != prev.shape:

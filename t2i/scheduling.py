@@ -76,7 +76,14 @@ def kernel_from_scheduler(scheduler, eta: float = 1.0, schedule: DiscreteVPSched
     ac = scheduler.alphas_cumprod.double().numpy()
     ts = scheduler.timesteps.numpy().astype(np.int64)
     if isinstance(scheduler, DDIMScheduler):  # DDIMScheduler.step: prev = t - M // K, final_alpha_cumprod below 0
-        prev = ts - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        M, n = scheduler.config.num_train_timesteps, scheduler.num_inference_steps
+        prev = ts - M // n
+        if np.any(prev[:-1] != ts[1:]):
+            raise ValueError(
+                f"scheduler: DDIMScheduler.step moves each timestep t to t - {M // n}, which is not the next "
+                f"timestep with timestep_spacing={scheduler.config.timestep_spacing!r} and {n} steps; use "
+                f"'leading', or 'trailing' with a step count dividing {M}"
+            )
         return DDIMKernel(ac, ts, prev, float(scheduler.final_alpha_cumprod), eta, schedule=schedule)
     if isinstance(scheduler, DDPMScheduler):  # DDPMScheduler.previous_timestep: next in the list, then -1 -> 1
         if scheduler.config.variance_type not in ("fixed_small", None):

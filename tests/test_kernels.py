@@ -217,6 +217,9 @@ def test_bad_input_names_the_parameter():
         DDIMKernel(SD15_ALPHAS, ts + 99, prev + 99, SD15_ALPHAS[0], 1.0)  # 1000 is out of range
     with pytest.raises(ValueError, match="prev_timesteps"):
         DDIMKernel(SD15_ALPHAS, ts, prev - 1, SD15_ALPHAS[0], 1.0)  # does not chain
+    with pytest.raises(ValueError, match="'schedule'"):
+        DDIMKernel(SD15_ALPHAS, ts, prev, SD15_ALPHAS[0], 1.0, schedule=ddim(5, 1.0).schedule.__class__(
+            alphas_cumprod=tuple(SD15_ALPHAS**2)))
     with pytest.raises(ValueError, match="KL form"):
         ddim(5, 1.0).weights("girsanov")
     with pytest.raises(ValueError, match="taus"):

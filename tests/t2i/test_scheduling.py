@@ -92,7 +92,7 @@ def test_timestep_to_vp_time_reproduces_alphas_cumprod():
 
 
 def test_kl_weight_is_effective_g2_dtau_in_the_fine_step_limit():
-    """w_k = c_eps^2 (1 - alphabar)/std^2 -> B(t_k) - B(t_{k+1}) as steps grow (continuous-time limit),
+    """w_k = slope^2/std^2 -> B(t_k) - B(t_{k+1}) as steps grow (continuous-time limit; the continuous weight is it),
     wherever the step is small against the noise level (dB << 1 - alphabar; checked on t >= 0.1)."""
     errs = []
     for n in (20, 100, 500):
@@ -162,6 +162,9 @@ def test_deterministic_steps_are_masked_and_clipping_is_refused():
         kernel_from_scheduler(s, 1.0)
     with pytest.raises(ValueError, match="no log-probabilities"):
         make_kernel(s.config, "dpmsolver++", 5)
+    # diffusers' DDIM steps to t - M//K, which is not the next timestep of a "linspace" grid: refused
+    with pytest.raises(ValueError, match="timestep_spacing='linspace'"):
+        make_kernel({**SD_SCHED, "timestep_spacing": "linspace"}, "ddim", 10)
 
 
 #: Stable Diffusion v1.5's scheduler/scheduler_config.json, verbatim (a PNDMScheduler; no download)
