@@ -23,7 +23,8 @@ weights (0). ``state_scale`` is the marginal scale :math:`\sqrt{\alpha_t^2 + \si
 state for unit-variance data (1 for VP schedules). The threshold 1e-6 sits ~8 float32 ulps above the
 resolution of the state: noise below it is round-off, and its KL weight (>= 1e12 per unit slope^2) an
 artifact. Example: diffusers' DDPM with ``steps_offset=1`` ends with a step to "timestep -1" whose variance
-0 it clamps to 1e-20 (std 1e-10); the smallest genuinely random step of SD1.5's schedule has std ~ 0.02.
+0 it clamps to 1e-20 (std 1e-10); the smallest genuinely random step of SD1.5's schedule (DDPM or DDIM
+:math:`\eta = 1`, any K) has std 0.021.
 
 **Kernels.** :class:`EulerKernel` -- the Euler-Maruyama step of a controlled SDE of the noise-level family
 (``sde.drift``, ``sde.diffusion`` :math:`\sqrt{\eta}g`, ``sde.action_coef`` :math:`\frac{1+\eta}{2}g^2`):
@@ -49,10 +50,11 @@ mean gives :math:`\lambda_k = (1-\bar\alpha)\sqrt{\bar\alpha_p/\bar\alpha} -
 
 .. math:: \frac{w_k}{\frac{(1+e)^2}{4e}\delta} = 1 + \frac{3 + e^2 - (1+e)s}{2(1+e)s}\,\delta + O(\delta^2).
 
-The family's Euler step over the same interval has variance :math:`e\,g^2 d\tau = e\delta` and slope
-:math:`\frac{1+e}{2}\delta` (VP: :math:`\int g^2 dt = \delta`). So the DDIM step equals the Euler step of
-the member :math:`e = \eta_{DDIM}^2` up to a relative :math:`O(\delta_k/s_k)` (step size over noise level),
-and no other :math:`e` matches its variance. The KL-weight excess is positive for every :math:`e` (as
+A step of the family member :math:`e` over the same interval has, to first order, variance
+:math:`e\int g^2 = e\delta` and slope :math:`\frac{1+e}{2}\delta` (VP: :math:`\int g^2 dt = \delta`). So the
+DDIM step equals the family's step for :math:`e = \eta_{DDIM}^2` up to a relative :math:`O(\delta_k/s_k)` (step
+size over noise level), and no other :math:`e` matches its variance (tested, with :math:`e = \eta_{DDIM}` as
+the failing control). The KL-weight excess is positive for every :math:`e` (as
 :math:`s \le 1`): the chain KL exceeds the continuous one at coarse steps, most at small noise. Note
 :math:`\frac{(1+e)^2}{4e}` is symmetric in :math:`e \leftrightarrow 1/e`: the KL weight alone cannot tell
 :math:`e` from :math:`1/e`; the variance can.
@@ -82,10 +84,10 @@ def family_kl_factor(e):
         return (1.0 + e) ** 2 / (4.0 * e)
 
 
-def _vec(name: str, x, n: int) -> np.ndarray:
+def _vec(kernel: str, name: str, x, n: int) -> np.ndarray:
     a = np.broadcast_to(np.asarray(x, dtype=np.float64), (n,)).copy()
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"kernel {name!r} has non-finite entries")
+        raise ValueError(f"{kernel}: {name!r} is not finite at steps {np.flatnonzero(~np.isfinite(a)).tolist()}")
     return a
 
 
@@ -98,18 +100,19 @@ class GaussianKernel:
         K = self.taus.size - 1
         if self.taus.ndim != 1 or K < 1 or not np.all(np.isfinite(self.taus)) or np.any(np.diff(self.taus) <= 0):
             raise ValueError(f"{name}: 'taus' must be a finite, strictly increasing grid of >= 2 times")
-        std, slope = _vec("std", std, K), _vec("slope", slope, K)
+        std, slope = _vec(name, "std", std, K), _vec(name, "slope", slope, K)
         if np.any(std < 0):
             raise ValueError(f"{name}: 'std' must be >= 0")
-        self.state_scale = _vec("state_scale", state_scale, K)
+        self.state_scale = _vec(name, "state_scale", state_scale, K)
         self.stochastic = std >= DETERMINISTIC_STD * self.state_scale
         self.stds = np.where(self.stochastic, std, 0.0)
         self.slopes = slope
         with np.errstate(divide="ignore", invalid="ignore"):
             w = np.where(self.stochastic, slope**2 / std**2, 0.0)
-        self.kl_weights = _vec("kl_weight", w, K)
-        ct = np.where(self.stochastic, np.asarray(ct_kl_weight, dtype=np.float64), 0.0)
-        self.ct_kl_weights = _vec("ct_kl_weight", ct, K)
+        self.kl_weights = _vec(name, "kl_weight", w, K)
+        with np.errstate(invalid="ignore"):
+            ct = np.where(self.stochastic, np.asarray(ct_kl_weight, dtype=np.float64), 0.0)
+        self.ct_kl_weights = _vec(name, "ct_kl_weight", ct, K)
 
     @property
     def num_steps(self) -> int:
@@ -181,7 +184,7 @@ class EulerKernel(GaussianKernel):
         scale = np.sqrt(np.asarray(sch.alpha(t_next)) ** 2 + np.asarray(sch.marginal_var(t_next)))
         name = f"euler({type(sch).__name__})"
         super().__init__(taus=taus, std=diff * np.sqrt(self.dtaus), slope=coef * self.dtaus,
-                         ct_kl_weight=np.nan_to_num(ct, nan=0.0, posinf=0.0), state_scale=scale, name=name)
+                         ct_kl_weight=ct, state_scale=scale, name=name)
 
     def mean(self, k, x, action):
         tau = torch.as_tensor(self.taus[k], dtype=x.dtype, device=x.device)
