@@ -132,6 +132,25 @@ def test_euler_weights_are_the_family_rate_frozen_and_integrated():
     assert np.allclose(kern.ct_kl_weights, ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("noise", [1.0, 0.5])
+def test_euler_kernel_is_the_toy_rollouts_euler_chain(noise):
+    """sa_theory.rollout's native Euler chain is the EulerKernel's chain: same transitions, log-probs and
+    per-step KLs (the toy's KL weight rate x dtau is the kernel's chain weight)."""
+    from sa_theory.rollout import rollout
+
+    sde = ControlledSDE(VPLinear(), noise=noise)
+    y0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    traj = rollout(sde, lambda tau, y, c: -y + 0.3 * torch.sin(3 * tau), y0, steps=8,
+                   reference=lambda tau, y, c: -y, seed=0)
+    kern = EulerKernel(sde, traj.taus.numpy())
+    for k in range(8):
+        x, a, s = traj.states[k], traj.actions[k], traj.ref_actions[k]
+        mean = kern.mean(k, x, a)
+        assert torch.allclose(mean + kern.std(k) * traj.noise[k], traj.states[k + 1], rtol=0, atol=1e-12)
+        assert torch.allclose(kern.log_prob(k, traj.states[k + 1], mean), traj.log_probs[k], rtol=1e-12)
+        assert torch.allclose(kern.step_kl(k, a, s), traj.kl_steps[k], rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------------- DDIM's eta
 @pytest.mark.parametrize("eta", [0.3, 0.5, 1.0])
 def test_ddim_eta_is_the_family_member_e_equals_eta_squared(eta):
