@@ -90,12 +90,15 @@ def resolve_intact_checkpoint(path: str) -> tuple[str, list[str]]:
         folder = resolve_checkpoint(path)
         _verify(folder)
         return folder, []
+    errors = []
     try:
         first = resolve_checkpoint(root)
     except FileNotFoundError:
         first = None
+    if first is not None and not os.path.basename(os.path.normpath(first)).startswith("checkpoint-"):
+        errors.append(f"the pointer {os.path.join(root, 'latest')!r} is damaged")
+        first = None
     cands = ([first] if first else []) + [c for c in _checkpoint_folders(root) if c != first]
-    errors = []
     for c in cands:
         try:
             if not os.path.isdir(c):

@@ -236,6 +236,8 @@ def _run(args, rest: list[str], argv: list[str]) -> int:
     if args.cmd == "train":
         return _train(args, overrides, argv)
     if args.cmd == "sample":
+        if args.num_per_prompt < 1:
+            raise ValueError(f"--num-per-prompt must be >= 1, got {args.num_per_prompt}")
         _check_out(args.out, "dir")
         paths = sample(args.checkpoint, args.prompts, args.out, args.num_per_prompt, overrides, args.seed)
         print(f"wrote {len(paths)} images and grid.png to {args.out}")

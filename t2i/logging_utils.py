@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from sa_theory.algorithms.loop_utils import read_jsonl
+
 __all__ = ["RunLogger", "image_grid", "save_png"]
 
 
@@ -70,11 +72,10 @@ class RunLogger:
     def truncate(self, epoch: int) -> None:
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < epoch]
+        keep = [r for r in read_jsonl(self.path) if r.get("epoch", -1) < epoch]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(keep)
+            f.writelines(json.dumps(r) + "\n" for r in keep)
         os.replace(tmp, self.path)
 
     def log(self, metrics: dict, step: int) -> None:

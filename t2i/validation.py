@@ -75,6 +75,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         f"train.batch_size: sample.batch_size ({s.batch_size}) must be divisible by train.batch_size ({t.batch_size})",  # noqa: E501
     )
     n_mb = s.batch_size * s.num_batches_per_epoch // t.batch_size
+    ga = t.gradient_accumulation_steps
+    need(ga >= 1, f"train.gradient_accumulation_steps: must be >= 1 (got {ga})")
     need(
         n_mb % t.gradient_accumulation_steps == 0,
         f"train.gradient_accumulation_steps: minibatches per epoch per process ({n_mb}) must be divisible by "
@@ -131,5 +133,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         m.mixed_precision in ("no", "fp16", "bf16"),
         f"model.mixed_precision: {m.mixed_precision!r} not in no/fp16/bf16",
     )
+    local = m.pretrained.startswith(("/", "./", "../", "~")) or os.path.isabs(m.pretrained)
+    need(not local or os.path.isdir(os.path.expanduser(m.pretrained)),
+         f"model.pretrained: {m.pretrained!r} is not a folder (give a local pipeline folder or a Hub id)")
     need(m.lora_rank >= 1, f"model.lora_rank: must be >= 1 (got {m.lora_rank})")
     need(len(cfg.prompts) >= 1, "prompts: need at least one prompt")

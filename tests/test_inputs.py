@@ -32,6 +32,13 @@ def test_toy_reward_of_the_wrong_shape_is_an_error_naming_the_reward(bad):
     assert s.trainer.iteration == 0 and s.trainer.history == []
 
 
+def test_toy_integer_reward_is_accepted_as_numbers():
+    s = build("ddpo_sf", "gauss2d", {**SMALL, "iterations": 1})
+    s.env.reward = lambda x, cond=None: (x[:, 0] > 0).long()  # success indicator
+    hist = s.trainer.train()
+    assert 0 <= hist[-1]["reward"] <= 1
+
+
 def test_toy_reward_with_inf_is_an_error_naming_the_reward():
     s = build("dpok", "gauss2d", {**SMALL, "iterations": 1})
     s.env.reward = lambda x, cond=None: torch.where(x[:, 0] > 0, torch.inf, 0.0).to(x.dtype)
@@ -118,6 +125,7 @@ def t2i_env():
     ("train.learning_rate", "0"), ("train.adam_beta1", "1.0"), ("log.keep_last", "0"), ("log.save_every", "-1"),
     ("sample.eval_num_images", "0"), ("sample.guidance_scale", "nan"), ("value.width", "0"),
     ("value.learning_rate", "-1"), ("model.lora_alpha", "0"), ("train.stat_min_count", "0"),
+    ("train.gradient_accumulation_steps", "0"), ("model.pretrained", "/nonexistent/model"),
 ])
 def test_noop_or_contradictory_t2i_settings_are_rejected_naming_the_field(key, value, tmp_path, capsys):
     from t2i.cli import main

@@ -145,6 +145,24 @@ def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_
     assert [json.loads(x) for x in log.read_text().splitlines()] == full.trainer.history
 
 
+def test_resume_after_a_kill_mid_log_write_and_with_too_few_iterations(tmp_path, capsys):
+    ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
+    ov = {**SMALL, "iterations": 3, "checkpoint_path": str(ck), "log_path": str(log)}
+    build("sa_ac", "gauss2d", ov).trainer.train(until=2)
+    with open(log, "a") as fh:
+        fh.write('{"iteration": 3, "rew')  # killed while writing iteration 3's record
+    short = build("sa_ac", "gauss2d", {**ov, "iterations": 1})
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"'iterations' \(1\) is below the checkpoint's iteration 2"):
+        short.trainer.resume()
+    assert snapshot(tmp_path) == before
+    s = build("sa_ac", "gauss2d", ov)
+    assert s.trainer.resume() and s.trainer.iteration == 2
+    assert "m.jsonl" in capsys.readouterr().err
+    s.trainer.train()
+    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1, 2, 3]
+
+
 # ---------------------------------------------------------------------------------------------- sa-toy
 def test_sa_toy_refuses_a_non_empty_out_and_resume_without_checkpoint_losing_nothing(tmp_path, capsys):
     out = tmp_path / "run"
@@ -279,6 +297,7 @@ def test_t2i_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_p
         _t2i(tmp_path, **{"resume_from": str(bad), "train.num_epochs": 3})  # named explicitly: no fallback
     assert snapshot(tmp_path / "run") == before
     capsys.readouterr()
+    (ckpts / "latest").write_text("")  # the pointer is damaged too (e.g. a full disk)
     tr = _t2i(tmp_path, **{"resume_from": "auto", "train.num_epochs": 3})
     out = capsys.readouterr().out
     assert all(s in out for s in ("checkpoint-000002", "optimizer.bin", "falling back", "checkpoint-000001"))

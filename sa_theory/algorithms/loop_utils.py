@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-__all__ = ["iteration_generator", "lr_lambda", "jsonable"]
+__all__ = ["iteration_generator", "lr_lambda", "jsonable", "read_jsonl"]
 
 
 def iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:
@@ -46,3 +48,20 @@ def jsonable(v):
     if isinstance(v, np.ndarray):
         return v.tolist()
     return v
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSONL metrics log. A partial last line (a run killed while writing it) is dropped with a
+    note on stderr naming the file; an unreadable line elsewhere raises ``ValueError`` naming file and line."""
+    with open(path) as fh:
+        lines = [ln for ln in fh if ln.strip()]
+    recs = []
+    for i, line in enumerate(lines):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(lines) - 1:
+                raise ValueError(f"metrics log {path!r} line {i + 1} is not JSON ({err})") from err
+            print(f"metrics log {path!r}: dropping a partial last record (the run was killed while writing it)",
+                  file=sys.stderr)
+    return recs

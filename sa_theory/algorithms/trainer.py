@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, resume_changes, to_dict, validate
 from .environment import SOLVERS, Batch, Environment, solver_kwargs
-from .loop_utils import iteration_generator, jsonable, lr_lambda
+from .loop_utils import iteration_generator, jsonable, lr_lambda, read_jsonl
 
 __all__ = ["Environment", "Batch", "Trainer", "SOLVERS", "solver_kwargs", "iteration_generator", "lr_lambda"]
 
@@ -126,7 +126,7 @@ class Trainer:
     # ------------------------------------------------------------------ rollouts
     def _sde_for(self, solver: str) -> ControlledSDE:
         _, _, ode = solver_kwargs(solver)
-        return ControlledSDE(self.env.sde.schedule, ode=ode)
+        return ControlledSDE(self.env.sde.schedule, ode=True) if ode else self.env.sde  # keeps the env's noise eta
 
     def sample_paths(self, n: int, steps: int, solver: str, generator: torch.Generator, seed: int,
                      record: bool = True, policy: Callable | None = None):
@@ -151,6 +151,8 @@ class Trainer:
             got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
             raise ValueError(f"reward of environment {self.env.name!r} must return a tensor of shape ({B},) (one "
                              f"value per path), got {got}")
+        if not torch.is_floating_point(r):  # integer / boolean rewards (e.g. success = 1) are fine as numbers
+            r = r.to(self.dtype)
         return check_finite(f"reward of environment {self.env.name!r}", r.detach())
 
     def collect(self, it: int) -> Batch:
@@ -168,7 +170,7 @@ class Trainer:
             refs = traj.ref_actions
             if refs is None:
                 refs = torch.stack([self.env.pretrained_action(taus[k], states[k], cond) for k in range(N)])
-            g2 = self.env.sde.g2(taus)
+            g2 = self.env.sde.kl_weight_rate(taus)  # KL weight rate, g^2 at noise eta = 1
             kl = torch.stack([girsanov_kl_step(g2[k], traj.dtau, means[k], refs[k]) for k in range(N)])
             reward = self.reward(traj.final, cond)
             logp = ref_logp = None
@@ -222,7 +224,13 @@ class Trainer:
         if cfg.checkpoint_path:
             files += [("checkpoint_path", cfg.checkpoint_path), ("checkpoint_path", previous_path(cfg.checkpoint_path))]
         for name, path in files:
-            if path and os.path.exists(path) and (name != "log_path" or os.path.getsize(path) > 0):
+            if not path:
+                continue
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"config field {name!r}: cannot create the folder of {path!r} ({err})") from err
+            if os.path.exists(path) and (name != "log_path" or os.path.getsize(path) > 0):
                 if not cfg.overwrite:
                     raise FileExistsError(f"config field {name!r}: {path!r} already holds a previous run's data; "
                                           f"resume that run, choose another path, or set overwrite=True to replace it")
@@ -343,9 +351,7 @@ class Trainer:
         for k, (old, new) in sorted(changes.items()):
             print(f"resume: {k} changed from {old!r} to {new!r} (applied)", file=sys.stderr)
         if self.cfg.log_path and os.path.exists(self.cfg.log_path):
-            with open(self.cfg.log_path) as fh:
-                recs = [json.loads(line) for line in fh if line.strip()]
-            keep = [r for r in recs if r.get("iteration", 0) <= self.iteration]
+            keep = [r for r in read_jsonl(self.cfg.log_path) if r.get("iteration", 0) <= self.iteration]
             tmp = self.cfg.log_path + ".tmp"
             with open(tmp, "w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in keep)
