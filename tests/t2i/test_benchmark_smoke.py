@@ -38,9 +38,10 @@ def test_t2i_cost_benchmark_quick_counts_forwards_from_the_config_arithmetic(tmp
     mod = _load_benchmark("bench_t2i_cost")
     mod.main(["--quick", "--no-warmup", "--out", str(out)])
     data = json.loads(out.read_text())
-    c = get_preset("tiny_cpu")
+    c = mod.make_config("ddpo_is", str(tmp_path), quick=True)
+    assert c.model.pretrained == get_preset("tiny_cpu").model.pretrained == "tiny"
     K, rows = c.sample.num_steps, 1 + (c.sample.guidance_scale != 1.0)
-    n = c.sample.batch_size * c.sample.num_batches_per_epoch  # --quick: one epoch
+    n = c.sample.batch_size * c.sample.num_batches_per_epoch * c.train.num_epochs
     policy_sampling = K * rows * n
     policy_training = round(K * c.train.timestep_fraction) * rows * n * c.train.num_inner_epochs
     assert rows == 2 and data["config"]["policy_sampling_forwards"] == policy_sampling
