@@ -77,3 +77,32 @@ def test_decode_maps_latents_to_unit_interval_images(sd3):
     with torch.no_grad():
         im = decode_sd3_latents(pipe, torch.randn(2, 4, 8, 8))
     assert im.shape == (2, 3, 16, 16) and im.min() >= 0 and im.max() <= 1
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_ode_chain_of_the_flow_environment_reproduces_the_sd3_pipeline(w):
+    """eta = 0 through the one sampling loop == StableDiffusion3Pipeline's own sampler, bit for bit."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sa_theory.flow_kernel import FlowMatchKernel
+    from sa_theory.sampling import sample_chain
+    from t2i.environments import FlowEnvironment
+
+    pipe = build_tiny_sd3_pipeline(0)
+    sch = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sch.set_timesteps(6)
+    kern = FlowMatchKernel(sch.sigmas.double().numpy(), ("eta", 0.0))
+    env = FlowEnvironment(pipe, kern, guidance_scale=w)
+    prompts = ["a cat", "a dog"]
+    text = env.encode(prompts)
+    x0 = env.initial_latents(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        chain = sample_chain(kern, lambda k, x: env.action(k, x, text), x0)
+        ref = pipe(prompts, num_inference_steps=6, guidance_scale=w, latents=x0.clone(), output_type="latent",
+                   max_sequence_length=16, height=16, width=16).images
+    assert torch.equal(chain.final, ref)
+    # negative control: a stochastic member (eta = 1) leaves the ODE path
+    with torch.no_grad():
+        sde = sample_chain(FlowMatchKernel(sch.sigmas.double().numpy(), ("eta", 1.0)),
+                           lambda k, x: env.action(k, x, text), x0)
+    assert (sde.final - ref).abs().max() > 1e-2

@@ -1,0 +1,124 @@
+r"""The one sampling loop: K steps of any Gaussian step kernel with a policy's actions, recording what RL needs.
+
+>>> chain = sample_chain(kernel, action_fn, x0, reference_fn=pretrained_fn, generator=gen)
+>>> chain.final, chain.log_probs, chain.path_kl, chain.path_kl_ct
+
+Step ``k`` (:class:`~sa_theory.kernels.GaussianKernel`, any sampler: Euler-Maruyama of the controlled SDE,
+DDIM, DDPM, the rectified-flow kernel):
+
+.. math:: a_k = \mathrm{action\_fn}(k, x_k),\qquad x_{k+1} = m_k(x_k, a_k) + \mathrm{std}_k\,\xi_k,\qquad
+          \xi_k \sim N(0, I)\ \text{from}\ \texttt{generator},
+
+one standard-normal draw of ``x``'s shape per step, stochastic or not (so the random stream does not depend
+on the noise level). ``generator`` lives on the device where ``xi`` is drawn (``generator.device``); the
+draw is moved to ``x``'s device, which keeps rollouts bitwise identical between a CPU generator and any
+accelerator. ``action_fn`` and ``reference_fn`` are called with the step index ``k`` and the batched state;
+they close over the context (prompts) and map ``k`` to their own time variable (the kernel's ``taus``, a
+scheduler's timesteps or sigmas).
+
+Recorded (:class:`Chain`): ``states`` ``(K+1, B, *event)``, ``actions`` and ``noise`` ``(K, B, *event)``,
+``log_probs`` ``(K, B)`` (:math:`\log N(x_{k+1}; m_k, \mathrm{std}_k^2 I)` **summed over dimensions**, nats per
+step; 0 on deterministic steps), and with ``reference_fn``: ``ref_actions`` and two per-step KLs to it
+(nats per step, summed over dimensions): ``kl_steps`` the exact KL of the chain's step
+:math:`\frac{w_k}{2}|a_k - s_k|^2` and ``kl_steps_ct`` the continuous-time (Girsanov) estimate
+:math:`\frac{\bar w_k}{2}|a_k - s_k|^2` (``kernel.step_kl``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import GaussianKernel
+from .sde import check_finite
+
+__all__ = ["Chain", "sample_chain", "StepActionFn"]
+
+StepActionFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Chain:
+    """A batch of sampled paths of a kernel (module docstring for shapes and units)."""
+
+    states: torch.Tensor
+    actions: torch.Tensor
+    noise: torch.Tensor
+    log_probs: torch.Tensor
+    ref_actions: torch.Tensor | None = None
+    kl_steps: torch.Tensor | None = None
+    kl_steps_ct: torch.Tensor | None = None
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.states[-1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.actions.shape[0]
+
+    @property
+    def path_kl(self) -> torch.Tensor | None:
+        """Exact KL of the discrete chain to the reference, per path (nats)."""
+        return None if self.kl_steps is None else self.kl_steps.sum(0)
+
+    @property
+    def path_kl_ct(self) -> torch.Tensor | None:
+        """Continuous-time (Girsanov) path KL estimate to the reference, per path (nats), stable across K."""
+        return None if self.kl_steps_ct is None else self.kl_steps_ct.sum(0)
+
+
+def _call(fn: StepActionFn, name: str, k: int, x: torch.Tensor) -> torch.Tensor:
+    a = fn(k, x)
+    if not isinstance(a, torch.Tensor) or a.shape != x.shape:
+        got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+        raise ValueError(f"{name!r} must return a tensor of the state's shape {tuple(x.shape)} at step {k}, got {got}")
+    return check_finite(f"{name} output at step {k}", a)
+
+
+def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tensor, *,
+                 reference_fn: StepActionFn | None = None, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None, check: bool = True) -> Chain:
+    """Run the kernel's ``K`` steps from ``x0`` (module docstring). ``noise`` ``(K, *x0.shape)`` replaces the
+    draws (e.g. to hold the Brownian path fixed); else ``generator`` (default: a CPU generator seeded 0).
+    ``check`` raises ``FloatingPointError`` on a non-finite state. Autograd is left as the caller set it."""
+    if not isinstance(kernel, GaussianKernel):
+        raise TypeError(f"'kernel' must be a sa_theory.kernels.GaussianKernel, got {type(kernel).__name__}")
+    if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or not x0.is_floating_point():
+        raise ValueError("'x0' must be a floating-point tensor of shape (batch, *event_shape)")
+    K = kernel.num_steps
+    if noise is not None and tuple(noise.shape) != (K, *x0.shape):
+        raise ValueError(f"'noise' must have shape {(K, *x0.shape)}, got {tuple(noise.shape)}")
+    if noise is None and generator is None:
+        generator = torch.Generator().manual_seed(0)
+    check_finite("x0", x0)
+    x = x0
+    states, actions, xis, logps, refs, kls, kls_ct = [x0], [], [], [], [], [], []
+    for k in range(K):
+        a = _call(action_fn, "action_fn", k, x)
+        mean = kernel.mean(k, x, a)
+        if noise is not None:
+            xi = noise[k].to(x.dtype)
+        else:
+            xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+        x_next = mean + kernel.std(k) * xi
+        logps.append(kernel.log_prob(k, x_next, mean))
+        if reference_fn is not None:
+            s = _call(reference_fn, "reference_fn", k, x)
+            refs.append(s)
+            kls.append(kernel.step_kl(k, a, s, "chain"))
+            kls_ct.append(kernel.step_kl(k, a, s, "continuous"))
+        if check:
+            check_finite(f"state after step {k}", x_next)
+        states.append(x_next)
+        actions.append(a)
+        xis.append(xi)
+        x = x_next
+
+    def stack(xs):
+        return torch.stack(xs) if xs else None
+
+    return Chain(states=stack(states), actions=stack(actions), noise=stack(xis), log_probs=stack(logps),
+                 ref_actions=stack(refs), kl_steps=stack(kls), kl_steps_ct=stack(kls_ct))

@@ -1,0 +1,162 @@
+r"""Image environments: what the RL layer sees of a text-to-image model, one contract for UNets and flow models.
+
+An environment owns the model-specific pieces and nothing of the algorithm:
+
+* ``kernel`` -- the Gaussian step kernel of the training sampler (:mod:`sa_theory.kernels`,
+  :mod:`sa_theory.flow_kernel`); its ``mean(k, x, a)`` is affine in the action ``a``;
+* :meth:`encode` -- the text conditioning of a list of prompts (a dict of tensors batched on dim 0, with the
+  negative prompt's when classifier-free guidance is on), detached;
+* :meth:`initial_latents` -- :math:`x_0` from a generator (drawn on the generator's device, then moved);
+* :meth:`action` -- the policy's action at step ``k`` (differentiable in the adapter weights): the guided score
+  :math:`-(\epsilon_u + w(\epsilon_c - \epsilon_u))/\sqrt{1-\bar\alpha}` for UNets (:class:`UNetEnvironment`), the
+  guided velocity :math:`v_u + w(v_c - v_u)` for rectified-flow transformers (:class:`FlowEnvironment`; the
+  flow kernel's action, an affine image of the score, :mod:`sa_theory.flow_kernel`);
+* :meth:`reference_action` -- the pretrained action: the same network with its adapters disabled, no grad;
+* :meth:`x0_hat` -- the Tweedie / flow prediction of the clean latent (value inputs);
+* :meth:`decode` -- latents to images in ``[0, 1]``; :meth:`time` -- sampler time :math:`\tau_k` of step ``k``.
+
+Classifier-free guidance: policy and reference use the same scale ``w`` (the regularised process is the guided
+pretrained sampler); ``w = 1`` (or ``negative_prompt=None``) is the CFG-free option: one forward per action.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sa_theory.kernels import GaussianKernel
+from sa_theory.parametrization import x0_from_score
+
+from .models import decode_latents, encode_prompts, pretrained
+
+__all__ = ["ImageEnvironment", "UNetEnvironment", "FlowEnvironment", "select_text"]
+
+
+def select_text(text: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of every tensor of a text-conditioning dict (``None`` entries stay ``None``)."""
+    return {k: None if v is None else v.index_select(0, idx.to(v.device)) for k, v in text.items()}
+
+
+class ImageEnvironment:
+    """Base class of the contract (module docstring)."""
+
+    def __init__(self, pipe, kernel: GaussianKernel, guidance_scale: float = 1.0, negative_prompt: str | None = ""):
+        if not isinstance(kernel, GaussianKernel):
+            raise TypeError(f"'kernel' must be a sa_theory GaussianKernel, got {type(kernel).__name__}")
+        if not guidance_scale >= 0:
+            raise ValueError(f"'guidance_scale' must be >= 0, got {guidance_scale}")
+        self.pipe, self.kernel = pipe, kernel
+        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0 and self.negative_prompt is not None
+
+    @property
+    def model(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def time(self, k: int) -> float:
+        """Sampler time :math:`\\tau_k` (``kernel.taus[k]``)."""
+        return float(self.kernel.taus[k])
+
+    def initial_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        device = self.model.device
+        return torch.randn((n, *self.latent_shape()), generator=generator, device=generator.device).to(device)
+
+    def action(self, k: int, x: torch.Tensor, text: dict, model=None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reference_action(self, k: int, x: torch.Tensor, text: dict) -> torch.Tensor:
+        with pretrained(self.model):
+            return self.action(k, x, text)
+
+    def encode(self, prompts: list[str]) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def x0_hat(self, k: int, x: torch.Tensor, action: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class UNetEnvironment(ImageEnvironment):
+    """SD-class UNet pipelines (``epsilon`` or ``v_prediction``) on a DDIM / DDPM kernel
+    (:class:`sa_theory.kernels.DiscreteVPKernel`); the action is the guided score."""
+
+    def __init__(self, pipe, kernel, guidance_scale: float = 1.0, negative_prompt: str | None = "",
+                 prediction_type: str | None = None):
+        super().__init__(pipe, kernel, guidance_scale, negative_prompt)
+        self.prediction_type = prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def model(self):
+        return self.pipe.unet
+
+    def latent_shape(self):
+        cfg = self.model.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def encode(self, prompts):
+        device = self.model.device
+        embeds, pooled = encode_prompts(self.pipe, list(prompts), device)
+        uncond = encode_prompts(self.pipe, [self.negative_prompt] * len(prompts), device)[0] if self.guided else None
+        return {"embeds": embeds.float(), "pooled": pooled.float(), "neg_embeds": None if uncond is None else
+                uncond.float()}
+
+    def eps(self, k: int, x: torch.Tensor, text: dict, model=None) -> torch.Tensor:
+        """Guided noise prediction at step ``k`` (float32)."""
+        from .rollout import guided_eps
+
+        return guided_eps(model or self.model, x, int(self.kernel.timesteps[k]), text["embeds"], text["neg_embeds"],
+                          self.guidance_scale if self.guided else 1.0, float(self.kernel.alphabar[k]),
+                          self.prediction_type)
+
+    def action(self, k, x, text, model=None):
+        from .scheduling import score_from_eps
+
+        return score_from_eps(self.eps(k, x, text, model), float(self.kernel.alphabar[k]))
+
+    def x0_hat(self, k, x, action):
+        t = torch.tensor(float(self.kernel.t[k]), dtype=torch.float64)
+        return x0_from_score(self.kernel.schedule, t, x.double(), action.double()).to(x.dtype)
+
+    def decode(self, x):
+        return decode_latents(self.pipe, x)
+
+
+class FlowEnvironment(ImageEnvironment):
+    """SD3-class rectified-flow transformers on a :class:`sa_theory.flow_kernel.FlowMatchKernel`; the action is
+    the guided velocity (the transformer's timestep is ``1000 t`` with :math:`t = \\sigma_k`)."""
+
+    @property
+    def model(self):
+        return self.pipe.transformer
+
+    def latent_shape(self):
+        cfg = self.model.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def encode(self, prompts):
+        from .flow_models import encode_sd3_prompts
+
+        txt = encode_sd3_prompts(self.pipe, list(prompts), self.negative_prompt or "", guidance=self.guided)
+        return {k: None if v is None else v.float() for k, v in txt.items()}
+
+    def action(self, k, x, text, model=None):
+        from .flow_models import guided_velocity
+
+        return guided_velocity(model or self.model, x, self.kernel.time(k), text,
+                               self.guidance_scale if self.guided else 1.0)
+
+    def x0_hat(self, k, x, action):
+        return x - self.kernel.time(k) * action
+
+    def decode(self, x):
+        from .flow_models import decode_sd3_latents
+
+        return decode_sd3_latents(self.pipe, x)
