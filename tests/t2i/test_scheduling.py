@@ -237,7 +237,8 @@ def test_ddpm_training_on_the_tiny_pipeline_has_a_path_kl_like_ddim_eta1(tmp_pat
 
     out = {}
     for sampler in ("ddpm", "ddim"):
-        cfg = tiny_config(tmp_path / sampler, "sa_ac", **{"sample.sampler": sampler, "train.num_epochs": 2})
+        over = {"sample.sampler": sampler, "train.num_epochs": 2, "sample.num_steps": 3, "sample.batch_size": 2}
+        cfg = tiny_config(tmp_path / sampler, "sa_ac", **over)
         hist = Trainer(cfg).train()
         out[sampler] = hist[-1]
         for h in hist:
