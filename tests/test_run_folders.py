@@ -332,3 +332,25 @@ def test_t2i_sigint_finishes_the_epoch_saves_and_says_how_to_resume(tmp_path, t2
     assert (run / "checkpoints" / "checkpoint-000001" / "checksums.sha256").is_file()
     resumed = _t2i(tmp_path, **{"train.num_epochs": 3, "resume_from": "auto", "reward.name": "sigint_once"})
     assert resumed.state.epoch == 1
+
+
+def test_quick_figure5_headline_is_never_nan(tmp_path, monkeypatch):
+    """The headline is the cost ratio at the largest N where both costs are finite, else says why there is none
+    (the quick figure itself, with its populated cost panel, runs in tests/test_figures.py)."""
+    import math
+
+    import figures.fig5_estimator_variance as fig5
+
+    def study(finite_at):
+        recs = [dict(estimator=e, N=n, work_to_error=(1.0 if e == "value_gradient" else 5.0) if n in finite_at
+                     else math.inf) for e in ("value_gradient", "ddpo_sf") for n in (10, 40)]
+        return {"records": recs}
+
+    monkeypatch.setattr(fig5, "plot_study", lambda s, p: None)
+    calls = []
+    monkeypatch.setattr(fig5, "run_study", lambda **kw: calls.append(kw) or study({10}))
+    res = fig5.run(str(tmp_path), quick=True)
+    assert res["ddpo_sf/value_gradient cost ratio at N=10"] == 5.0 and calls[0]["eps_rel"] == 0.4
+    monkeypatch.setattr(fig5, "run_study", lambda **kw: study(set()))
+    res = fig5.run(str(tmp_path), quick=True)
+    assert res["ddpo_sf/value_gradient cost ratio"].startswith("n/a")
