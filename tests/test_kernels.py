@@ -1,5 +1,7 @@
-"""Gaussian step kernels (sa_theory.kernels): one contract suite for every kernel, DDIM's eta as the family
-member e = eta^2, and a path KL that is stable across step counts. Float64, no diffusers."""
+"""Gaussian step kernels (sa_theory.kernels): one contract suite for every kernel (Euler on VP and rectified
+flow, the flow-matching kernel on SD3's grid, DDIM, DDPM; another kernel joins by subclassing
+TestKernelContract with its own ``kernel`` fixture), DDIM's eta as the family member e = eta^2, and a path KL
+that is stable across step counts. Float64, no diffusers."""
 
 import math
 
@@ -9,6 +11,7 @@ import torch
 from scipy.integrate import quad
 
 from sa_theory import kernels as K
+from sa_theory.flow_kernel import FlowMatchKernel
 from sa_theory.kernels import DDIMKernel, DDPMKernel, EulerKernel, family_kl_factor
 from sa_theory.schedules import RectifiedFlow, VPLinear
 from sa_theory.sde import ControlledSDE
@@ -35,12 +38,21 @@ def ddpm(num_steps, final=1.0):
     return DDPMKernel(SD15_ALPHAS, ts, np.concatenate([ts[1:], [-1]]), final)
 
 
+def _sd3_sigmas(num_steps, shift=3.0):
+    """SD3's flow-matching grid: shifted sigmas from 1 down to 0 (FlowMatchEulerDiscreteScheduler, shift 3)."""
+    u = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    return np.append(shift * u / (1 + (shift - 1) * u), 0.0)
+
+
 KERNELS = {
     "euler_vp_eta1": lambda: EulerKernel(ControlledSDE(VPLinear(), noise=1.0), np.linspace(0, 1, 9)),
     "euler_vp_eta_tau": lambda: EulerKernel(ControlledSDE(VPLinear(), noise=lambda t: 0.5 + t), np.linspace(0, 1, 9)),
     "euler_vp_ode": lambda: EulerKernel(ControlledSDE(VPLinear(), noise=0.0), np.linspace(0, 1, 5)),
     "euler_rf_flowgrpo": lambda: EulerKernel(ControlledSDE(RectifiedFlow(t_max=0.99), noise=0.245),
                                              np.linspace(0, 0.99, 9)),
+    "flow_sd3_ode_at_one": lambda: FlowMatchKernel(_sd3_sigmas(8), ("flow_grpo", 0.7), at_one="ode"),
+    "flow_sd3_clamp": lambda: FlowMatchKernel(_sd3_sigmas(8), ("eta", 1.0), at_one="clamp"),
+    "flow_dancegrpo": lambda: FlowMatchKernel(_sd3_sigmas(8), ("constant_sigma", 0.3)),
     "ddim_eta0": lambda: ddim(8, 0.0),
     "ddim_eta0.5": lambda: ddim(8, 0.5),
     "ddim_eta1": lambda: ddim(8, 1.0),
