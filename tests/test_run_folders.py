@@ -40,14 +40,14 @@ def _params(trainer):
         [p.detach().clone() for p in (trainer.value.parameters() if trainer.value is not None else [])]
 
 
-def _interrupt_at(monkeypatch, iteration: int):
-    """Send ourselves SIGINT in the middle of the run, right after iteration ``iteration`` finished its update."""
+def _interrupt_at(monkeypatch, iteration: int, sig=signal.SIGINT):
+    """Send ourselves ``sig`` in the middle of the run, right after iteration ``iteration`` finished its update."""
     orig = ToyTrainer._iteration
 
     def patched(self):
         rec = orig(self)
         if self.iteration == iteration:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return rec
 
     monkeypatch.setattr(ToyTrainer, "_iteration", patched)
@@ -125,15 +125,18 @@ def test_default_checkpoints_are_periodic_so_a_crash_loses_at_most_10_percent(tm
     assert load_checkpoint(ck)["iteration"] == 4
 
 
-def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_path, monkeypatch, sig):
     ov = {**SMALL, "iterations": 4, "checkpoint_every": -1}
     full = build("ddpo_is", "gauss2d", ov)
     full.trainer.train()
     ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
     run = build("ddpo_is", "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(log)})
-    _interrupt_at(monkeypatch, 2)
-    with pytest.raises(TrainingInterrupted, match=r"SIGINT.*iteration 2/4.*ck\.pt.*resume"):
+    _interrupt_at(monkeypatch, 2, sig)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match=rf"{sig.name}.*iteration 2/4.*ck\.pt.*resume"):
         run.trainer.train()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
     assert load_checkpoint(ck)["iteration"] == 2  # only the end-of-run checkpoint was configured
     assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1, 2]
     monkeypatch.undo()
