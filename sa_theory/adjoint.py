@@ -1,15 +1,15 @@
 r"""Pathwise gradients through the solver by torchsde, with backprop or the stochastic adjoint (theory.md R6).
 
-The Itô adjoint of torchsde is O(dt)-biased at practical step sizes (environment.md: ~10% at dt = 1/500 on
-VP with b up to 20), so this module uses the **Stratonovich reversible Heun** pair
-(``method="reversible_heun"``, ``adjoint_method="adjoint_reversible_heun"``), whose adjoint reproduces
-backprop through the same discretisation to round-off. The sampler's noise is additive (:math:`g` depends
-on time only), so its Itô and Stratonovich forms coincide and nothing else changes.
+The Itô adjoint of torchsde is O(dt)-biased at practical step sizes (see environment.md), so this module
+uses the **Stratonovich reversible Heun** pair (``method="reversible_heun"``,
+``adjoint_method="adjoint_reversible_heun"``), whose adjoint reproduces backprop through the same
+discretisation to round-off. The sampler's noise :math:`\sqrt{\eta}\,g` is additive (it depends on time
+only, for any noise level :math:`\eta(\tau)`), so its Itô and Stratonovich forms coincide and nothing else
+changes.
 
-**Stability.** Reversible Heun has a small stability region: on stiff schedules (VP with ``b_max = 20``)
-it needs many steps (measured on a 2-d Gaussian problem: J off by a factor 13 at N = 100, by 80% at
-N = 400; on OU with b = 1 it is accurate at N = 100). For stiff schedules at moderate N prefer backprop
-through the native Euler rollout (:func:`sa_theory.rollout.rollout` with autograd on).
+**Stability.** Reversible Heun has a small stability region: on stiff schedules (VP with ``b_max = 20``,
+rectified flow near ``t_max``) it needs many more steps than Euler; at moderate N prefer backprop through
+the native Euler rollout (:func:`sa_theory.rollout.rollout` with autograd on).
 
 The returned ``final`` and ``path_kl`` are differentiable; the per-path objective
 :math:`r(Y_T) - \beta\,KL` (:func:`sa_theory.estimators.pathwise_objective`) differentiated with the

@@ -304,6 +304,8 @@ def trust_region_surrogate(new_means: torch.Tensor, old_means: torch.Tensor, ref
     both H and the path KL; default ``g2``, i.e. :math:`\\eta = 1`).
     """
     N = new_means.shape[0]
+    if kl_weight is not None and torch.equal(kl_weight, g2):
+        kl_weight = None  # equal weights (eta = 1): the section-1 form, bit for bit
     kw = g2 if kl_weight is None else kl_weight
     gap = torch.stack([hamiltonian_gap(new_means[k], old_means[k], ref_actions[k], value_grads[k], g2[k], beta,
                                        kl_weight=None if kl_weight is None else kw[k])

@@ -200,7 +200,7 @@ class SAActorCritic(Trainer):
         defaults to the current KL weight): where the actor still lags its critic, one exact policy-improvement
         step. Sample or evaluate it with ``evaluate(policy=trainer.greedy_policy())``."""
         return GreedyPolicy(self.value, self.env.pretrained_action, self.beta_at(self.iteration) if beta is None
-                            else beta)
+                            else beta, gain=self.env.sde.value_gain)
 
     # ------------------------------------------------------------------ 4. actor
     def actor_loss(self, batch: Batch, idx: torch.Tensor, paths: torch.Tensor, p: torch.Tensor,
@@ -208,14 +208,15 @@ class SAActorCritic(Trainer):
         """Minus the (rescaled) trust-region surrogate summed over ``paths``, divided by ``B``; also the
         per-path KL to the old policy (for logging)."""
         cfg, N, B = self.cfg, batch.taus.numel() - 1, batch.batch_size
-        taus, g2 = batch.taus[idx], self.env.sde.g2(batch.taus)[idx]
+        taus, g2 = batch.taus[idx], self.env.sde.action_coef(batch.taus)[idx]  # g^2 at noise eta = 1
+        klw = self.env.sde.kl_weight_rate(batch.taus)[idx]
         states = batch.states[idx][:, paths]
         cond = None if batch.cond is None else batch.cond[paths]
         new = grid_means(self.policy, taus, states, cond, batch.ref_actions[idx][:, paths])
         old, ref, pk = batch.means[idx][:, paths], batch.ref_actions[idx][:, paths], p[idx][:, paths]
         scale = N / idx.numel()
         sur = scale * trust_region_surrogate(new, old, ref, pk, g2, batch.dtau, beta,
-                                             kl_penalty=cfg.kl_penalty, max_path_kl=cfg.max_path_kl)
+                                             kl_penalty=cfg.kl_penalty, max_path_kl=cfg.max_path_kl, kl_weight=klw)
         if cfg.lr_coef:
             adv = td_advantages(values, batch.reward, batch.kl_steps, beta)[idx][:, paths]
             gd = self.env.sde.diffusion(batch.taus)[idx]
@@ -225,7 +226,7 @@ class SAActorCritic(Trainer):
             ratio = torch.exp(logp - batch.log_probs[idx][:, paths])
             sur = sur + cfg.lr_coef * scale * (ratio * adv).sum(0)
         with torch.no_grad():
-            pkl = scale * 0.5 * (g2.reshape(-1, *[1] * (new.dim() - 1)) * batch.dtau * (new - old) ** 2
+            pkl = scale * 0.5 * (klw.reshape(-1, *[1] * (new.dim() - 1)) * batch.dtau * (new - old) ** 2
                                  ).reshape(idx.numel(), paths.numel(), -1).sum((0, 2))
         return -sur.sum() / B, pkl
 
@@ -264,7 +265,7 @@ class SAActorCritic(Trainer):
         dims; :func:`sa_theory.kl.girsanov_kl_step`), ``(B,)``; differentiable in the actor. ``taus`` are the ``N`` left
         grid times, ``states``/``target`` ``(N, B, *event)``, ``base`` the pretrained actions there (optional)."""
         mu = grid_means(self.policy, taus, states, cond, base)
-        g2 = self.env.sde.g2(taus)
+        g2 = self.env.sde.kl_weight_rate(taus)  # g^2 at noise eta = 1
         return sum(girsanov_kl_step(g2[k], dtau, mu[k], target[k]) for k in range(taus.numel()))
 
     def _distill_paths(self, n: int, generator: torch.Generator, target) -> tuple:

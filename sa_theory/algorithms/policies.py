@@ -180,15 +180,17 @@ class GreedyPolicy(nn.Module):
     :math:`\sum_b V_\psi(\tau, y_b)` (:func:`sa_theory.estimators.value_grad`; the critic must treat the rows of
     a batch independently). It holds the critic by reference: later critic updates change it. ``beta`` must be > 0."""
 
-    def __init__(self, value: Callable, pretrained_action: Callable, beta: float):
+    def __init__(self, value: Callable, pretrained_action: Callable, beta: float, gain: Callable | float = 1.0):
         super().__init__()
+        self.gain = gain  # 2 eta/(1 + eta) at noise eta (ControlledSDE.value_gain); 1 for the reverse SDE
         if not (isinstance(beta, (int, float)) and np.isfinite(beta) and beta > 0):
             raise ValueError(f"GreedyPolicy needs a finite 'beta' > 0, got {beta!r}")
         self.value, self.pretrained_action, self.beta = value, pretrained_action, float(beta)
 
     def forward(self, tau, y, cond=None):
         grad = check_finite("critic value gradient", value_grad(self.value, tau, y, cond))
-        return self.pretrained_action(tau, y, cond) + grad / self.beta
+        gain = self.gain(tau) if callable(self.gain) else self.gain
+        return self.pretrained_action(tau, y, cond) + (gain * grad) / self.beta
 
 
 def grid_means(policy: Callable, taus: torch.Tensor, states: torch.Tensor, cond: Any = None,
