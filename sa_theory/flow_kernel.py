@@ -128,7 +128,7 @@ class FlowMatchKernel(GaussianKernel):
         ct = np.where(singular, chain, _ct_velocity_weights(s, kind, value))
         ct = np.where(std > 0, ct, 0.0)
         scale = np.sqrt((1.0 - s[1:]) ** 2 + s[1:] ** 2)
-        super().__init__(taus=1.0 - s, std=std, slope=slope, ct_kl_weight=np.nan_to_num(ct, nan=0.0, posinf=0.0),
+        super().__init__(taus=1.0 - s, std=std, slope=slope, ct_kl_weight=ct,
                          state_scale=scale, name=f"flow_euler({kind}={float(value):g}, at_one={at_one})")
 
     def mean(self, k: int, x: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
