@@ -64,8 +64,9 @@ def check_out_dir(out: str, resume: bool, overwrite: bool) -> None:
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if resume:
         if not any(os.path.exists(os.path.join(out, f)) for f in ("checkpoint.pt", "checkpoint.prev.pt")):
+            found = entries or "an empty or missing folder"
             raise ValueError(f"--resume: no checkpoint in --out {out!r} (looked for checkpoint.pt and "
-                             f"checkpoint.prev.pt; found {entries or 'an empty or missing folder'}); nothing was changed")
+                             f"checkpoint.prev.pt; found {found}); nothing was changed")
     elif entries and not overwrite:
         raise ValueError(f"--out {out!r} is not empty ({', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''})"
                          f": pass --resume to continue that run, --overwrite to replace it, or choose another --out")
@@ -103,7 +104,7 @@ def _train(args, rest, argv) -> int:
         raise ValueError("--resume needs --out DIR (or --checkpoint_path FILE) to find the checkpoint")
     setup = build(args.algo, overrides=overrides)
     cfg, trainer = setup.cfg, setup.trainer
-    trainer.resume_hint = _resume_command(argv)
+    trainer.resume_hint = _resume_command(argv) if cfg.checkpoint_path else "re-run with --out DIR to be able to resume"
     if args.resume:
         if not trainer.resume():
             raise ValueError(f"--resume: no checkpoint at {cfg.checkpoint_path!r}; nothing was changed")
@@ -137,7 +138,8 @@ def _train(args, rest, argv) -> int:
         _write_json(os.path.join(args.out, "final.json"),
                     {**ev, "optimum": gap["optimum"], "pretrained": setup.pretrained_objective(),
                      "gap_closed": gap})
-        print(f"  outputs in {args.out}: {', '.join(f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f)))}")
+        written = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+        print(f"  outputs in {args.out}: {', '.join(written)}")
     return 0
 
 
