@@ -11,7 +11,8 @@ Measured per method, sampling and training together (checkpoint writing excluded
   other), divided by the number of reward queries (images scored). Split into ``forwards_sampling``
   (inside ``Trainer.sample_epoch``) and ``forwards_training`` (the rest: the update passes).
 * ``seconds_per_query``: wall time of ``train()`` divided by the reward queries (median over ``--repeats``,
-  the methods interleaved in a rotating order; one untimed warm-up epoch first).
+  the methods interleaved in a rotating order; one untimed warm-up epoch first); ``cpu_seconds_per_query``
+  the same with the process's CPU time (``time.process_time``), steadier than wall time on a shared CPU.
 * ``peak_mem_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during ``train()`` (reset before each method).
   On CPU the process's peak resident set size during ``train()``: the peak (``VmHWM``) is reset through
   ``/proc/self/clear_refs`` before each method and read from ``/proc/self/status`` (Linux); where that is not
@@ -156,11 +157,11 @@ def run_method(method: str, out_dir: str, quick: bool, epochs: int | None = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     rss0, resettable = _rss_mb(), _reset_peak()
-    t0 = time.perf_counter()
-    hist = tr.train()
+    t0, c0 = time.perf_counter(), time.process_time()
+    tr.train()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb(resettable)
     for h in handles:
         h.remove()
@@ -179,13 +180,13 @@ def run_method(method: str, out_dir: str, quick: bool, epochs: int | None = None
         "forwards_per_query": fwd / counter.queries,
         "seconds": seconds,
         "seconds_per_query": seconds / counter.queries,
+        "cpu_seconds_per_query": cpu_seconds / counter.queries,
         "setup_s": setup_s,
         "peak_mem_mb": peak,
         "peak_mem_delta_mb": peak - (0.0 if cuda else rss0),
         "mem_method": "cuda_max_memory_allocated"
         if cuda
         else ("proc_vmhwm_reset" if resettable else "ru_maxrss_cumulative"),
-        "final_reward_mean": hist[-1]["reward_mean"] if hist else None,
     }
 
 
@@ -232,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         if len({(x["forwards_sampling"], x["forwards_training"]) for x in rs}) != 1:
             raise RuntimeError(f"{m}: forward counts differ between repeats: {rs}")
         med = dict(rs[0])
-        for key in ("seconds", "seconds_per_query", "setup_s", "peak_mem_mb", "peak_mem_delta_mb"):
+        for key in ("seconds", "seconds_per_query", "cpu_seconds_per_query", "setup_s", "peak_mem_mb"):
             med[key] = statistics.median(x[key] for x in rs)
+        med["peak_mem_delta_mb"] = statistics.median(x["peak_mem_delta_mb"] for x in rs)
         med["seconds_all_repeats"] = [x["seconds"] for x in rs]
         methods[m] = med
     res = {
@@ -256,16 +258,18 @@ def main(argv: list[str] | None = None) -> dict:
         res["ratio_sa_ac_over_ddpo_is"] = {
             "forwards": a["forwards_per_query"] / b["forwards_per_query"],
             "time": a["seconds_per_query"] / b["seconds_per_query"],
+            "cpu_time": a["cpu_seconds_per_query"] / b["cpu_seconds_per_query"],
         }
-    print(f"{'method':8s} {'fwd/query':>9s} {'sampling':>8s} {'training':>8s} {'ms/query':>9s} {'peak MB':>8s}")
+    head = ("fwd/query", "sampling", "training", "ms/query", "cpu ms/q", "peak MB")
+    print(f"{'method':8s} " + " ".join(f"{h:>9s}" for h in head))
     for m, r in methods.items():
         print(
-            f"{m:8s} {r['forwards_per_query']:9.1f} {r['forwards_sampling']:8d} {r['forwards_training']:8d} "
-            f"{1e3 * r['seconds_per_query']:9.1f} {r['peak_mem_mb']:8.0f}"
+            f"{m:8s} {r['forwards_per_query']:9.1f} {r['forwards_sampling']:9d} {r['forwards_training']:9d} "
+            f"{1e3 * r['seconds_per_query']:9.1f} {1e3 * r['cpu_seconds_per_query']:9.1f} {r['peak_mem_mb']:9.0f}"
         )
     if "ratio_sa_ac_over_ddpo_is" in res:
         q = res["ratio_sa_ac_over_ddpo_is"]
-        print(f"sa_ac / ddpo_is: forwards {q['forwards']:.2f}x, time {q['time']:.2f}x")
+        print(f"sa_ac / ddpo_is: forwards {q['forwards']:.2f}x, time {q['time']:.2f}x, CPU time {q['cpu_time']:.2f}x")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -47,7 +47,7 @@ def test_t2i_cost_benchmark_quick_counts_forwards_from_the_config_arithmetic(tmp
     assert rows == 2 and data["config"]["policy_sampling_forwards"] == policy_sampling
     assert set(data["methods"]) == {"sa_ac", "ddpo_sf", "ddpo_is", "dpok"}
     for m, r in data["methods"].items():
-        for key in ("forwards_per_query", "seconds_per_query", "peak_mem_mb"):
+        for key in ("forwards_per_query", "seconds_per_query", "cpu_seconds_per_query", "peak_mem_mb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (m, key)
         for key in ("forwards", "forwards_sampling", "forwards_training", "queries"):
             assert isinstance(r[key], int) and r[key] > 0, (m, key)
