@@ -176,14 +176,12 @@ def run(args) -> dict:
         tr = Trainer(cfg)
         gen = torch.Generator().manual_seed(0)
         # warm-up
-        sample_rollout(
-            tr.pipe, tr.kernel, cfg.prompts[: args.batch] * args.batch, cfg.sample.guidance_scale, gen
-        )
+        sample_rollout(tr.env, (cfg.prompts[: args.batch] * args.batch)[: args.batch], gen)
         _reset(device)
         _sync(device)
         t0 = time.time()
         with tr.acc.autocast():
-            sample_rollout(tr.pipe, tr.kernel, [cfg.prompts[0]] * args.batch, cfg.sample.guidance_scale, gen)
+            sample_rollout(tr.env, [cfg.prompts[0]] * args.batch, gen)
         _sync(device)
         t_sample = time.time() - t0
         mem_sample = _peak_gb(device)

@@ -37,6 +37,7 @@ def evaluate_policy(
     """Metrics of the current policy (or the pretrained model) on fixed prompts and noise."""
     import contextlib
 
+    from t2i.environments import UNetEnvironment
     from t2i.models import pretrained
     from t2i.rollout import sample_images, sample_rollout
 
@@ -53,7 +54,8 @@ def evaluate_policy(
     out: dict = {}
     with ctx:
         gen = torch.Generator().manual_seed(seed)
-        b = sample_rollout(pipe, kernel, prompts, ec.guidance_scale, gen, record_reference=not use_pretrained)
+        env = UNetEnvironment(pipe, kernel, ec.guidance_scale)
+        b = sample_rollout(env, prompts, gen, record_reference=not use_pretrained)
         imgs = b.images
         r = R(imgs, prompts)
         out["reward_mean"], out["reward_se"] = _mean_se(r)

@@ -49,6 +49,7 @@ def evaluate(
     import torch
     import torch.nn.functional as F
 
+    from .environments import UNetEnvironment
     from .models import pretrained
     from .rewards import diversity, make_reward
     from .rollout import sample_images, sample_rollout
@@ -61,6 +62,7 @@ def evaluate(
     reward = make_reward(cfg.reward.name, cfg.reward.clip_path, cfg.reward.weights_path).to(device)
     s = cfg.sample
     _, kernel = make_kernel(pipe.scheduler.config, s.sampler, s.eval_num_steps, s.eta)
+    env = UNetEnvironment(pipe, kernel, s.guidance_scale, s.negative_prompt)
     n = s.eval_num_images
     prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(n)]
     results = {}
@@ -70,18 +72,10 @@ def evaluate(
         for i in range(0, n, s.batch_size):
             ps = prompts[i : i + s.batch_size]
             if label == "policy":
-                b = sample_rollout(pipe, kernel, ps, s.guidance_scale, gen, negative_prompt=s.negative_prompt)
+                b = sample_rollout(env, ps, gen)
             else:
                 with pretrained(pipe.unet):
-                    b = sample_rollout(
-                        pipe,
-                        kernel,
-                        ps,
-                        s.guidance_scale,
-                        gen,
-                        record_reference=False,
-                        negative_prompt=s.negative_prompt,
-                    )
+                    b = sample_rollout(env, ps, gen, record_reference=False)
                 b.kl_steps = torch.zeros_like(b.log_probs)
             with torch.no_grad():
                 rs.append(reward(b.images, ps).float().cpu())

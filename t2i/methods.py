@@ -51,8 +51,7 @@ from sa_theory.estimators import (
 )
 from sa_theory.value import mc_value_targets, value_regression_loss
 
-from .rollout import RolloutBatch, guided_eps
-from .scheduling import StepKernel, score_from_eps
+from .rollout import RolloutBatch
 
 __all__ = [
     "Method",
@@ -66,44 +65,35 @@ __all__ = [
 
 
 class Method:
-    """Base: holds the kernel, the (possibly DDP-wrapped) policy UNet, the value model and the config."""
+    """Base: holds the image environment (its kernel and action), the (possibly DDP-wrapped) policy network,
+    the value model and the config."""
 
     name = "method"
     needs_reference = True  # record the pretrained model's actions during rollouts (KL)
 
-    def __init__(self, cfg, kernel: StepKernel, unet, value_model=None, prediction_type: str = "epsilon"):
-        self.cfg, self.kernel, self.unet, self.value_model = cfg, kernel, unet, value_model
-        self.prediction_type = prediction_type
+    def __init__(self, cfg, env, model, value_model=None):
+        self.cfg, self.env, self.kernel, self.model, self.value_model = cfg, env, env.kernel, model, value_model
         self.kl_form = cfg.train.kl_weighting  # "continuous" | "chain": the regulariser's per-step KL weight
         self.steps_scale = 1.0
 
     # -- shared pieces
-    def policy_eps(self, batch: RolloutBatch, k: int) -> torch.Tensor:
-        """Current policy's guided noise prediction at recorded state ``x_k`` (with autograd)."""
-        return guided_eps(
-            self.unet,
-            batch.latents[k].detach(),
-            int(self.kernel.timesteps[k]),
-            batch.embeds,
-            batch.uncond,
-            self.cfg.sample.guidance_scale,
-            float(self.kernel.alphabar[k]),
-            self.prediction_type,
-        )
+    def policy_action(self, batch: RolloutBatch, k: int) -> torch.Tensor:
+        """The current policy's action at the recorded state ``x_k`` (with autograd through the adapters)."""
+        return self.env.action(k, batch.latents[k].detach(), batch.text, self.model)
 
     def step_terms(self, batch: RolloutBatch, k: int) -> dict[str, torch.Tensor]:
         """log-prob, old log-prob, action, old action and KL to the pretrained model at step ``k``."""
-        kern, ab = self.kernel, float(self.kernel.alphabar[k])
+        kern = self.kernel
         x, x1 = batch.latents[k].detach(), batch.latents[k + 1].detach()
-        action = score_from_eps(self.policy_eps(batch, k), ab)
+        action = self.policy_action(batch, k)
         out = {
             "log_prob": kern.log_prob(k, x1, kern.mean(k, x, action)),
             "old_log_prob": batch.log_probs[k],
             "action": action,
-            "old_action": score_from_eps(batch.eps[k], ab),
+            "old_action": batch.actions[k],
         }
-        if batch.ref_eps is not None:
-            out["kl"] = kern.step_kl(k, action, score_from_eps(batch.ref_eps[k], ab), self.kl_form)
+        if batch.ref_actions is not None:
+            out["kl"] = kern.step_kl(k, action, batch.ref_actions[k], self.kl_form)
         else:
             out["kl"] = torch.zeros_like(out["log_prob"])
         return out
@@ -114,7 +104,7 @@ class Method:
         return kl if kl is not None else torch.zeros_like(batch.log_probs)
 
     def value_cond(self, batch: RolloutBatch, k: int) -> dict:
-        cond = {"text": batch.pooled}
+        cond = {"text": batch.text["pooled"]}
         if "tweedie" in batch.step_data:
             cond["tweedie"] = batch.step_data["tweedie"][k]
         return cond
@@ -291,8 +281,9 @@ METHOD_CLASSES: dict[str, Callable[..., Method]] = {
 }
 
 
-def make_method(cfg, kernel, unet, value_model=None, prediction_type="epsilon") -> Method:
+def make_method(cfg, env, model, value_model=None) -> Method:
+    """The method of ``cfg.train.method`` on the image environment ``env`` with policy network ``model``."""
     name = cfg.train.method
     if name not in METHOD_CLASSES:
         raise ValueError(f"train.method: unknown method {name!r}; choose one of {sorted(METHOD_CLASSES)}")
-    return METHOD_CLASSES[name](cfg, kernel, unet, value_model, prediction_type)
+    return METHOD_CLASSES[name](cfg, env, model, value_model)

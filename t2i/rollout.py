@@ -1,24 +1,24 @@
-r"""Sampling rollouts on a Stable Diffusion UNet that record what the RL methods need.
+r"""Image rollouts through the one sampling loop (:func:`sa_theory.sampling.sample_chain`) on an image environment.
 
-:func:`sample_rollout` runs K steps of a Gaussian step kernel (:class:`sa_theory.kernels.DDIMKernel` with
-``eta > 0`` or :class:`~sa_theory.kernels.DDPMKernel`, built by :func:`t2i.scheduling.make_kernel`) with the
-LoRA policy and records, for every step ``k``:
+:func:`sample_rollout` runs the K steps of the environment's Gaussian step kernel (DDIM ``eta > 0`` / DDPM for
+UNets, :class:`sa_theory.flow_kernel.FlowMatchKernel` for rectified-flow transformers; :mod:`t2i.environments`)
+with the LoRA policy and records, for every step ``k``:
 
 * the latents :math:`x_k` (``latents``, ``(K+1, B, C, h, w)``; ``latents[0]`` is the initial noise);
-* the policy's guided noise prediction ``eps`` (the action is :math:`a_k =
-  -\epsilon_k/\sqrt{1-\bar\alpha_k}`, :func:`~t2i.scheduling.score_from_eps`);
+* the policy's actions ``actions`` ``(K, B, C, h, w)`` in the kernel's units (UNets: the guided score
+  :math:`-\epsilon/\sqrt{1-\bar\alpha_k}`; flow models: the guided velocity);
 * ``log_probs`` ``(K, B)``: :math:`\log N(x_{k+1}; m_k, \mathrm{std}_k^2 I)` **summed over latent dims**,
   nats per step (``kernel.log_prob``); 0 on deterministic steps;
-* with ``record_reference``: the pretrained model's guided ``ref_eps`` (same UNet, adapters disabled) and two
-  per-step KLs to it, ``(K, B)``, nats per step, summed over dims (``kernel.step_kl``):
+* with ``record_reference``: the pretrained model's actions ``ref_actions`` (same network, adapters disabled)
+  and two per-step KLs to it, ``(K, B)``, nats per step, summed over dims (``kernel.step_kl``):
   ``kl_steps`` the exact KL of the chain's step :math:`\frac{w_k}{2}|a_k - s_k|^2 = |m_k^\theta -
   m_k^{pre}|^2/(2\mathrm{std}_k^2)`, and ``kl_steps_ct`` the continuous-time (Girsanov) estimate
   :math:`\frac{\bar w_k}{2}|a_k - s_k|^2` with the KL rate integrated over the step. ``path_kl`` and
   ``path_kl_ct`` (per image, nats per path) are their sums over steps; the first depends on K at coarse
   steps, the second is stable across K (:mod:`sa_theory.kernels`).
 
-Classifier-free guidance: both the policy and the pretrained action are the *guided* score with the same
-scale ``w`` (:func:`guided_eps`).
+Classifier-free guidance: both the policy and the pretrained action are the *guided* prediction with the same
+scale ``w`` (:func:`guided_eps`, :func:`t2i.flow_models.guided_velocity`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ from typing import Any
 
 import torch
 
-from .models import decode_latents, encode_prompts, pretrained
-from .scheduling import StepKernel, eps_from_model_output, score_from_eps
+from sa_theory.sampling import sample_chain
+
+from .environments import select_text
+from .models import decode_latents, encode_prompts
+from .scheduling import eps_from_model_output
 
 __all__ = ["RolloutBatch", "guided_eps", "sample_rollout", "sample_images"]
 
@@ -58,18 +61,20 @@ def guided_eps(
     return eps_from_model_output(out, x, alphabar, prediction_type)
 
 
+_STEP_MAJOR = ("latents", "actions", "log_probs", "ref_actions", "kl_steps", "kl_steps_ct")
+
+
 @dataclass
 class RolloutBatch:
-    """One batch of recorded sampler paths (see module docstring). Tensors on the rollout device."""
+    """One batch of recorded sampler paths (see module docstring). Tensors on the rollout device; ``text`` is
+    the environment's conditioning dict (tensors batched on dim 0)."""
 
     prompts: list[str]
-    embeds: torch.Tensor
-    uncond: torch.Tensor | None
-    pooled: torch.Tensor
+    text: dict
     latents: torch.Tensor
-    eps: torch.Tensor
+    actions: torch.Tensor
     log_probs: torch.Tensor
-    ref_eps: torch.Tensor | None = None
+    ref_actions: torch.Tensor | None = None
     kl_steps: torch.Tensor | None = None
     kl_steps_ct: torch.Tensor | None = None
     images: torch.Tensor | None = None
@@ -83,7 +88,7 @@ class RolloutBatch:
 
     @property
     def num_steps(self) -> int:
-        return self.eps.shape[0]
+        return self.actions.shape[0]
 
     @property
     def path_kl(self) -> torch.Tensor | None:
@@ -105,11 +110,11 @@ class RolloutBatch:
         def sel(t, dim):
             return None if t is None else t.index_select(dim, idx.to(t.device))
 
-        step_major = ("latents", "eps", "log_probs", "ref_eps", "kl_steps", "kl_steps_ct")
         return RolloutBatch(
             prompts=[self.prompts[i] for i in idx.tolist()],
-            **{n: sel(getattr(self, n), 0) for n in ("embeds", "uncond", "pooled", "images", "rewards")},
-            **{n: sel(getattr(self, n), 1) for n in step_major},
+            text=select_text(self.text, idx),
+            **{n: sel(getattr(self, n), 0) for n in ("images", "rewards")},
+            **{n: sel(getattr(self, n), 1) for n in _STEP_MAJOR},
             step_data={k: sel(v, 1) for k, v in self.step_data.items()},
             path_data={k: sel(v, 0) for k, v in self.path_data.items()},
         )
@@ -120,74 +125,34 @@ class RolloutBatch:
             ts = [getattr(b, name) for b in batches]
             return None if ts[0] is None else torch.cat(ts, dim)
 
-        step_major = ("latents", "eps", "log_probs", "ref_eps", "kl_steps", "kl_steps_ct")
+        text = {k: None if v is None else torch.cat([b.text[k] for b in batches]) for k, v in batches[0].text.items()}
         return RolloutBatch(
             prompts=sum((b.prompts for b in batches), []),
-            **{n: cat(n, 0) for n in ("embeds", "uncond", "pooled", "images", "rewards")},
-            **{n: cat(n, 1) for n in step_major},
+            text=text,
+            **{n: cat(n, 0) for n in ("images", "rewards")},
+            **{n: cat(n, 1) for n in _STEP_MAJOR},
         )
 
 
 @torch.no_grad()
-def sample_rollout(
-    pipe,
-    kernel: StepKernel,
-    prompts: list[str],
-    guidance_scale: float,
-    generator: torch.Generator,
-    record_reference: bool = True,
-    negative_prompt: str = "",
-    unet=None,
-    decode: bool = True,
-) -> RolloutBatch:
-    """Sample ``len(prompts)`` images with the policy (LoRA on), recording the path (module docstring).
+def sample_rollout(env, prompts: list[str], generator: torch.Generator, record_reference: bool = True,
+                   model=None, decode: bool = True) -> RolloutBatch:
+    """Sample ``len(prompts)`` images with the policy (LoRA on; ``model`` overrides the environment's network,
+    e.g. a DDP-wrapped one), recording the path (module docstring).
 
     Noise comes from ``generator`` only (initial latents, then one draw per step), so a rollout is a
     deterministic function of the generator state and the weights.
     """
-    unet = unet if unet is not None else pipe.unet
-    device = unet.device
-    B = len(prompts)
-    embeds, pooled = encode_prompts(pipe, prompts, device)
-    uncond = None
-    if guidance_scale != 1.0:
-        uncond = encode_prompts(pipe, [negative_prompt] * B, device)[0]
-    C, h = unet.config.in_channels, unet.config.sample_size
-    x = torch.randn((B, C, h, h), generator=generator, device="cpu").to(device)
-    pt = pipe.scheduler.config.get("prediction_type", "epsilon")
-    lat, eps_l, lps, refs, kls, kls_ct = [x], [], [], [], [], []
-    for k in range(kernel.num_steps):
-        t, ab = int(kernel.timesteps[k]), float(kernel.alphabar[k])
-        eps = guided_eps(unet, x, t, embeds, uncond, guidance_scale, ab, pt)
-        action = score_from_eps(eps, ab)
-        mean = kernel.mean(k, x, action)
-        noise = torch.randn(x.shape, generator=generator, device="cpu").to(device)
-        x_next = mean + kernel.std(k) * noise
-        lps.append(kernel.log_prob(k, x_next, mean))
-        if record_reference:
-            with pretrained(unet):
-                ref = guided_eps(unet, x, t, embeds, uncond, guidance_scale, ab, pt)
-            refs.append(ref)
-            ref_action = score_from_eps(ref, ab)
-            kls.append(kernel.step_kl(k, action, ref_action, "chain"))
-            kls_ct.append(kernel.step_kl(k, action, ref_action, "continuous"))
-        eps_l.append(eps)
-        lat.append(x_next)
-        x = x_next
-    batch = RolloutBatch(
-        list(prompts),
-        embeds.float(),
-        None if uncond is None else uncond.float(),
-        pooled.float(),
-        torch.stack(lat),
-        torch.stack(eps_l),
-        torch.stack(lps),
-        torch.stack(refs) if record_reference else None,
-        torch.stack(kls) if record_reference else None,
-        torch.stack(kls_ct) if record_reference else None,
+    text = env.encode(list(prompts))
+    x0 = env.initial_latents(len(prompts), generator)
+    chain = sample_chain(
+        env.kernel, lambda k, x: env.action(k, x, text, model), x0, generator=generator,
+        reference_fn=(lambda k, x: env.reference_action(k, x, text)) if record_reference else None,
     )
+    batch = RolloutBatch(list(prompts), text, chain.states, chain.actions, chain.log_probs, chain.ref_actions,
+                         chain.kl_steps, chain.kl_steps_ct)
     if decode:
-        batch.images = decode_latents(pipe, x)
+        batch.images = env.decode(chain.final)
     return batch
 
 

@@ -49,6 +49,7 @@ from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...:
     resolve_intact_checkpoint,
 )
 from .config import Config, config_to_dict, format_arithmetic, validate
+from .environments import UNetEnvironment
 from .logging_utils import RunLogger
 from .methods import make_method
 from .models import add_lora, lora_parameters
@@ -118,6 +119,7 @@ class Trainer(CheckpointMixin):
         self.sampler, self.kernel = make_kernel(
             self.pipe.scheduler.config, cfg.sample.sampler, cfg.sample.num_steps, cfg.sample.eta
         )
+        self.env = UNetEnvironment(self.pipe, self.kernel, cfg.sample.guidance_scale, cfg.sample.negative_prompt)
         text_dim = self.pipe.text_encoder.config.hidden_size
         torch.manual_seed(cfg.train.seed + 1)
         value = make_value_model(cfg.value.kind, unet.config.in_channels, text_dim, cfg.value.width)
@@ -143,13 +145,7 @@ class Trainer(CheckpointMixin):
         acc.register_for_checkpointing(self.state)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
-        self.method = make_method(
-            cfg,
-            self.kernel,
-            self.unet_ddp,
-            self.value_ddp,
-            self.pipe.scheduler.config.get("prediction_type", "epsilon"),
-        )
+        self.method = make_method(cfg, self.env, self.unet_ddp, self.value_ddp)
         self.ckpt_root = os.path.join(cfg.log.output_dir, "checkpoints")
         self.logger = RunLogger(
             cfg.log.output_dir,
@@ -186,16 +182,7 @@ class Trainer(CheckpointMixin):
             idx = torch.randint(len(cfg.prompts), (cfg.sample.batch_size,), generator=gen)
             prompts = [cfg.prompts[i] for i in idx.tolist()]
             with acc.autocast():
-                b = sample_rollout(
-                    self.pipe,
-                    self.kernel,
-                    prompts,
-                    cfg.sample.guidance_scale,
-                    gen,
-                    record_reference=True,
-                    negative_prompt=cfg.sample.negative_prompt,
-                    unet=self.pipe.unet,
-                )
+                b = sample_rollout(self.env, prompts, gen, record_reference=True)
             with torch.no_grad():
                 b.rewards = self._check_reward(self.reward(b.images, b.prompts), len(b.prompts))
             batches.append(b)
@@ -230,9 +217,9 @@ class Trainer(CheckpointMixin):
             rewards = norm[acc.process_index * B : (acc.process_index + 1) * B].to(rewards.device)
         if cfg.value.kind in ("tweedie", "residual"):
             with acc.autocast():
-                ref = batch.ref_eps if batch.ref_eps is not None else batch.eps
+                ref = batch.ref_actions if batch.ref_actions is not None else batch.actions
                 batch.step_data["tweedie"] = tweedie_rewards(
-                    self.pipe, self.kernel, batch.latents, ref, self.reward, batch.prompts
+                    self.env, batch.latents, ref, self.reward, batch.prompts
                 )
         metrics.update(self.method.prepare(batch, rewards))
         # --- updates

@@ -2,11 +2,11 @@ r"""Value networks on SD latents (theory.md R10), behind sa_theory's ``value(tau
 interface.
 
 ``cond`` is a dict: ``"text"`` the pooled text embedding ``(B, D)``; ``"tweedie"`` (when available) the
-reward of the Tweedie denoised image :math:`r(\mathrm{VAE}(\hat x_0(t, x)))` ``(B,)`` with
-:math:`\hat x_0 = (x + (1-\bar\alpha_t)s)/\sqrt{\bar\alpha_t} = (x -
-\sqrt{1-\bar\alpha_t}\epsilon)/\sqrt{\bar\alpha_t}`
-(:func:`sa_theory.value.tweedie_x0` on :class:`~t2i.scheduling.DiscreteVPSchedule`), computed once per
-recorded state by :func:`tweedie_rewards` from the *pretrained* guided noise prediction.
+reward of the denoised image :math:`r(\mathrm{decode}(\hat x_0(t, x)))` ``(B,)``, with the environment's
+prediction :math:`\hat x_0` (:meth:`t2i.environments.ImageEnvironment.x0_hat`: Tweedie
+:math:`(x + \sigma_t^2 s)/\alpha_t` for UNets through :func:`sa_theory.parametrization.x0_from_score`,
+:math:`x - t v` for flow models), computed once per recorded state by :func:`tweedie_rewards` from the
+*pretrained* guided action.
 
 Designs (``value.kind``):
 
@@ -25,10 +25,7 @@ import math
 import torch
 from torch import nn
 
-from sa_theory.value import ResidualValue, tweedie_x0
-
-from .models import decode_latents
-from .scheduling import StepKernel, score_from_eps
+from sa_theory.value import ResidualValue
 
 __all__ = ["LatentCritic", "tweedie_value", "tweedie_rewards", "make_value_model", "VALUE_KINDS"]
 
@@ -78,31 +75,20 @@ class _Tweedie(nn.Module):
 
 
 @torch.no_grad()
-def tweedie_rewards(
-    pipe,
-    kernel: StepKernel,
-    latents: torch.Tensor,
-    eps: torch.Tensor,
-    reward,
-    prompts: list[str],
-    decode_batch: int = 8,
-) -> torch.Tensor:
-    """:math:`r(\\mathrm{VAE}(\\hat x_0(t_k, x_k)))` for every recorded state ``k < K``: ``(K, B)``.
+def tweedie_rewards(env, latents: torch.Tensor, actions: torch.Tensor, reward, prompts: list[str],
+                    decode_batch: int = 8) -> torch.Tensor:
+    r""":math:`r(\mathrm{decode}(\hat x_0(t_k, x_k)))` for every recorded state ``k < K``: ``(K, B)``.
 
-    ``eps`` ``(K, B, ...)`` is the noise prediction defining the score (pass the pretrained ``ref_eps``
-    for the
-    design of theory.md R10). Costs K VAE decodes and reward calls per path.
+    ``actions`` ``(K, B, ...)`` define the prediction (``env.x0_hat``: Tweedie for UNets, :math:`x - t v` for
+    flow models); pass the pretrained ``ref_actions`` for the design of theory.md R10. Costs K decodes and
+    reward calls per path.
     """
-    K, B = eps.shape[:2]
-    sch = kernel.schedule
+    K, B = actions.shape[:2]
     out = torch.empty(K, B, device=latents.device)
     for k in range(K):
-        t = torch.tensor(kernel.t[k], dtype=torch.float64)
-        x0 = tweedie_x0(
-            sch, t, latents[k].double(), score_from_eps(eps[k].double(), float(kernel.alphabar[k]))
-        )
+        x0 = env.x0_hat(k, latents[k], actions[k])
         for s in range(0, B, decode_batch):
-            imgs = decode_latents(pipe, x0[s : s + decode_batch].float())
+            imgs = env.decode(x0[s : s + decode_batch].float())
             out[k, s : s + decode_batch] = reward(imgs, prompts[s : s + decode_batch]).float()
     return out
 

@@ -39,7 +39,7 @@ TEST_CACHE = os.path.join(tempfile.gettempdir(), "sa_digits_test_cache")
 def _rewards(tr, n=32, seed=999):
     gen = torch.Generator().manual_seed(seed)
     prompts = [tr.cfg.prompts[i % len(tr.cfg.prompts)] for i in range(n)]
-    b = sample_rollout(tr.pipe, tr.kernel, prompts, tr.cfg.sample.guidance_scale, gen, record_reference=True)
+    b = sample_rollout(tr.env, prompts, gen, record_reference=True)
     return Brightness()(b.images, prompts), b.path_kl
 
 

@@ -251,6 +251,7 @@ def test_ddpm_training_on_the_tiny_pipeline_has_a_path_kl_like_ddim_eta1(tmp_pat
 def test_rollouts_record_both_kls_and_methods_regularise_with_the_configured_one(tiny_pipe, tmp_path):
     """sample_rollout records the chain KL and the continuous-time KL per step; a method's per-step KL term (and
     its recorded KLs for the return) is the one named by train.kl_weighting."""
+    from t2i.environments import UNetEnvironment
     from t2i.methods import make_method
     from t2i.models import lora_parameters
     from t2i.rollout import sample_rollout
@@ -264,14 +265,15 @@ def test_rollouts_record_both_kls_and_methods_regularise_with_the_configured_one
             for p in lora_parameters(tiny_pipe.unet):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         _, kern = make_kernel(tiny_pipe.scheduler.config, "ddim", 4, 1.0)
-        batch = sample_rollout(tiny_pipe, kern, ["a cat", "a dog"], 3.0, torch.Generator().manual_seed(0))
+        env = UNetEnvironment(tiny_pipe, kern, 3.0)
+        batch = sample_rollout(env, ["a cat", "a dog"], torch.Generator().manual_seed(0))
         assert torch.all(batch.kl_steps > 0) and torch.all(batch.kl_steps_ct > 0)
         w, wbar = torch.tensor(kern.kl_weights), torch.tensor(kern.ct_kl_weights)
         assert torch.allclose(batch.kl_steps_ct, batch.kl_steps * (wbar / w)[:, None].float(), rtol=1e-5)
         assert torch.all(batch.path_kl > batch.path_kl_ct)  # the chain KL exceeds the continuous one at K = 4
         for form in ("chain", "continuous"):
             cfg = tiny_config(tmp_path, "sa_ac", **{"train.kl_weighting": form})
-            method = make_method(cfg, kern, tiny_pipe.unet)
+            method = make_method(cfg, env, tiny_pipe.unet)
             assert method.kl_steps(batch) is batch.kl_steps_of(form)
             for k in range(4):
                 kl = method.step_terms(batch, k)["kl"].detach()
