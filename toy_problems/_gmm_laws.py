@@ -76,6 +76,9 @@ class MixtureLaws:
         rng = _as_rng(rng)
         twin = self._gaussian_twin("sample_optimal_terminal")
         if twin is not None:
+            if not hasattr(twin, "optimal_terminal_law"):
+                raise NotImplementedError("sample_optimal_terminal at noise eta != 1 with K > 1: the optimal terminal "
+                                          "law is known through its moments only (optimal_terminal_moments)")
             m, C = twin.optimal_terminal_law()
             return m + rng.standard_normal((_positive_int("n", n), self.d)) @ np.linalg.cholesky(C).T
         y0 = self.sample_initial(n, rng)
@@ -103,8 +106,10 @@ class MixtureLaws:
         """
         if not (init_optimised and self.init == "p_T"):
             twin = self._gaussian_twin("optimal_terminal_moments")
-            if twin is not None:
+            if twin is not None and hasattr(twin, "optimal_terminal_law"):
                 return twin.optimal_terminal_law(init_optimised)
+            if twin is not None:
+                return twin.optimal_terminal_moments(init_optimised, quad_points or 100)
         if quad_points is None:
             quad_points = _DEFAULT_QUAD_POINTS.get(self.d, 8)
         quad_points = _positive_int("quad_points", quad_points)
@@ -148,7 +153,7 @@ class MixtureLaws:
         """
         if init_optimised and self.init == "p_T":
             return self.tilted_law()
-        twin = self._gaussian_twin("optimal_terminal_law")
+        twin = self._gaussian_twin("optimal_terminal_law") if self.K == 1 else None
         if twin is not None:
             m, C = twin.optimal_terminal_law(init_optimised)
             return np.ones(1), m[None], C[None]
@@ -217,8 +222,10 @@ class MixtureLaws:
     def optimal_action_torch(self, tau, y: torch.Tensor) -> torch.Tensor:
         """Torch version of :meth:`optimal_action` (dtype/device of ``y``; ``tau`` float or 0-dim tensor)."""
         twin = self._gaussian_twin("optimal_action_torch")
-        if twin is not None:
+        if twin is not None and self.K == 1:
             return twin.optimal_action_torch()(tau, y)
+        if twin is not None:
+            return twin.optimal_action_torch(tau, y)
         return self._torch_components(self._torch_t_of_tau(tau, y), y, tilted=True)
 
     def _torch_t_of_tau(self, tau, y) -> torch.Tensor:

@@ -139,8 +139,9 @@ class GaussianMixtureProblem(MixtureLaws):
         score, marginals, posterior and tilted law do not depend on it. :math:`V^*`, :math:`a^*` and the
         fixed-init terminal law need the eta-process's own transition :math:`Y_T | Y_\tau`: for ``eta = 1`` it
         is the data posterior (formulas above); for ``K = 1`` at any eta they come exactly from the
-        equivalent :class:`toy_problems.LinearGaussianProblem`; for ``K > 1`` and ``eta != 1`` the
-        transition has no closed form and these methods raise ``NotImplementedError``.
+        equivalent :class:`toy_problems.LinearGaussianProblem`; for ``K > 1``, ``d = 1`` from the eta-process's
+        HJB and Kolmogorov equations on a grid (:mod:`toy_problems._gmm_eta`, error ~1e-4); for ``K > 1``,
+        ``d > 1`` (no closed form) they raise ``NotImplementedError``.
     """
 
     def __init__(self, weights, means, covs, schedule, w, beta, r0=0.0, init="p_T", noise=1.0):
@@ -212,20 +213,27 @@ class GaussianMixtureProblem(MixtureLaws):
                 f"noise={self.noise!r}, schedule={self.schedule!r})")
 
     def _gaussian_twin(self, what: str):
-        """``None`` for the reverse SDE (eta = 1: the posterior formulas hold). Otherwise the equivalent
-        :class:`LinearGaussianProblem` (K = 1), or ``NotImplementedError`` naming ``what`` (K > 1)."""
+        """How the eta-process optimum is computed: ``None`` for the reverse SDE (eta = 1: the posterior
+        formulas hold); else the equivalent :class:`LinearGaussianProblem` (K = 1, closed form), the grid
+        solver :class:`~toy_problems._gmm_eta.EtaOptimum1D` (d = 1), or ``NotImplementedError`` naming
+        ``what`` (K > 1 and d > 1)."""
         if self.sde.constant_noise == 1.0:
             return None
-        if self.K > 1:
-            raise NotImplementedError(
-                f"{what} at noise eta != 1 needs the eta-process's transition Y_T | Y_tau, which has no closed "
-                f"form for a mixture with K = {self.K} > 1 components (it is the data posterior only at eta = 1); "
-                "use noise=1, a single component (exact via LinearGaussianProblem), or Monte Carlo")
         if self._twin is None:
-            from .linear_gaussian import LinearGaussianProblem
+            if self.K == 1:
+                from .linear_gaussian import LinearGaussianProblem
 
-            self._twin = LinearGaussianProblem(self.means[0], self.covs[0], self.schedule, w=self.w, r0=self.r0,
-                                               beta=self.beta, init=self.init, noise=self.noise)
+                self._twin = LinearGaussianProblem(self.means[0], self.covs[0], self.schedule, w=self.w,
+                                                   r0=self.r0, beta=self.beta, init=self.init, noise=self.noise)
+            elif self.d == 1:
+                from ._gmm_eta import EtaOptimum1D
+
+                self._twin = EtaOptimum1D(self)
+            else:
+                raise NotImplementedError(
+                    f"{what} at noise eta != 1 needs the eta-process's transition Y_T | Y_tau, which has no closed "
+                    f"form for a mixture (K = {self.K}; it is the data posterior only at eta = 1); it is computed for "
+                    f"d = 1 (grid HJB solver) or K = 1, not for d = {self.d}")
         return self._twin
 
     # -- private numerics ----------------------------------------------------------------------------
