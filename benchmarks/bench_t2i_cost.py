@@ -110,17 +110,22 @@ def _release_memory() -> None:
 # --------------------------------------------------------------------------- one measured run
 class _Counter:
     def __init__(self):
-        self.phase, self.rows, self.calls, self.queries = "training", {"sampling": 0, "training": 0}, 0, 0
+        self.phase, self.rows, self.calls = "training", {"sampling": 0, "training": 0}, 0
+        self.queries, self.other_reward_evals = 0, 0  # images sampled and scored / other reward calls
 
     def hook(self, module, args, kwargs, output):
-        x = args[0] if args else kwargs["sample"]
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNet / SD3 transformer
         self.rows[self.phase] += int(x.shape[0])
         self.calls += 1
 
 
 def _instrument(tr, counter: _Counter) -> list:
-    """Forward hook on the UNet, phase flag around ``sample_epoch``, reward-query count, no checkpoints."""
-    handles = [tr.pipe.unet.register_forward_hook(counter.hook, with_kwargs=True)]
+    """Forward hook on the denoiser, phase flag around ``sample_epoch``, reward-query count, no checkpoints."""
+    import t2i.models
+
+    get = getattr(t2i.models, "denoiser", None)  # the UNet, or an SD3-class transformer
+    net = get(tr.pipe) if get is not None else tr.pipe.unet
+    handles = [net.register_forward_hook(counter.hook, with_kwargs=True)]
     sample_epoch = tr.sample_epoch
 
     def sampling(*a, **k):
@@ -133,9 +138,12 @@ def _instrument(tr, counter: _Counter) -> list:
     tr.sample_epoch = sampling
     reward = tr.reward
 
-    def counted_reward(images, prompts):
-        counter.queries += int(images.shape[0])
-        return reward(images, prompts)
+    def counted_reward(images, prompts, *a, **k):
+        if counter.phase == "sampling":
+            counter.queries += int(images.shape[0])
+        else:  # e.g. Tweedie value inputs: the reward of predicted clean images, not a query of a sample
+            counter.other_reward_evals += int(images.shape[0])
+        return reward(images, prompts, *a, **k)
 
     tr.reward = counted_reward
     tr.save_checkpoint = lambda: None  # I/O, not sampling or training
@@ -177,6 +185,7 @@ def run_method(method: str, out_dir: str, quick: bool, epochs: int | None = None
         "forwards_sampling": counter.rows["sampling"],
         "forwards_training": counter.rows["training"],
         "unet_calls": counter.calls,
+        "other_reward_evals": counter.other_reward_evals,
         "forwards_per_query": fwd / counter.queries,
         "seconds": seconds,
         "seconds_per_query": seconds / counter.queries,
