@@ -309,10 +309,11 @@ class _TorchsdeSystem(torch.nn.Module):
     def f(self, u, z):
         tau = self._tau(u)
         y = self._split(z)
-        a = self.policy(tau, y, self.cond)
+        a = _checked("policy", self.policy(tau, y, self.cond), y)
         b = self.sde.drift(tau, y, a).reshape(z.shape[0], self.D)
         if self.reference is not None:
-            rate = girsanov_kl_rate(kl_weights(self.sde, tau), a, self.reference(tau, y, self.cond))
+            s = _checked("reference", self.reference(tau, y, self.cond), y)
+            rate = girsanov_kl_rate(kl_weights(self.sde, tau), a, s)
         else:
             rate = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         return torch.cat([b, rate[:, None]], dim=1) * self.dtau
