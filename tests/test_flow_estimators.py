@@ -92,3 +92,41 @@ def test_value_gradient_mean_converges_to_the_exact_gradient_at_eta():
     assert -1.2 < slope < -0.8, slope
     errs_d = [np.linalg.norm(prob.discrete_gradient(theta, 2, int(n)) - exact) for n in Ns]
     assert -1.2 < np.polyfit(np.log(Ns), np.log(errs_d), 1)[0] < -0.8
+
+
+def test_trust_region_surrogate_and_greedy_policy_use_the_eta_weights():
+    """At theta' = theta the surrogate's gradient is the value-gradient estimator with c = (1+eta)/2 g^2 and
+    w = (1+eta)^2/(4 eta) g^2; the critic's greedy policy s + 2eta/(1+eta) grad V/beta is a* when V = V*."""
+    import torch
+
+    from sa_theory import estimators as est
+    from sa_theory.algorithms import GreedyPolicy
+
+    prob = make_problem(11, RF9, 2, 0.245)
+    sde = prob.sde
+    gen = torch.Generator().manual_seed(0)
+    N, B = 5, 7
+    taus = torch.linspace(0, RF9.T, N + 1, dtype=torch.float64)[:N]
+    mu = torch.randn(N, B, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref, p = torch.randn(N, B, 2, generator=gen, dtype=torch.float64), torch.randn(N, B, 2, generator=gen,
+                                                                                     dtype=torch.float64)
+    c, w = sde.action_coef(taus), sde.kl_weight_rate(taus)
+    tr = est.trust_region_surrogate(mu, mu.detach(), ref, p, c, 0.1, 0.7, kl_weight=w).sum()
+    vg = est.value_gradient_surrogate(mu, p, ref, c, 0.1, 0.7, kl_weight=w).sum()
+    (g_tr,), (g_vg,) = torch.autograd.grad(tr, mu), torch.autograd.grad(vg, mu)
+    assert torch.allclose(g_tr, g_vg, rtol=1e-12, atol=1e-12)
+    expected = 0.1 * (c[:, None, None] * p - 0.7 * w[:, None, None] * (mu - ref))
+    assert torch.allclose(g_vg, expected.detach(), rtol=1e-12)
+    g_one = torch.autograd.grad(est.value_gradient_surrogate(mu, p, ref, c, 0.1, 0.7).sum(), mu)[0]
+    assert (g_one - g_vg).abs().max() > 1e-2  # negative control: the eta = 1 dual vector
+
+    def value(tau, y, cond=None):  # V* of the eta-process, in torch
+        U, u, u0 = (torch.as_tensor(x, dtype=y.dtype) for x in prob.optimal_value_coeffs(float(tau)))
+        return -0.5 * ((y @ U) * y).sum(-1) + y @ u + u0
+
+    y = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    tau = torch.tensor(0.4, dtype=torch.float64)
+    greedy = GreedyPolicy(value, prob.pretrained_action(), prob.beta, gain=sde.value_gain)(tau, y)
+    assert torch.allclose(greedy, torch.as_tensor(prob.optimal_action(0.4, y.numpy())), atol=1e-9)
+    plain = GreedyPolicy(value, prob.pretrained_action(), prob.beta)(tau, y)
+    assert (plain - greedy).abs().max() > 1e-3  # the eta = 1 greedy step is not a* here
