@@ -21,7 +21,18 @@ from sa_theory.algorithms.checkpoint import CheckpointCorruptError, verify_dir_c
 from sa_theory.algorithms.config import resume_changes
 
 from .config import RESUME_MUTABLE, Config, config_to_dict
-from .models import PixelPipeline, add_lora, build_tiny_pipeline, load_pipeline, lora_state_dict, save_lora
+from .flow_models import build_tiny_sd3_pipeline, load_sd3_pipeline
+from .models import (
+    PixelPipeline,
+    PixelSpaceVAE,
+    add_lora,
+    build_tiny_pipeline,
+    denoiser,
+    load_pipeline,
+    lora_state_dict,
+    lora_targets,
+    save_lora,
+)
 
 __all__ = ["resolve_checkpoint", "resolve_intact_checkpoint", "has_checkpoint", "guard_run_dir", "lora_hash",
            "build_pipeline", "load_policy_from_checkpoint", "atomic_write", "RUN_ENTRIES", "CheckpointMixin"]
@@ -140,11 +151,19 @@ def build_pipeline(cfg: Config, device, weight_dtype=torch.float32):
     elif cfg.model.pretrained == "tiny_pixel":  # tiny UNet/text encoder, identity VAE (images respond)
         t = build_tiny_pipeline(cfg.model.tiny_seed)
         pipe = PixelPipeline(t.unet, t.text_encoder, t.tokenizer, t.scheduler)
+    elif cfg.model.pretrained in ("tiny_sd3", "tiny_sd3_pixel"):
+        pipe = build_tiny_sd3_pipeline(cfg.model.tiny_seed)
+        if cfg.model.pretrained == "tiny_sd3_pixel":  # identity VAE: images respond to the latents
+            pipe.vae = PixelSpaceVAE(pipe.transformer.config.in_channels, 3)
+    elif cfg.model.family == "sd3":
+        pipe = load_sd3_pipeline(cfg.model.pretrained, cfg.model.revision, weight_dtype)
     else:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision)
-    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
-        m.requires_grad_(False)
-        m.to(device, dtype=weight_dtype)
+    names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer")
+    for m in (getattr(pipe, n, None) for n in names):
+        if m is not None:
+            m.requires_grad_(False)
+            m.to(device, dtype=weight_dtype)
     return pipe
 
 
@@ -165,9 +184,10 @@ def load_policy_from_checkpoint(checkpoint: str, device="cpu", overrides: dict |
         apply_overrides(cfg, overrides)
     torch.manual_seed(cfg.train.seed)
     pipe = build_pipeline(cfg, device)
-    add_lora(pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha, init_seed=cfg.train.seed)
-    set_peft_model_state_dict(pipe.unet, load_file(os.path.join(ckpt, "lora_peft.safetensors")))
-    pipe.unet.eval()
+    net = denoiser(pipe)
+    add_lora(net, cfg.model.lora_rank, cfg.model.lora_alpha, targets=lora_targets(pipe), init_seed=cfg.train.seed)
+    set_peft_model_state_dict(net, load_file(os.path.join(ckpt, "lora_peft.safetensors")))
+    net.eval()
     return cfg, pipe
 
 
@@ -192,11 +212,11 @@ class CheckpointMixin:
     # ------------------------------------------------------------------ checkpoint hooks
     def _save_hook(self, models, weights, output_dir):
         if self.acc.is_main_process:
-            save_lora(self.pipe.unet, output_dir)
+            save_lora(denoiser(self.pipe), output_dir)
             from safetensors.torch import save_file
 
             save_file(
-                {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.pipe.unet).items()},
+                {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(denoiser(self.pipe)).items()},
                 os.path.join(output_dir, "lora_peft.safetensors"),
             )
             if self.learned_value:
@@ -212,7 +232,7 @@ class CheckpointMixin:
         from safetensors.torch import load_file
 
         sd = load_file(os.path.join(input_dir, "lora_peft.safetensors"))
-        res = set_peft_model_state_dict(self.pipe.unet, {k: v.to(self.acc.device) for k, v in sd.items()})
+        res = set_peft_model_state_dict(denoiser(self.pipe), {k: v.to(self.acc.device) for k, v in sd.items()})
         if getattr(res, "unexpected_keys", None):
             raise RuntimeError(f"unexpected LoRA keys in checkpoint: {res.unexpected_keys[:5]}")
         if self.learned_value:

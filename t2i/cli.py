@@ -49,11 +49,11 @@ def evaluate(
     import torch
     import torch.nn.functional as F
 
-    from .environments import UNetEnvironment
-    from .models import pretrained
-    from .rewards import diversity, make_reward
+    from .environments import make_environment
+    from .models import denoiser, pretrained
+    from .reward_stats import diversity
+    from .rewards import make_reward
     from .rollout import sample_images, sample_rollout
-    from .scheduling import make_kernel
     from .trainer import load_policy_from_checkpoint
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,8 +61,7 @@ def evaluate(
         cfg, pipe = load_policy_from_checkpoint(checkpoint, device, overrides)
     reward = make_reward(cfg.reward.name, cfg.reward.clip_path, cfg.reward.weights_path).to(device)
     s = cfg.sample
-    _, kernel = make_kernel(pipe.scheduler.config, s.sampler, s.eval_num_steps, s.eta)
-    env = UNetEnvironment(pipe, kernel, s.guidance_scale, s.negative_prompt)
+    env = make_environment(pipe, s, s.eval_num_steps)
     n = s.eval_num_images
     prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(n)]
     results = {}
@@ -74,7 +73,7 @@ def evaluate(
             if label == "policy":
                 b = sample_rollout(env, ps, gen)
             else:
-                with pretrained(pipe.unet):
+                with pretrained(denoiser(pipe)):
                     b = sample_rollout(env, ps, gen, record_reference=False)
                 b.kl_steps = torch.zeros_like(b.log_probs)
             with torch.no_grad():
@@ -94,7 +93,7 @@ def evaluate(
         }
         if s.eval_sampler != s.sampler:
             gen = torch.Generator().manual_seed(54321)
-            ctx = pretrained(pipe.unet) if label == "pretrained" else _null()
+            ctx = pretrained(denoiser(pipe)) if label == "pretrained" else _null()
             with ctx:
                 rr = []
                 for i in range(0, n, s.batch_size):

@@ -37,8 +37,9 @@ __all__ = [
     "ANIMALS",
 ]
 
-METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok")
+METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok", "flow_grpo")
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD35M = "stabilityai/stable-diffusion-3.5-medium"
 #: DDPO's 45 animal prompts, shipped as ``t2i/data/animal_prompts.txt`` (one per line)
 ANIMALS = [ln.strip() for ln in resources.files("t2i").joinpath("data/animal_prompts.txt").read_text().splitlines()
            if ln.strip()]
@@ -49,7 +50,10 @@ class ModelConfig:
     """Model and LoRA."""
 
     pretrained: str = _f(SD15, 'local folder or Hub id; "tiny" = in-process tiny pipeline; "tiny_pixel" = same with '
-                               "an identity pixel-space VAE; a folder from t2i.models.save_pixel_pipeline")
+                               'an identity pixel-space VAE; "tiny_sd3" / "tiny_sd3_pixel" = tiny SD3 (flow); '
+                               "a folder from t2i.models.save_pixel_pipeline")
+    family: str = _f("sd", '"sd" (UNet pipelines: SD1.5/2.x) or "sd3" (rectified-flow transformers: SD3/3.5); '
+                           '"tiny_sd3*" imply "sd3"')
     revision: str | None = _f(None, "Hub revision (None = default branch)")
     tiny_seed: int = _f(0, 'seed of the random weights of the tiny pipeline (pretrained="tiny")')
     lora_rank: int = _f(4, "LoRA rank r on to_q/to_k/to_v/to_out.0 of the UNet attention layers")
@@ -63,9 +67,15 @@ class ModelConfig:
 class SampleConfig:
     """Sampling (training rollouts and evaluation)."""
 
-    sampler: str = _f("ddim", 'training sampler with log-probs: "ddim" (uses eta) or "ddpm"')
+    sampler: str = _f("ddim", 'training sampler with log-probs: "ddim" (uses eta) or "ddpm" (UNets); "flow" (the '
+                              "noise-level family on the flow scheduler's sigmas, SD3-class)")
     num_steps: int = _f(50, "K sampling steps per image (also the number of per-step actor terms)")
     eta: float = _f(1.0, "DDIM eta (> 0 for training: the step must be stochastic to have a log-prob)")
+    flow_noise: str = _f("eta", 'flow sampler noise: "eta" (family member eta = flow_noise_value; 1 = reverse '
+                                'SDE), "flow_grpo" (Flow-GRPO a = flow_noise_value, eta = a^2/2), "constant_sigma"')
+    flow_noise_value: float = _f(1.0, "value of flow_noise (eta, Flow-GRPO's a, or the constant sigma)")
+    flow_at_one: str = _f("ode", 'flow step from t = 1: "ode" (deterministic, masked) or "clamp" (Flow-GRPO)')
+    group_size: int = _f(1, "images per prompt in each sampling batch (flow_grpo: its group G, >= 2)")
     guidance_scale: float = _f(5.0, "classifier-free guidance w; the action is the guided score")
     negative_prompt: str = _f("", "unconditional prompt of CFG")
     batch_size: int = _f(8, "images sampled per process per sampling batch")
@@ -96,6 +106,8 @@ class TrainConfig:
     kl_weighting: str = _f("continuous", 'which per-step KL regularises: "continuous" (Girsanov rate integrated over '
                                          'the step; stable across K) or "chain" (exact KL of the K-step chain)')
     kl_penalty: float = _f(1.0, "sa_ac: penalty on the path KL to the old (sampling) policy (trust region)")
+    logprob_units: str = _f("sum", 'flow_grpo: "sum" (log-probs summed over dims, exact KL; ours) or "mean" '
+                                   "(Flow-GRPO's per-dimension means and KL without 1/dt)")
     max_path_kl: float = _f(0.0, "sa_ac: stop the epoch's updates once mean path KL to the old policy exceeds this "
                                  "(0 = off; > 0 otherwise)")
     clip_range: float = _f(1e-4, "ddpo_is: PPO clip range on per-step ratios of SUMMED log-probs")
@@ -225,11 +237,42 @@ def _tiny_cpu() -> Config:
     return c
 
 
+def _sd35m(method: str) -> Config:
+    c = Config()
+    c.model.pretrained, c.model.family, c.model.mixed_precision = SD35M, "sd3", "bf16"
+    c.model.lora_rank, c.model.lora_alpha = 32, 64.0
+    c.sample.sampler, c.sample.num_steps, c.sample.guidance_scale = "flow", 10, 4.5
+    c.sample.batch_size, c.sample.num_batches_per_epoch, c.sample.group_size = 8, 4, 8
+    c.sample.eval_sampler, c.sample.eval_num_steps = "flow", 40
+    c.train.method, c.train.batch_size, c.train.gradient_accumulation_steps = method, 4, 2
+    c.train.learning_rate = 1e-4
+    c.log.output_dir = f"runs/sd35m_{method}"
+    if method == "flow_grpo":  # Flow-GRPO's published settings, in its own units
+        c.sample.flow_noise, c.sample.flow_noise_value, c.sample.flow_at_one = "flow_grpo", 0.7, "clamp"
+        c.train.beta, c.train.clip_range, c.train.logprob_units = 0.04, 1e-4, "mean"
+        c.value.kind = "none"
+    else:  # sa_ac: the standard reverse SDE (eta = 1), continuous-time KL, path-KL trust region
+        c.train.beta, c.train.kl_penalty = 0.01, 1.0
+        c.value.kind = "residual"
+    return c
+
+
+def _tiny_flow_cpu() -> Config:
+    c = _tiny_cpu()
+    c.model.pretrained, c.model.family = "tiny_sd3", "sd3"
+    c.sample.sampler, c.sample.eval_sampler, c.sample.num_steps, c.sample.eval_num_steps = "flow", "flow", 6, 6
+    c.log.output_dir = "runs/tiny_flow_cpu"
+    return c
+
+
 PRESETS = {
     "sd15_sa_ac": lambda: _sd15("sa_ac"),
     "sd15_ddpo_is": lambda: _sd15("ddpo_is"),
     "sd15_dpok": lambda: _sd15("dpok"),
     "tiny_cpu": _tiny_cpu,
+    "sd35m_sa_ac": lambda: _sd35m("sa_ac"),
+    "sd35m_flow_grpo": lambda: _sd35m("flow_grpo"),
+    "tiny_flow_cpu": _tiny_flow_cpu,
 }
 
 

@@ -28,7 +28,7 @@ from sa_theory.parametrization import x0_from_score
 
 from .models import decode_latents, encode_prompts, pretrained
 
-__all__ = ["ImageEnvironment", "UNetEnvironment", "FlowEnvironment", "select_text"]
+__all__ = ["ImageEnvironment", "UNetEnvironment", "FlowEnvironment", "select_text", "make_environment"]
 
 
 def select_text(text: dict, idx: torch.Tensor) -> dict:
@@ -56,6 +56,11 @@ class ImageEnvironment:
         raise NotImplementedError
 
     def latent_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def text_dim(self) -> int:  # pragma: no cover - abstract
+        """Width of ``text["pooled"]`` (the value networks' text input)."""
         raise NotImplementedError
 
     def time(self, k: int) -> float:
@@ -97,6 +102,10 @@ class UNetEnvironment(ImageEnvironment):
     def model(self):
         return self.pipe.unet
 
+    @property
+    def text_dim(self):
+        return self.pipe.text_encoder.config.hidden_size
+
     def latent_shape(self):
         cfg = self.model.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -137,6 +146,10 @@ class FlowEnvironment(ImageEnvironment):
     def model(self):
         return self.pipe.transformer
 
+    @property
+    def text_dim(self):
+        return self.model.config.pooled_projection_dim
+
     def latent_shape(self):
         cfg = self.model.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -160,3 +173,23 @@ class FlowEnvironment(ImageEnvironment):
         from .flow_models import decode_sd3_latents
 
         return decode_sd3_latents(self.pipe, x)
+
+
+def make_environment(pipe, sample, num_steps: int | None = None) -> ImageEnvironment:
+    """The environment of ``pipe`` for a :class:`t2i.config.SampleConfig` ``sample`` (training kernel with
+    ``num_steps``, default ``sample.num_steps``): :class:`FlowEnvironment` on the rectified-flow kernel for SD3-class
+    pipelines (``sample.sampler == "flow"``), :class:`UNetEnvironment` on DDIM / DDPM otherwise."""
+    from .models import is_flow_pipeline
+    from .scheduling import make_flow_kernel, make_kernel
+
+    K = num_steps or sample.num_steps
+    flow = is_flow_pipeline(pipe)
+    if flow != (sample.sampler == "flow"):
+        raise ValueError(f"sample.sampler: {sample.sampler!r} does not fit a {type(pipe).__name__} "
+                         f"(use 'flow' for SD3-class pipelines, 'ddim' or 'ddpm' for UNet pipelines)")
+    if flow:
+        _, kernel = make_flow_kernel(pipe.scheduler.config, K, sample.flow_noise, sample.flow_noise_value,
+                                     sample.flow_at_one)
+        return FlowEnvironment(pipe, kernel, sample.guidance_scale, sample.negative_prompt)
+    _, kernel = make_kernel(pipe.scheduler.config, sample.sampler, K, sample.eta)
+    return UNetEnvironment(pipe, kernel, sample.guidance_scale, sample.negative_prompt)

@@ -179,7 +179,7 @@ def guided_velocity(transformer, x: torch.Tensor, t: float, text: dict, guidance
     """Velocity :math:`v_u + w(v_c - v_u)` (float32) at rectified-flow time ``t`` (transformer timestep ``1000 t``);
     one transformer call on the doubled batch when guided, the conditional velocity when ``w == 1`` or there
     are no negative embeddings."""
-    dtype = transformer.dtype
+    dtype = getattr(transformer, "module", transformer).dtype  # DDP wraps the module
     B = x.shape[0]
     guided = guidance_scale != 1.0 and text.get("neg_embeds") is not None
     if guided:
@@ -200,5 +200,5 @@ def guided_velocity(transformer, x: torch.Tensor, t: float, text: dict, guidance
 def decode_sd3_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode (``z / scaling_factor + shift_factor``) to images in ``[0, 1]``, ``(B, 3, H, W)`` float32."""
     vae = pipe.vae
-    z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)

@@ -33,6 +33,9 @@ sum stays unbiased).
 * :class:`DPOK` (``dpok``) -- :func:`dpok_surrogate`: :math:`\sum_k (R - V_k)\rho_k -
 \beta\sum_k\ell_k(\theta)` with the
   ratio clamped to :math:`1\pm c` and a learned value baseline regressed on R.
+* :class:`FlowGRPO` (``flow_grpo``) -- Flow-GRPO: group-normalised advantages, per-step PPO-clip and a per-step
+  KL penalty; our units (summed log-probs, exact KL) by default, its own (per-dimension means, KL without
+  :math:`1/d\tau`) with ``train.logprob_units="mean"``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ __all__ = [
     "DDPOScoreFunction",
     "DDPOImportanceSampling",
     "DPOK",
+    "FlowGRPO",
     "METHOD_CLASSES",
     "make_method",
 ]
@@ -75,6 +79,7 @@ class Method:
         self.cfg, self.env, self.kernel, self.model, self.value_model = cfg, env, env.kernel, model, value_model
         self.kl_form = cfg.train.kl_weighting  # "continuous" | "chain": the regulariser's per-step KL weight
         self.steps_scale = 1.0
+        self._logprob_delta = 0.0
 
     # -- shared pieces
     def policy_action(self, batch: RolloutBatch, k: int) -> torch.Tensor:
@@ -92,6 +97,9 @@ class Method:
             "action": action,
             "old_action": batch.actions[k],
         }
+        # on-policy parity: recomputed vs rollout log-prob (0 up to float noise before the first update)
+        delta = (out["log_prob"].detach() - out["old_log_prob"]).abs().max()
+        self._logprob_delta = max(self._logprob_delta, float(delta))
         if batch.ref_actions is not None:
             out["kl"] = kern.step_kl(k, action, batch.ref_actions[k], self.kl_form)
         else:
@@ -152,10 +160,16 @@ class Method:
         Under DDP, call with one step per backward pass (one UNet forward per backward)."""
         steps = range(batch.num_steps) if steps is None else steps
         out: dict[str, torch.Tensor] = {}
+        self._logprob_delta = 0.0
         for k in steps:
             for name, val in self.step_loss(batch, k).items():
                 out[name] = out[name] + val if name in out else val
         return out
+
+    def logprob_delta(self) -> float:
+        """max |recomputed - rollout log-prob| (nats, summed over dims) over the steps of the last :meth:`losses`
+        call: the log-prob parity check, 0 up to float noise while the policy equals the sampling policy."""
+        return self._logprob_delta
 
 
 class SAActorCritic(Method):
@@ -273,11 +287,49 @@ class DPOK(Method):
         return self._actor_critic_terms(-s * sur.mean(), batch, k, terms)
 
 
+class FlowGRPO(DDPOScoreFunction):
+    r"""``flow_grpo``: Flow-GRPO (Liu et al. 2025) in this harness: group-normalised rewards as advantages (the
+    trainer samples ``sample.group_size`` images per prompt and standardises within each prompt's group),
+    per-step PPO-clip (:func:`ppo_clip_surrogate`) and a per-step KL penalty :math:`\beta\,KL_k` to the
+    pretrained model.
+
+    Units (``train.logprob_units``): ``"sum"`` (default, ours) -- log-probs summed over latent dimensions and the
+    kernel's exact per-step KL (``train.kl_weighting``); ``"mean"`` -- Flow-GRPO's own: log-probs averaged over
+    dimensions (so the clip range acts on a per-dimension ratio) and their KL
+    :math:`|m_\theta - m_{ref}|^2/(2 D\,\sigma_t^2)` with :math:`\sigma_t = \mathrm{std}_k/\sqrt{d\tau_k}`, i.e.
+    the chain KL times :math:`d\tau_k / D` (no :math:`1/d\tau`, averaged over dimensions), to reproduce its
+    published behaviour."""
+
+    name = "flow_grpo"
+
+    def step_loss(self, batch, k):
+        tr, s, kern = self.cfg.train, self.steps_scale, self.kernel
+        terms = self.step_terms(batch, k)
+        lp, old, kl = terms["log_prob"], terms["old_log_prob"], terms["kl"]
+        if tr.logprob_units == "mean":
+            D = batch.latents[k][0].numel()
+            lp, old = lp / D, old / D
+            if batch.ref_actions is not None:
+                dtau = float(kern.taus[k + 1] - kern.taus[k])
+                kl = kern.step_kl(k, terms["action"], batch.ref_actions[k], "chain") * dtau / D
+        sur = ppo_clip_surrogate(lp[None], old[None], batch.path_data["adv"], tr.clip_range)
+        ratio = torch.exp(lp.detach() - old)
+        loss = s * (-sur.mean() + tr.beta * kl.mean())
+        return {
+            "loss": loss,
+            "actor_loss": loss.detach(),
+            "kl_to_pretrained": s * terms["kl"].detach().mean(),
+            "clipfrac": ((ratio - 1).abs() > tr.clip_range).float().mean() / batch.num_steps,
+            "ratio_dev": (ratio - 1).abs().mean() / batch.num_steps,
+        }
+
+
 METHOD_CLASSES: dict[str, Callable[..., Method]] = {
     "sa_ac": SAActorCritic,
     "ddpo_sf": DDPOScoreFunction,
     "ddpo_is": DDPOImportanceSampling,
     "dpok": DPOK,
+    "flow_grpo": FlowGRPO,
 }
 
 

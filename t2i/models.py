@@ -38,6 +38,9 @@ __all__ = [
     "save_pixel_pipeline",
     "load_pixel_pipeline",
     "is_pixel_pipeline",
+    "denoiser",
+    "is_flow_pipeline",
+    "lora_targets",
 ]
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -177,6 +180,26 @@ def add_lora(
         p.data = p.data.float()
 
 
+def is_flow_pipeline(pipe) -> bool:
+    """Whether ``pipe`` is a rectified-flow transformer pipeline (SD3-class: has ``transformer``, no ``unet``)."""
+    return getattr(pipe, "transformer", None) is not None and getattr(pipe, "unet", None) is None
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The network the policy adapts: ``pipe.unet`` (SD-class) or ``pipe.transformer`` (SD3-class)."""
+    return pipe.transformer if is_flow_pipeline(pipe) else pipe.unet
+
+
+def lora_targets(pipe) -> list[str]:
+    """LoRA target modules of the pipeline's denoiser: the UNet's attention projections, or both attention
+    streams of an SD3 transformer (:data:`t2i.flow_models.SD3_LORA_TARGETS`)."""
+    if is_flow_pipeline(pipe):
+        from .flow_models import SD3_LORA_TARGETS
+
+        return list(SD3_LORA_TARGETS)
+    return list(LORA_TARGETS)
+
+
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if "lora_" in n]
 
@@ -199,12 +222,17 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 
 def save_lora(unet, folder: str) -> None:
-    """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights(folder)``."""
-    from diffusers import StableDiffusionPipeline
+    """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights(folder)`` (a UNet's for
+    SD-class pipelines, a transformer's for SD3-class ones)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    sd = convert_state_dict_to_diffusers(lora_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=sd, safe_serialization=True)
+    if type(unet).__name__ == "SD3Transformer2DModel":  # peft keys as diffusers' SD3 LoRA scripts save them
+        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(unet),
+                                                   safe_serialization=True)
+    else:
+        sd = convert_state_dict_to_diffusers(lora_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=sd, safe_serialization=True)
 
 
 @torch.no_grad()

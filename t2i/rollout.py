@@ -168,7 +168,16 @@ def sample_images(
     negative_prompt: str = "",
 ) -> torch.Tensor:
     """Images in [0, 1] from any sampler in :data:`t2i.scheduling.SAMPLERS` (including multistep
-    DPM-Solver++/UniPC/DEIS, which have no log-probabilities) using the diffusers scheduler's ``step``."""
+    DPM-Solver++/UniPC/DEIS, which have no log-probabilities) using the diffusers scheduler's ``step``;
+    ``sampler="flow"`` (SD3-class pipelines): the probability-flow ODE on the flow scheduler's grid, which is
+    the pipeline's own Euler sampler (tested bit for bit)."""
+    if sampler == "flow":
+        from .environments import FlowEnvironment
+        from .scheduling import make_flow_kernel
+
+        _, kern = make_flow_kernel(pipe.scheduler.config, num_steps, "eta", 0.0)
+        env = FlowEnvironment(pipe, kern, guidance_scale, negative_prompt)
+        return sample_rollout(env, prompts, generator, record_reference=False).images
     from .scheduling import make_sampling_scheduler
 
     sch = make_sampling_scheduler(pipe.scheduler.config, sampler)

@@ -27,12 +27,14 @@ __all__ = [
     "eps_from_model_output",
     "kernel_from_scheduler",
     "make_kernel",
+    "make_flow_kernel",
     "make_sampling_scheduler",
     "SAMPLERS",
     "TRAIN_SAMPLERS",
 ]
 
-TRAIN_SAMPLERS = ("ddim", "ddpm")  # samplers with log-probabilities (training)
+TRAIN_SAMPLERS = ("ddim", "ddpm", "flow")  # samplers with log-probabilities (training); "flow": SD3-class
+FLOW_NOISE_KINDS = ("eta", "flow_grpo", "constant_sigma")  # sa_theory.flow_kernel.NOISE_KINDS
 SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "unipc", "deis")  # samplers for sampling / evaluation
 
 #: the kernel type of the image samplers (DDIM / DDPM on a discrete VP schedule)
@@ -111,6 +113,19 @@ def make_kernel(scheduler_config, sampler: str, num_steps: int, eta: float = 1.0
         )
     sch.set_timesteps(num_steps)
     return sch, kernel_from_scheduler(sch, eta)
+
+
+def make_flow_kernel(scheduler_config, num_steps: int, noise: str = "eta", noise_value: float = 1.0,
+                     at_one: str = "ode"):
+    """A ``FlowMatchEulerDiscreteScheduler`` from ``scheduler_config`` (its shift included) with ``num_steps``
+    set, and the rectified-flow kernel on its sigma grid (:class:`sa_theory.flow_kernel.FlowMatchKernel`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sa_theory.flow_kernel import FlowMatchKernel
+
+    sch = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    sch.set_timesteps(num_steps)
+    return sch, FlowMatchKernel(sch.sigmas.double().numpy(), (noise, noise_value), at_one)
 
 
 def make_sampling_scheduler(scheduler_config, sampler: str):

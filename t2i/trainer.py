@@ -49,13 +49,13 @@ from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...:
     resolve_intact_checkpoint,
 )
 from .config import Config, config_to_dict, format_arithmetic, validate
-from .environments import UNetEnvironment
+from .environments import make_environment
 from .logging_utils import RunLogger
 from .methods import make_method
-from .models import add_lora, lora_parameters
-from .rewards import PerPromptStatTracker, diversity, make_reward
+from .models import add_lora, denoiser, lora_parameters, lora_targets
+from .reward_stats import PerPromptStatTracker, diversity, group_normalize
+from .rewards import make_reward
 from .rollout import RolloutBatch, sample_rollout
-from .scheduling import make_kernel
 from .values import make_value_model, tweedie_rewards
 
 __all__ = ["Trainer", "TrainerState", "resolve_checkpoint", "lora_hash", "load_policy_from_checkpoint"]
@@ -109,18 +109,17 @@ class Trainer(CheckpointMixin):
         ]
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.pipe = build_pipeline(cfg, acc.device, self.weight_dtype)
-        unet = self.pipe.unet
-        add_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha, init_seed=cfg.train.seed)
+        unet = denoiser(self.pipe)  # the UNet, or the SD3 transformer
+        add_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha, targets=lora_targets(self.pipe),
+                 init_seed=cfg.train.seed)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.reward = make_reward(cfg.reward.name, cfg.reward.clip_path, cfg.reward.weights_path).to(
             acc.device
         )
-        self.sampler, self.kernel = make_kernel(
-            self.pipe.scheduler.config, cfg.sample.sampler, cfg.sample.num_steps, cfg.sample.eta
-        )
-        self.env = UNetEnvironment(self.pipe, self.kernel, cfg.sample.guidance_scale, cfg.sample.negative_prompt)
-        text_dim = self.pipe.text_encoder.config.hidden_size
+        self.env = make_environment(self.pipe, cfg.sample)
+        self.kernel = self.env.kernel
+        text_dim = self.env.text_dim
         torch.manual_seed(cfg.train.seed + 1)
         value = make_value_model(cfg.value.kind, unet.config.in_channels, text_dim, cfg.value.width)
         learned = value is not None and any(True for _ in value.parameters())
@@ -176,10 +175,11 @@ class Trainer(CheckpointMixin):
 
     def sample_epoch(self, gen: torch.Generator) -> RolloutBatch:
         cfg, acc = self.cfg, self.acc
-        self.pipe.unet.eval()
+        denoiser(self.pipe).eval()
         batches = []
         for _ in range(cfg.sample.num_batches_per_epoch):
-            idx = torch.randint(len(cfg.prompts), (cfg.sample.batch_size,), generator=gen)
+            G = cfg.sample.group_size  # images per prompt (1: independent prompts)
+            idx = torch.randint(len(cfg.prompts), (cfg.sample.batch_size // G,), generator=gen).repeat_interleave(G)
             prompts = [cfg.prompts[i] for i in idx.tolist()]
             with acc.autocast():
                 b = sample_rollout(self.env, prompts, gen, record_reference=True)
@@ -207,12 +207,15 @@ class Trainer(CheckpointMixin):
         div, _ = diversity(feats, batch.prompts)
         metrics["diversity_pixels"] = float(acc.gather(torch.tensor([div], device=acc.device)).nanmean())
         rewards = batch.rewards
-        if t.per_prompt_norm or t.method in ("ddpo_is", "ddpo_sf"):
+        if t.per_prompt_norm or t.method in ("ddpo_is", "ddpo_sf", "flow_grpo"):
             all_r = acc.gather(rewards.contiguous())
             from accelerate.utils import gather_object
 
             all_p = gather_object(batch.prompts) if acc.num_processes > 1 else batch.prompts
-            norm = self.state.tracker.normalize(all_p, all_r)
+            if t.method == "flow_grpo":  # advantages within each prompt's group of this epoch
+                norm = group_normalize(all_p, all_r)
+            else:
+                norm = self.state.tracker.normalize(all_p, all_r)
             B = rewards.shape[0]
             rewards = norm[acc.process_index * B : (acc.process_index + 1) * B].to(rewards.device)
         if cfg.value.kind in ("tweedie", "residual"):
@@ -223,14 +226,17 @@ class Trainer(CheckpointMixin):
                 )
         metrics.update(self.method.prepare(batch, rewards))
         # --- updates
-        self.pipe.unet.train()
+        denoiser(self.pipe).train()
         K = batch.num_steps
-        n_train = max(1, int(round(K * t.timestep_fraction)))
-        self.method.steps_scale = K / n_train
+        # trainable steps: the stochastic ones (a deterministic step, e.g. a flow model's ODE step from t = 1,
+        # has no log-prob and no KL); the sum over them is kept unbiased by steps_scale
+        live = [k for k in range(K) if self.kernel.stochastic[k]]
+        n_train = max(1, int(round(len(live) * t.timestep_fraction)))
+        self.method.steps_scale = len(live) / n_train
         B = batch.batch_size
         accum, mb = t.gradient_accumulation_steps, t.batch_size
         sums: dict[str, float] = {}
-        n_updates, stopped = 0, False
+        n_updates, stopped, parity = 0, False, 0.0
         models = [self.unet_ddp] + ([self.value_ddp] if self.learned_value else [])
         params = [p for g in self.opt.param_groups for p in g["params"]]
         for _inner in range(t.num_inner_epochs):
@@ -238,7 +244,8 @@ class Trainer(CheckpointMixin):
             minibatches = [perm[i : i + mb] for i in range(0, B, mb)]
             for u in range(0, len(minibatches), accum):
                 group = minibatches[u : u + accum]
-                steps_per_mb = [sorted(torch.randperm(K, generator=gen)[:n_train].tolist()) for _ in group]
+                steps_per_mb = [sorted(live[j] for j in torch.randperm(len(live), generator=gen)[:n_train].tolist())
+                                for _ in group]
                 n_back = sum(len(s) for s in steps_per_mb)
                 i_back = 0
                 upd: dict[str, float] = {}
@@ -253,6 +260,8 @@ class Trainer(CheckpointMixin):
                                     stack.enter_context(acc.no_sync(m))
                             with acc.autocast():
                                 out = self.method.losses(sub, [k])
+                            if n_updates == 0 and _inner == 0:  # still the sampling policy: log-prob parity
+                                parity = max(parity, self.method.logprob_delta())
                             acc.backward(out["loss"] / len(group))
                         for name, v in out.items():
                             upd[name] = upd.get(name, 0.0) + float(v.detach()) / len(group)
@@ -279,6 +288,7 @@ class Trainer(CheckpointMixin):
                 "global_step": self.state.global_step,
                 "updates": n_updates,
                 "early_stopped": stopped,
+                "logprob_parity_max": float(acc.reduce(torch.tensor([parity], device=acc.device), "max")),
                 "lr": self.lr_sched.get_last_lr()[0],
                 "time_sample_s": t_sample,
                 "time_epoch_s": time.time() - t0,

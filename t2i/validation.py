@@ -26,6 +26,34 @@ def check_output_dir(cfg: Config) -> None:
         raise ValueError(f"log.output_dir: {out!r} cannot be created ({parent!r} is not a writable folder)")
 
 
+def _validate_flow(cfg: Config, need) -> None:
+    """Model family, flow sampler and Flow-GRPO fields."""
+    from .scheduling import FLOW_NOISE_KINDS
+
+    s, t, m = cfg.sample, cfg.train, cfg.model
+    need(m.family in ("sd", "sd3"), f"model.family: {m.family!r} must be 'sd' or 'sd3'")
+    tiny_sd3 = m.pretrained in ("tiny_sd3", "tiny_sd3_pixel")
+    flow = m.family == "sd3" or tiny_sd3
+    need(m.family == "sd3" or not tiny_sd3, f"model.family: pretrained={m.pretrained!r} is an SD3-class model "
+         f"(family 'sd3'), got {m.family!r}")
+    need(flow == (s.sampler == "flow"), f"sample.sampler: {s.sampler!r} does not fit model.family={m.family!r} "
+         "('flow' for sd3, 'ddim' or 'ddpm' for sd)")
+    need(flow == (s.eval_sampler == "flow"), f"sample.eval_sampler: {s.eval_sampler!r} does not fit "
+         f"model.family={m.family!r} ('flow' for sd3; a UNet sampler for sd)")
+    need(s.flow_noise in FLOW_NOISE_KINDS, f"sample.flow_noise: {s.flow_noise!r} must be one of {FLOW_NOISE_KINDS}")
+    need(math.isfinite(s.flow_noise_value) and s.flow_noise_value >= 0,
+         f"sample.flow_noise_value: must be finite and >= 0 (got {s.flow_noise_value})")
+    need(not flow or s.flow_noise_value > 0,
+         "sample.flow_noise_value: must be > 0 for training (a deterministic step has no log-prob)")
+    need(s.flow_at_one in ("ode", "clamp"), f"sample.flow_at_one: {s.flow_at_one!r} must be 'ode' or 'clamp'")
+    need(s.group_size >= 1 and s.batch_size % s.group_size == 0,
+         f"sample.group_size: must be >= 1 and divide sample.batch_size ({s.batch_size}), got {s.group_size}")
+    need(t.method != "flow_grpo" or s.group_size >= 2,
+         f"sample.group_size: flow_grpo normalises rewards within groups of images of one prompt: need >= 2 "
+         f"(got {s.group_size})")
+    need(t.logprob_units in ("sum", "mean"), f"train.logprob_units: {t.logprob_units!r} must be 'sum' or 'mean'")
+
+
 def validate(cfg: Config, num_processes: int = 1) -> None:
     """Fail fast with a message naming the offending field (no-op and contradictory settings included)."""
     from .rewards import available_rewards
@@ -59,9 +87,10 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         s.sampler in TRAIN_SAMPLERS,
         f"sample.sampler: {s.sampler!r} has no log-probs; choose one of {TRAIN_SAMPLERS}",
     )
+    _validate_flow(cfg, need)
     need(
-        s.eval_sampler in SAMPLERS,
-        f"sample.eval_sampler: unknown sampler {s.eval_sampler!r}; choose one of {SAMPLERS}",
+        s.eval_sampler in SAMPLERS + ("flow",),
+        f"sample.eval_sampler: unknown sampler {s.eval_sampler!r}; choose one of {SAMPLERS + ('flow',)}",
     )
     need(s.sampler != "ddim" or s.eta > 0, f"sample.eta: must be > 0 for training with DDIM (got {s.eta})")
     need(s.num_steps >= 1, f"sample.num_steps: must be >= 1 (got {s.num_steps})")

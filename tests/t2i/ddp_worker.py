@@ -9,11 +9,12 @@ import torch
 torch.set_num_threads(1)
 
 from t2i.config import apply_overrides, get_preset  # noqa: E402
+from t2i.models import denoiser  # noqa: E402
 from t2i.trainer import Trainer, lora_hash  # noqa: E402
 
 
-def main(out_dir: str, phase: str) -> None:
-    cfg = get_preset("tiny_cpu")
+def main(out_dir: str, phase: str, preset: str = "tiny_cpu") -> None:
+    cfg = get_preset(preset)
     apply_overrides(
         cfg,
         {
@@ -39,11 +40,11 @@ def main(out_dir: str, phase: str) -> None:
                 "rank": rank,
                 "world": tr.acc.num_processes,
                 "epoch": tr.state.epoch,
-                "lora": lora_hash(tr.pipe.unet),
+                "lora": lora_hash(denoiser(tr.pipe)),
             },
             f,
         )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from t2i.rewards import (
-    MissingPackageError,
-    PerPromptStatTracker,
-    available_rewards,
-    diversity,
-    make_reward,
-    resolve_reward,
-)
+from t2i.reward_stats import PerPromptStatTracker, diversity
+from t2i.rewards import MissingPackageError, available_rewards, make_reward, resolve_reward
 
 
 def test_jpeg_compressibility_prefers_flat_images_over_noise():
