@@ -152,7 +152,8 @@ def _score(prob):
 
 def make_env(prob, name: str = "toy") -> Environment:
     """The trainers' view of a toy problem."""
-    return Environment(sde=ControlledSDE(prob.schedule), pretrained_action=_pretrained(prob), reward=_reward_fn(prob),
+    return Environment(sde=ControlledSDE(prob.schedule, noise=prob.noise), pretrained_action=_pretrained(prob),
+                       reward=_reward_fn(prob),
                        initial_sample=lambda n, gen, dtype: prob.initial_sample(n, generator=gen, dtype=dtype),
                        reward_differentiable=True, name=name)
 
@@ -206,7 +207,7 @@ _OPT_CACHE: dict = {}
 def _problem_key(prob) -> tuple:
     """Hashable identity of a toy problem by its defining parameters (for caching optima)."""
     arrays = [getattr(prob, n) for n in ("m0", "S0", "Q", "w", "weights", "means", "covs") if hasattr(prob, n)]
-    return (type(prob).__name__, repr(prob.schedule), float(prob.beta), prob.init,
+    return (type(prob).__name__, repr(prob.schedule), float(prob.beta), prob.init, repr(prob.noise),
             tuple(np.asarray(a, dtype=float).tobytes() for a in arrays))
 
 
