@@ -114,6 +114,8 @@ class TrainConfig:
     ratio_clamp: float = _f(1e-4, "dpok: per-step ratio clamped to [1 - c, 1 + c] (DPOK's 1e-4)")
     adv_clip_max: float = _f(5.0, "clamp advantages to [-c, c]")
     advantage: str = _f("value", 'sa_ac: "value" (reward-to-go minus V baseline) or "td" (one-step TD errors)')
+    estimator: str = _f("likelihood_ratio", 'sa_ac: "likelihood_ratio" (R5, value baseline) or "value_gradient" '
+                                            "(R4/R8: costates grad V of the critic, the toy-verified surrogate)")
     per_prompt_norm: bool = _f(False, "standardise rewards per prompt (running tracker, DDPO); ddpo_is and ddpo_sf "
                                       "always do")
     stat_buffer_size: int = _f(32, "per-prompt tracker: rewards kept per prompt")

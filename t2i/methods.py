@@ -51,6 +51,7 @@ from sa_theory.estimators import (
     ppo_clip_surrogate,
     reward_to_go,
     td_advantages,
+    trust_region_surrogate,
 )
 from sa_theory.value import mc_value_targets, value_regression_loss
 
@@ -194,10 +195,31 @@ class SAActorCritic(Method):
                 batch.step_data["v_target"] = v_next - beta * kl
             else:
                 batch.step_data["v_target"] = mc_value_targets(rewards, kl, beta)
+        if t.estimator == "value_gradient":
+            batch.step_data["costate"] = self.costates(batch, rewards)
         return {"adv_abs_mean": float(adv.abs().mean())}
+
+    def costates(self, batch, rewards) -> torch.Tensor:
+        r""":math:`p_k = \nabla_x V_\psi(\tau_{k+1}, x_{k+1})` on the recorded next states, ``(K, B, ...)``, detached:
+        the one-step value gradient of the kernel step is :math:`\lambda_k E[p_k]` (``tweedie`` inputs, when the
+        design uses them, are held fixed: their gradient is not taken)."""
+        out = []
+        for k in range(batch.num_steps):
+            x = batch.latents[k + 1].detach().float().requires_grad_(True)
+            cond = {"text": batch.text["pooled"]}
+            if "tweedie" in batch.step_data:
+                tw = batch.step_data["tweedie"]
+                cond["tweedie"] = tw[k + 1] if k + 1 < tw.shape[0] else rewards.float()
+            with torch.enable_grad():
+                v = self.value_model(float(self.kernel.taus[k + 1]), x, cond)
+                (g,) = torch.autograd.grad(v.sum(), x)
+            out.append(g.detach())
+        return torch.stack(out)
 
     def step_loss(self, batch, k):
         tr, s = self.cfg.train, self.steps_scale
+        if tr.estimator == "value_gradient":
+            return self._value_gradient_step(batch, k)
         terms = self.step_terms(batch, k)
         ratio = torch.exp(terms["log_prob"] - terms["old_log_prob"])
         w = torch.tensor([self.kernel.weights(self.kl_form)[k]], dtype=ratio.dtype, device=ratio.device)
@@ -211,6 +233,24 @@ class SAActorCritic(Method):
             "kl_to_old": s * pkl.detach().mean(),
             "ratio_dev": (ratio.detach() - 1).abs().mean() / batch.num_steps,
         }
+
+
+    def _value_gradient_step(self, batch, k):
+        r"""R4/R8 on the kernel: :func:`trust_region_surrogate` with :math:`c = \lambda_k` (the kernel's slope, so
+        :math:`c(a'-a)\cdot p_k` is the first-order change of :math:`E V_{k+1}`), :math:`w` the regulariser's
+        weight and :math:`d\tau = 1` (both weights are per step); the same function the toy tests verify."""
+        tr, s = self.cfg.train, self.steps_scale
+        terms = self.step_terms(batch, k)
+        a = terms["action"]
+        like = dict(dtype=a.dtype, device=a.device)
+        c = torch.tensor([self.kernel.slope(k)], **like)
+        w = torch.tensor([self.kernel.weights(self.kl_form)[k]], **like)
+        ref = batch.ref_actions[k] if batch.ref_actions is not None else terms["old_action"]
+        sur = trust_region_surrogate(a[None], terms["old_action"][None], ref[None],
+                                     batch.step_data["costate"][k][None].to(a.dtype), c, 1.0, tr.beta, tr.kl_penalty,
+                                     kl_weight=w)
+        pkl = policy_path_kl(a[None], terms["old_action"][None], w, 1.0)
+        return {**self._actor_critic_terms(-s * sur.mean(), batch, k, terms), "kl_to_old": s * pkl.detach().mean()}
 
 
 class DDPOScoreFunction(Method):

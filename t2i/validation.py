@@ -121,6 +121,11 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         f"train.timestep_fraction: must be in (0, 1] (got {t.timestep_fraction})",
     )
     need(t.advantage in ("value", "td"), f"train.advantage: {t.advantage!r} must be 'value' or 'td'")
+    need(t.estimator in ("likelihood_ratio", "value_gradient"),
+         f"train.estimator: {t.estimator!r} must be 'likelihood_ratio' or 'value_gradient'")
+    need(t.estimator != "value_gradient" or cfg.value.kind in ("critic", "residual"),
+         f"value.kind: train.estimator='value_gradient' needs a learned critic ('critic' or 'residual'), "
+         f"got {cfg.value.kind!r}")
     need(
         t.kl_weighting in ("continuous", "chain"),
         f"train.kl_weighting: {t.kl_weighting!r} must be 'continuous' or 'chain'",
