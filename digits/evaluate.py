@@ -60,7 +60,9 @@ def evaluate_policy(
         r = R(imgs, prompts)
         out["reward_mean"], out["reward_se"] = _mean_se(r)
         kl = b.path_kl if b.path_kl is not None else torch.zeros(n)
-        out["path_kl_mean"], out["path_kl_se"] = _mean_se(kl)
+        out["path_kl_mean"], out["path_kl_se"] = _mean_se(kl)  # exact KL of the K-step chain
+        kl_ct = b.path_kl_ct if b.path_kl_ct is not None else torch.zeros(n)
+        out["path_kl_ct_mean"], out["path_kl_ct_se"] = _mean_se(kl_ct)  # continuous-time (Girsanov) estimate
         out["eval_accuracy"] = accuracy(ev, imgs, labels)
         out["digit_prob_mean"], out["digit_prob_se"] = _mean_se(P(imgs, prompts))
         feats = classifier_features(ev, imgs)

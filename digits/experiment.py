@@ -65,6 +65,8 @@ class ExperimentConfig:
     eval_solver_steps: int = 10  # DPM-Solver++ / ODE steps at evaluation
     classifier_steps: int = 1500
     reward: str = "digit_bold"  # "digit_bold" (style: thick strokes) or "digit_prob" (prompted digit)
+    sa_ac_estimator: str = "likelihood_ratio"  # sa_ac's train.estimator ("value_gradient": R4 with critic costates)
+    kl_weighting: str = "chain"  # train.kl_weighting: the regulariser's per-step KL ("continuous": Girsanov rate)
 
 
 def QUICK() -> ExperimentConfig:  # noqa: N802
@@ -130,6 +132,8 @@ def make_config(ec: ExperimentConfig, assets: dict, method: str, seed: int, K: i
     c.train.timestep_fraction = min(1.0, ec.train_steps_per_path / K)
     c.train.beta = ec.beta if method in ("sa_ac", "dpok") else 0.0
     c.train.kl_penalty = ec.kl_penalty
+    c.train.estimator = ec.sa_ac_estimator
+    c.train.kl_weighting = ec.kl_weighting
     c.train.clip_range, c.train.ratio_clamp = ec.clip_range, ec.ratio_clamp
     c.value.kind = {"sa_ac": "residual", "dpok": "critic"}.get(method, "none")
     c.value.width, c.value.learning_rate = ec.value_width, 1e-3

@@ -103,8 +103,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping of actor + critic parameters (0: none)")
     timestep_fraction: float = _f(1.0, "fraction of the K steps trained on per path (random subset per epoch)")
     beta: float = _f(0.01, "KL weight: objective E[r] - beta * KL(P_theta || P_pre) (nats per path)")
-    kl_weighting: str = _f("continuous", 'which per-step KL regularises: "continuous" (Girsanov rate integrated over '
-                                         'the step; stable across K) or "chain" (exact KL of the K-step chain)')
+    kl_weighting: str = _f("chain", 'which per-step KL regularises: "chain" (exact KL of the K-step sampler; bounds '
+                                    'the terminal KL) or "continuous" (Girsanov rate over each step; stable across K)')
     kl_penalty: float = _f(1.0, "sa_ac: penalty on the path KL to the old (sampling) policy (trust region)")
     logprob_units: str = _f("sum", 'flow_grpo: "sum" (log-probs summed over dims, exact KL; ours) or "mean" '
                                    "(Flow-GRPO's per-dimension means and KL without 1/dt)")

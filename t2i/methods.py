@@ -4,13 +4,16 @@ log-prob and KL code; every formula comes from :mod:`sa_theory`.
 
 Units: per-step log-probs and KLs are **summed over latent dimensions** (nats per step); a path KL is their
 sum over steps (nats per image). **Which KL regularises** (``train.kl_weighting``, every method with a KL
-term): ``"continuous"`` (default) weights the step's :math:`\frac12|a_k - s_k|^2` by the Girsanov KL rate
-integrated over the step, :math:`\bar w_k` -- a path-KL estimate stable across the step count K;
-``"chain"`` by :math:`w_k = \lambda_k^2/\mathrm{std}_k^2`, the exact KL of the K-step chain, which exceeds
-the continuous one at coarse steps (:mod:`sa_theory.kernels`). Rollouts record both; the same weight is
-used for the trust region to the old policy. Each loss is a **sum over steps, mean over paths** of a per-path surrogate
-(steps not in ``steps`` are skipped; ``train.timestep_fraction < 1`` rescales by K / #steps trained so the
-sum stays unbiased).
+term): ``"chain"`` (default) weights the step's :math:`\frac12|a_k - s_k|^2` by :math:`w_k =
+\lambda_k^2/\mathrm{std}_k^2`, the exact KL of the K-step sampler actually run -- by data processing it bounds
+the KL between the fine-tuned and pretrained *images*; ``"continuous"`` by the Girsanov KL rate integrated over
+the step, :math:`\bar w_k` -- stable across the step count K but no such bound: at coarse K a nearly
+deterministic step to low noise has :math:`w_k \gg \bar w_k` (DDIM K = 10 on the digits model: 514x at the step
+101 -> 1), and a policy regularised by :math:`\bar w` moves there (digits, K = 10: chain path KL 176 nats against
+10.5 with the chain regulariser; ``benchmarks/bench_digits_estimators.py``). Rollouts record both; the same
+weight is used for the trust region to the old policy. Each loss is a **sum over steps, mean over paths** of a
+per-path surrogate (steps not in ``steps`` are skipped; ``train.timestep_fraction < 1`` rescales by K / #steps
+trained so the sum stays unbiased).
 
 * :class:`SAActorCritic` (``sa_ac``) -- continuous-time KL-regularised actor-critic. Advantage
   :math:`A_k = G_k - V(\tau_k, x_k)` with :math:`G_k = R - \beta\sum_{j>k}\ell_j` (:func:`reward_to_go`)
@@ -81,6 +84,7 @@ class Method:
         self.kl_form = cfg.train.kl_weighting  # "continuous" | "chain": the regulariser's per-step KL weight
         self.steps_scale = 1.0
         self._logprob_delta = 0.0
+        self.tweedie_fn = None  # (k, x, batch) -> r(decode(x0_hat_k(x))), differentiable in x (value_gradient)
 
     # -- shared pieces
     def policy_action(self, batch: RolloutBatch, k: int) -> torch.Tensor:
@@ -201,16 +205,19 @@ class SAActorCritic(Method):
 
     def costates(self, batch, rewards) -> torch.Tensor:
         r""":math:`p_k = \nabla_x V_\psi(\tau_{k+1}, x_{k+1})` on the recorded next states, ``(K, B, ...)``, detached:
-        the one-step value gradient of the kernel step is :math:`\lambda_k E[p_k]` (``tweedie`` inputs, when the
-        design uses them, are held fixed: their gradient is not taken)."""
-        out = []
-        for k in range(batch.num_steps):
+        the one-step value gradient of the kernel step is :math:`\lambda_k E[p_k]`. With ``tweedie_fn`` (set by the
+        trainer for a differentiable reward) the Tweedie input :math:`r(\hat x_0(x))` is differentiated too
+        (through the pretrained network and the decoder); otherwise it is held fixed."""
+        out, K = [], batch.num_steps
+        for k in range(K):
             x = batch.latents[k + 1].detach().float().requires_grad_(True)
             cond = {"text": batch.text["pooled"]}
-            if "tweedie" in batch.step_data:
-                tw = batch.step_data["tweedie"]
-                cond["tweedie"] = tw[k + 1] if k + 1 < tw.shape[0] else rewards.float()
             with torch.enable_grad():
+                if self.tweedie_fn is not None:  # differentiable r(x0_hat(x)): the Tweedie part of grad V
+                    cond["tweedie"] = self.tweedie_fn(k + 1, x, batch)
+                elif "tweedie" in batch.step_data:
+                    tw = batch.step_data["tweedie"]
+                    cond["tweedie"] = tw[k + 1] if k + 1 < tw.shape[0] else rewards.float()
                 v = self.value_model(float(self.kernel.taus[k + 1]), x, cond)
                 (g,) = torch.autograd.grad(v.sum(), x)
             out.append(g.detach())

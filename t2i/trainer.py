@@ -52,7 +52,7 @@ from .config import Config, config_to_dict, format_arithmetic, validate
 from .environments import make_environment
 from .logging_utils import RunLogger
 from .methods import make_method
-from .models import add_lora, denoiser, lora_parameters, lora_targets
+from .models import add_lora, denoiser, lora_parameters, lora_targets, pretrained
 from .reward_stats import PerPromptStatTracker, diversity, group_normalize
 from .rewards import make_reward
 from .rollout import RolloutBatch, sample_rollout
@@ -145,6 +145,9 @@ class Trainer(CheckpointMixin):
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
         self.method = make_method(cfg, self.env, self.unet_ddp, self.value_ddp)
+        if cfg.train.estimator == "value_gradient" and cfg.value.kind in ("tweedie", "residual") and getattr(
+                self.reward, "differentiable", False):
+            self.method.tweedie_fn = self._tweedie_reward
         self.ckpt_root = os.path.join(cfg.log.output_dir, "checkpoints")
         self.logger = RunLogger(
             cfg.log.output_dir,
@@ -161,6 +164,15 @@ class Trainer(CheckpointMixin):
             self.resume(self._resume_ckpt)
 
     # ------------------------------------------------------------------ one epoch
+    def _tweedie_reward(self, k: int, x: torch.Tensor, batch) -> torch.Tensor:
+        r""":math:`r(\mathrm{decode}(\hat x_0))` at step ``k``'s state ``x`` with the pretrained prediction (``k = K``:
+        :math:`r(\mathrm{decode}(x))`), differentiable in ``x`` (autograd through the frozen network)."""
+        env = self.env
+        if k < env.kernel.num_steps:
+            with pretrained(env.model):
+                x = env.x0_hat(k, x, env.action(k, x, batch.text))
+        return self.reward(env.decode(x), batch.prompts).float()
+
     def _check_reward(self, r: torch.Tensor, n: int) -> torch.Tensor:
         if not isinstance(r, torch.Tensor) or tuple(r.shape) != (n,):
             got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
