@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sa_theory.algorithms.checkpoint import sha256_file
+
 from .data import ALL_PROMPTS, load_split
 
 __all__ = [
@@ -247,13 +249,7 @@ def pretrain_info(folder: str) -> dict:
         return json.load(f)
 
 
-# --------------------------------------------------------------------------- shipped weights
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# --------------------------------------------------------------------------- shipped weights (sha256_file: sa_theory)
 
 
 def read_manifest(weights_dir: str | None = None) -> dict:

@@ -34,26 +34,13 @@ import torch
 from .kernels import GaussianKernel
 from .sde import check_finite
 
-__all__ = ["Chain", "sample_chain", "StepActionFn"]
+__all__ = ["Chain", "PathKLs", "sample_chain", "StepActionFn"]
 
 StepActionFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class Chain:
-    """A batch of sampled paths of a kernel (module docstring for shapes and units)."""
-
-    states: torch.Tensor
-    actions: torch.Tensor
-    noise: torch.Tensor
-    log_probs: torch.Tensor
-    ref_actions: torch.Tensor | None = None
-    kl_steps: torch.Tensor | None = None
-    kl_steps_ct: torch.Tensor | None = None
-
-    @property
-    def final(self) -> torch.Tensor:
-        return self.states[-1]
+class PathKLs:
+    """Per-path KLs of a record with ``actions`` ``(K, B, ...)``, ``kl_steps`` and ``kl_steps_ct`` ``(K, B)``."""
 
     @property
     def num_steps(self) -> int:
@@ -68,6 +55,27 @@ class Chain:
     def path_kl_ct(self) -> torch.Tensor | None:
         """Continuous-time (Girsanov) path KL estimate to the reference, per path (nats), stable across K."""
         return None if self.kl_steps_ct is None else self.kl_steps_ct.sum(0)
+
+    def kl_steps_of(self, form: str) -> torch.Tensor | None:
+        """Per-step KLs of ``form``: ``"chain"`` (``kl_steps``) or ``"continuous"`` (``kl_steps_ct``)."""
+        return {"chain": self.kl_steps, "continuous": self.kl_steps_ct}[form]
+
+
+@dataclass
+class Chain(PathKLs):
+    """A batch of sampled paths of a kernel (module docstring for shapes and units)."""
+
+    states: torch.Tensor
+    actions: torch.Tensor
+    noise: torch.Tensor
+    log_probs: torch.Tensor
+    ref_actions: torch.Tensor | None = None
+    kl_steps: torch.Tensor | None = None
+    kl_steps_ct: torch.Tensor | None = None
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.states[-1]
 
 
 def _call(fn: StepActionFn, name: str, k: int, x: torch.Tensor) -> torch.Tensor:

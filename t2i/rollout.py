@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sa_theory.sampling import sample_chain
+from sa_theory.sampling import PathKLs, sample_chain
 
 from .environments import select_text
 from .models import decode_latents, encode_prompts
@@ -65,7 +65,7 @@ _STEP_MAJOR = ("latents", "actions", "log_probs", "ref_actions", "kl_steps", "kl
 
 
 @dataclass
-class RolloutBatch:
+class RolloutBatch(PathKLs):
     """One batch of recorded sampler paths (see module docstring). Tensors on the rollout device; ``text`` is
     the environment's conditioning dict (tensors batched on dim 0)."""
 
@@ -85,24 +85,6 @@ class RolloutBatch:
     @property
     def batch_size(self) -> int:
         return self.latents.shape[1]
-
-    @property
-    def num_steps(self) -> int:
-        return self.actions.shape[0]
-
-    @property
-    def path_kl(self) -> torch.Tensor | None:
-        """Exact KL of the discrete chain to the pretrained sampler per image (nats per path)."""
-        return None if self.kl_steps is None else self.kl_steps.sum(0)
-
-    @property
-    def path_kl_ct(self) -> torch.Tensor | None:
-        """Continuous-time (Girsanov) path KL estimate per image (nats per path), stable across K."""
-        return None if self.kl_steps_ct is None else self.kl_steps_ct.sum(0)
-
-    def kl_steps_of(self, form: str) -> torch.Tensor | None:
-        """Per-step KLs of ``form``: ``"chain"`` (``kl_steps``) or ``"continuous"`` (``kl_steps_ct``)."""
-        return {"chain": self.kl_steps, "continuous": self.kl_steps_ct}[form]
 
     def select(self, idx: torch.Tensor) -> RolloutBatch:
         """Sub-batch of paths ``idx`` (step-major tensors indexed on dim 1)."""

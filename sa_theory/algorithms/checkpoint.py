@@ -155,7 +155,8 @@ def load_newest_intact(path: str | os.PathLike) -> tuple[dict[str, Any], str, li
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -171,7 +172,7 @@ def write_dir_checksums(folder: str) -> None:
             p = os.path.join(root, f)
             rel = os.path.relpath(p, folder)
             if rel != DIR_CHECKSUMS and ".tmp" not in f:
-                lines.append(f"{_sha256_file(p)}  {rel}\n")
+                lines.append(f"{sha256_file(p)}  {rel}\n")
     _atomic_write_bytes(os.path.join(folder, DIR_CHECKSUMS), ["".join(sorted(lines, key=lambda s: s[66:])).encode()])
 
 
@@ -189,7 +190,7 @@ def verify_dir_checksums(folder: str) -> None:
             p = os.path.join(folder, rel)
             if not os.path.isfile(p):
                 raise CheckpointCorruptError(f"checkpoint {folder!r} is incomplete: {rel!r} is missing")
-            if _sha256_file(p) != digest:
+            if sha256_file(p) != digest:
                 raise CheckpointCorruptError(f"checkpoint {folder!r} is corrupt: {rel!r} does not match its "
                                              f"SHA-256 in {DIR_CHECKSUMS} (truncated or altered)")
 
