@@ -29,9 +29,11 @@ reproduce-toy: $(STAMP)
 
 reproduce-digits: $(STAMP)
 	$(PY) -m digits.experiment --workers 2
+	$(PY) -m digits.flow_experiment --workers 2
 
 retrain-digits: $(STAMP)
 	$(PY) -m digits.pretrain --retrain-shipped
+	$(PY) -m digits.pretrain_flow --retrain-shipped
 
 quick: $(STAMP)
 	$(PY) -m figures.make_all --quick

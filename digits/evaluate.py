@@ -4,7 +4,8 @@ Metrics: reward (the experiment's reward classifier), path KL to the pretrained 
 per-step Gaussian KL summed over steps, nats per path), evaluation-classifier accuracy, p(prompted digit),
 diversity (mean pairwise distance of evaluation-classifier features within a prompt), Frechet distance of
 those features to the held-out test digits ("FD"), and the reward / FD under DPM-Solver++ and the
-probability-flow ODE (DDIM eta = 0). Every mean comes with its standard error (``*_se``).
+probability-flow ODE (DDIM eta = 0; UNet pipelines only).
+Flow (SD3-class) pipelines are evaluated on their flow kernel. Every mean comes with its standard error (``*_se``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def evaluate_policy(
     """Metrics of the current policy (or the pretrained model) on fixed prompts and noise."""
     import contextlib
 
-    from t2i.environments import UNetEnvironment
-    from t2i.models import pretrained
+    from t2i.environments import FlowEnvironment, UNetEnvironment
+    from t2i.models import denoiser, is_flow_pipeline, pretrained
     from t2i.rollout import sample_images, sample_rollout
 
     from .rewards import BoldReward, DigitProbReward, accuracy, classifier_features, frechet_distance
@@ -50,11 +51,12 @@ def evaluate_policy(
     R = cls(model=assets["reward_classifier"])
     P = DigitProbReward(model=assets["digit_classifier"])
     ev = assets["eval_classifier"]
-    ctx = pretrained(pipe.unet) if use_pretrained else contextlib.nullcontext()
+    flow = is_flow_pipeline(pipe)  # SD3-class (digits.pretrain_flow): flow kernel, no UNet solvers
+    ctx = pretrained(denoiser(pipe)) if use_pretrained else contextlib.nullcontext()
     out: dict = {}
     with ctx:
         gen = torch.Generator().manual_seed(seed)
-        env = UNetEnvironment(pipe, kernel, ec.guidance_scale)
+        env = (FlowEnvironment if flow else UNetEnvironment)(pipe, kernel, ec.guidance_scale)
         b = sample_rollout(env, prompts, gen, record_reference=not use_pretrained)
         imgs = b.images
         r = R(imgs, prompts)
@@ -76,7 +78,7 @@ def evaluate_policy(
         test_feats = ev.features(test_x)
         out["fd"] = frechet_distance(feats, test_feats)
         out["images"] = imgs[:40].cpu()
-        if solvers:
+        if solvers and not flow:
             for name, sampler, eta in (("dpmsolver", "dpmsolver++", 0.0), ("ode", "ddim", 0.0)):
                 g2 = torch.Generator().manual_seed(seed + 1)
                 im = sample_images(pipe, prompts, sampler, ec.eval_solver_steps, ec.guidance_scale, g2, eta)

@@ -325,6 +325,11 @@ def retrain_shipped(weights_dir: str | None = None, log_every: int = 200) -> dic
         json.dump(manifest, f, indent=1, sort_keys=True)
     if os.path.isfile(os.path.join(wd, "README.md")):
         shutil.copy2(os.path.join(wd, "README.md"), os.path.join(new, "README.md"))
+    if os.path.isdir(os.path.join(wd, "pretrain_flow")):  # the flow models: digits.pretrain_flow retrains them
+        shutil.copytree(os.path.join(wd, "pretrain_flow"), os.path.join(new, "pretrain_flow"))
+        manifest["pretrain_flow"] = read_manifest(wd).get("pretrain_flow", {})
+        with open(os.path.join(new, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
     shutil.rmtree(wd, ignore_errors=True)
     os.replace(new, wd)
     return manifest

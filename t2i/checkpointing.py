@@ -21,7 +21,7 @@ from sa_theory.algorithms.checkpoint import CheckpointCorruptError, verify_dir_c
 from sa_theory.algorithms.config import resume_changes
 
 from .config import RESUME_MUTABLE, Config, config_to_dict
-from .flow_models import build_tiny_sd3_pipeline, load_sd3_pipeline
+from .flow_models import build_tiny_sd3_pipeline, is_pixel_sd3_pipeline, load_pixel_sd3_pipeline, load_sd3_pipeline
 from .models import (
     PixelPipeline,
     PixelSpaceVAE,
@@ -155,6 +155,8 @@ def build_pipeline(cfg: Config, device, weight_dtype=torch.float32):
         pipe = build_tiny_sd3_pipeline(cfg.model.tiny_seed)
         if cfg.model.pretrained == "tiny_sd3_pixel":  # identity VAE: images respond to the latents
             pipe.vae = PixelSpaceVAE(pipe.transformer.config.in_channels, 3)
+    elif cfg.model.family == "sd3" and is_pixel_sd3_pipeline(cfg.model.pretrained):  # pixel SD3 (digits flow)
+        pipe = load_pixel_sd3_pipeline(cfg.model.pretrained)
     elif cfg.model.family == "sd3":
         pipe = load_sd3_pipeline(cfg.model.pretrained, cfg.model.revision, weight_dtype)
     else:

@@ -38,7 +38,16 @@ __all__ = [
     "encode_sd3_prompts",
     "guided_velocity",
     "decode_sd3_latents",
+    "save_pixel_sd3_pipeline",
+    "load_pixel_sd3_pipeline",
+    "is_pixel_sd3_pipeline",
+    "PIXEL_SD3_MARKER",
 ]
+
+#: marker file of a pixel-space SD3 pipeline folder (identity VAE; :func:`save_pixel_sd3_pipeline`)
+PIXEL_SD3_MARKER = "pixel_sd3_pipeline.json"
+_SD3_PARTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+              "tokenizer_3", "scheduler")
 
 DEFAULT_SD3_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 
@@ -202,3 +211,49 @@ def decode_sd3_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     z = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+def save_pixel_sd3_pipeline(pipe, folder: str, extra: dict | None = None) -> None:
+    """``save_pretrained`` of the transformer, the three text encoders, their tokenizers and the scheduler of a
+    pixel-space SD3 pipeline (identity VAE, :class:`t2i.models.PixelSpaceVAE`) plus the marker
+    ``pixel_sd3_pipeline.json`` (``extra``, ``max_sequence_length``) read by :func:`load_pixel_sd3_pipeline`."""
+    os.makedirs(folder, exist_ok=True)
+    for name in _SD3_PARTS:
+        getattr(pipe, name).save_pretrained(os.path.join(folder, name))
+    meta = {"vae": "PixelSpaceVAE", "max_sequence_length": getattr(pipe, "max_sequence_length", 256), **(extra or {})}
+    with open(os.path.join(folder, PIXEL_SD3_MARKER), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def is_pixel_sd3_pipeline(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, PIXEL_SD3_MARKER))
+
+
+def load_pixel_sd3_pipeline(folder: str, dtype: torch.dtype = torch.float32):
+    """Inverse of :func:`save_pixel_sd3_pipeline` (local files only): a ``StableDiffusion3Pipeline`` whose VAE is
+    the identity :class:`t2i.models.PixelSpaceVAE` (latents are the pixels in [-1, 1])."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedTokenizerFast, T5EncoderModel
+
+    from .models import PixelSpaceVAE
+
+    with open(os.path.join(folder, PIXEL_SD3_MARKER)) as f:
+        meta = json.load(f)
+    j = lambda n: os.path.join(folder, n)  # noqa: E731
+    tr = SD3Transformer2DModel.from_pretrained(j("transformer"), torch_dtype=dtype)
+    enc = [CLIPTextModelWithProjection.from_pretrained(j(n), local_files_only=True, torch_dtype=dtype)
+           for n in ("text_encoder", "text_encoder_2")]
+    toks = [CLIPTokenizer.from_pretrained(j(n), local_files_only=True) for n in ("tokenizer", "tokenizer_2")]
+    t5 = T5EncoderModel.from_pretrained(j("text_encoder_3"), local_files_only=True, torch_dtype=dtype)
+    tok3 = PreTrainedTokenizerFast.from_pretrained(j("tokenizer_3"), local_files_only=True)
+    pipe = StableDiffusion3Pipeline(
+        transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(j("scheduler")), vae=None,
+        text_encoder=enc[0], tokenizer=toks[0], text_encoder_2=enc[1], tokenizer_2=toks[1], text_encoder_3=t5,
+        tokenizer_3=tok3,
+    )
+    pipe.vae = PixelSpaceVAE(tr.config.in_channels, 3)
+    for m in (tr, t5, *enc):
+        m.eval()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.max_sequence_length = int(meta.get("max_sequence_length", 256))
+    return pipe

@@ -1,0 +1,286 @@
+"""The digits experiment on a rectified-flow model: ``sa_ac`` vs Flow-GRPO vs DDPO-IS, and VP vs flow for ``sa_ac``.
+
+``python -m digits.flow_experiment [--quick] [--out DIR] [--cache DIR] [--workers N]``
+
+* Flow model: :mod:`digits.pretrain_flow` (tiny SD3 transformer on 8x8 pixels, cached / shipped).
+* Same budget and settings as :mod:`digits.experiment` (``ExperimentConfig``: 12 epochs x 16 reward queries,
+  LoRA rank 4, the same learning rate, reward ``digit_bold``, KL weight ``beta``); on the flow model the
+  sampler is the flow kernel (``sample.sampler="flow"``, eta = 1: the reverse SDE; the step from t = 1 is the
+  ODE step, masked). ``flow_grpo``: groups of ``group_size`` = 4 images per prompt (so 4 prompts x 4 images
+  per epoch), our units (summed log-probs, exact per-step KL, ``beta`` as for ``sa_ac``), PPO clip
+  ``clip_range``. ``ddpo_is``: as in the digits experiment (no KL term).
+* VP: the existing UNet digits model's ``sa_ac`` through :func:`digits.experiment.run_finetune` at the same K.
+* K in ``step_counts`` (10, 20, 50); seeds 0, 1, 2 at K = 10, seed 0 at the other K. Each path trains on
+  ``train_steps_per_path`` of its steps, as in the digits experiment.
+* Evaluation: :func:`digits.evaluate.evaluate_policy` (60 fixed prompts / noises): reward, chain path KL
+  (exact, nats), continuous-time KL, evaluation-classifier accuracy, FD, diversity.
+* Output: ``results.json`` in ``--out`` (default ``benchmarks/results/digits_flow``) and the figures
+  ``figures/digits_flow_fig1_methods.png``, ``figures/digits_flow_fig2_steps.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .experiment import QUICK, ExperimentConfig, make_config, prepare_assets, run_finetune
+from .pretrain_flow import QUICK_FLOW, FlowPretrainConfig, flow_pretrain_info, pretrain_flow
+
+__all__ = ["FlowExperimentConfig", "QUICK_FLOW_EXPERIMENT", "make_flow_config", "run_flow_finetune",
+           "run_flow_experiment", "main"]
+
+FLOW_METHODS = ("sa_ac", "flow_grpo", "ddpo_is")
+LABELS = {"sa_ac": "continuous-time AC (ours)", "flow_grpo": "Flow-GRPO", "ddpo_is": "DDPO-IS",
+          "vp_sa_ac": "continuous-time AC on VP (UNet)"}
+
+
+@dataclass
+class FlowExperimentConfig:
+    base: ExperimentConfig = field(default_factory=lambda: ExperimentConfig(step_counts=(10, 20, 50)))
+    flow: FlowPretrainConfig = field(default_factory=FlowPretrainConfig)
+    methods: tuple = FLOW_METHODS
+    group_size: int = 4  # flow_grpo images per prompt
+    vp: bool = True  # also run the UNet (VP) model's sa_ac at every K
+
+
+def QUICK_FLOW_EXPERIMENT() -> FlowExperimentConfig:  # noqa: N802
+    """Test size: QUICK pretraining (UNet and flow), K = 4, 1 seed, few epochs."""
+    return FlowExperimentConfig(base=QUICK(), flow=QUICK_FLOW())
+
+
+def make_flow_config(fc: FlowExperimentConfig, assets: dict, method: str, seed: int, K: int, out_dir: str):
+    """The digits experiment's :func:`~digits.experiment.make_config` moved onto the flow model."""
+    c = make_config(fc.base, assets, method, seed, K, out_dir)
+    c.model.pretrained, c.model.family = assets["flow_model"], "sd3"
+    c.sample.sampler, c.sample.eval_sampler = "flow", "flow"
+    c.sample.flow_noise, c.sample.flow_noise_value, c.sample.flow_at_one = "eta", 1.0, "ode"
+    if method == "flow_grpo":
+        c.sample.group_size = fc.group_size
+        c.train.beta = fc.base.beta
+    return c
+
+
+def run_flow_finetune(fc: FlowExperimentConfig, assets: dict, method: str, seed: int, K: int, out_dir: str,
+                      evaluate: bool = True) -> dict:
+    """One fine-tuning run of the flow model through :class:`t2i.trainer.Trainer`; history and final metrics."""
+    from t2i.trainer import Trainer
+
+    from .evaluate import evaluate_policy
+
+    cfg = make_flow_config(fc, assets, method, seed, K, out_dir)
+    t0 = time.time()
+    tr = Trainer(cfg)
+    hist = tr.train()
+    res = {"model": "flow", "method": method, "seed": seed, "K": K, "train_time_s": time.time() - t0,
+           "queries": [(i + 1) * fc.base.batch_size for i in range(len(hist))],
+           "reward": [h["reward_mean"] for h in hist], "reward_se": [h["reward_se"] for h in hist],
+           "path_kl": [h["path_kl_mean"] for h in hist],
+           "logprob_parity_max": max(float(h.get("logprob_parity_max", 0.0)) for h in hist)}
+    if evaluate:
+        t1 = time.time()
+        res["final"] = {k: v for k, v in evaluate_policy(tr.pipe, tr.kernel, assets, fc.base, solvers=False).items()
+                        if k != "images"}
+        res["eval_time_s"] = time.time() - t1
+    return res
+
+
+def flow_assets(fc: FlowExperimentConfig, cache_dir: str | None = None) -> dict:
+    assets = prepare_assets(fc.base, cache_dir)
+    t0 = time.time()
+    assets["flow_model"] = pretrain_flow(fc.flow, cache_dir)
+    assets["flow_pretrain_wall_s_this_call"] = time.time() - t0
+    assets["flow_pretrain_info"] = flow_pretrain_info(assets["flow_model"])
+    return assets
+
+
+def _job(fc, cache_dir, model, m, s, K, out):
+    torch.set_num_threads(1)
+    assets = flow_assets(fc, cache_dir)
+    d = os.path.join(out, "runs", f"{model}_{m}_s{s}_K{K}")
+    if model == "flow":
+        return run_flow_finetune(fc, assets, m, s, K, d)
+    r = run_finetune(fc.base, assets, m, s, K, d)
+    r["final"] = {k: v for k, v in r["final"].items() if k != "images"}
+    return {**r, "model": "vp"}
+
+
+def _pretrained_flow_eval(fc: FlowExperimentConfig, assets: dict, K: int) -> dict:
+    from t2i.flow_models import add_transformer_lora, load_pixel_sd3_pipeline
+    from t2i.scheduling import make_flow_kernel
+
+    from .evaluate import evaluate_policy
+
+    pipe = load_pixel_sd3_pipeline(assets["flow_model"])
+    add_transformer_lora(pipe.transformer, fc.base.lora_rank, init_seed=0)  # disabled = the pretrained model
+    _, kern = make_flow_kernel(pipe.scheduler.config, K, "eta", 1.0, "ode")
+    ev = evaluate_policy(pipe, kern, assets, fc.base, use_pretrained=True, solvers=False)
+    return {k: v for k, v in ev.items() if k != "images"}
+
+
+def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | None = None, workers: int = 1,
+                        fig_dir: str | None = "figures") -> dict:
+    """All runs (flow methods x seeds at K = ``base.num_steps``, seed 0 at the other K, VP ``sa_ac`` likewise),
+    ``results.json`` rewritten after every run, then the two figures."""
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    ec = fc.base
+    assets = flow_assets(fc, cache_dir)
+    info = {k: v for k, v in assets["flow_pretrain_info"].items()}
+    res = {"info": {"flow_pretrain": info, "flow_config": dataclasses.asdict(fc)}, "pretrained": {}, "runs": []}
+    Ks = sorted({ec.num_steps, *ec.step_counts})
+    for K in Ks:
+        res["pretrained"][f"flow_K{K}"] = _pretrained_flow_eval(fc, assets, K)
+    jobs = [("flow", m, s, ec.num_steps) for s in ec.seeds for m in fc.methods]
+    jobs += [("flow", m, ec.seeds[0], K) for K in Ks if K != ec.num_steps for m in fc.methods]
+    if fc.vp:
+        jobs += [("vp", "sa_ac", s, ec.num_steps) for s in ec.seeds]
+        jobs += [("vp", "sa_ac", ec.seeds[0], K) for K in Ks if K != ec.num_steps]
+    path = os.path.join(out, "results.json")
+    for r in _run(fc, cache_dir, jobs, out, workers):
+        res["runs"].append(r)
+        res["wall_s"] = time.time() - t0
+        f = r["final"]
+        print(f"[{time.time() - t0:6.0f} s] {r['model']:4s} {r['method']:9s} seed {r['seed']} K {r['K']:3d}: reward "
+              f"{f['reward_mean']:.3f} +- {f['reward_se']:.3f}  chain KL {f['path_kl_mean']:.2f}  ct KL "
+              f"{f['path_kl_ct_mean']:.2f}  acc {f['eval_accuracy']:.2f} (train {r['train_time_s']:.0f} s)", flush=True)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(res, fh, indent=1)
+        os.replace(path + ".tmp", path)
+    res["summary"] = summarize(res)
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1)
+    if fig_dir:
+        flow_figures(res, fig_dir)
+    return res
+
+
+def _run(fc, cache_dir, jobs, out, workers):
+    if workers <= 1:
+        for j in jobs:
+            yield _job(fc, cache_dir, *j, out)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futs = [pool.submit(_job, fc, cache_dir, *j, out) for j in sorted(jobs, key=lambda j: -j[3])]
+        for f in cf.as_completed(futs):
+            yield f.result()
+
+
+def summarize(res: dict) -> dict:
+    """``{"<model>_<method>_K<K>": {metric: [mean, se over seeds], "n": seeds}}`` of the final metrics."""
+    from sa_theory.kl import mean_and_se
+
+    groups: dict = {}
+    for r in res["runs"]:
+        groups.setdefault(f"{r['model']}_{r['method']}_K{r['K']}", []).append(r)
+    out = {}
+    for key, rs in sorted(groups.items()):
+        row = {"n": len(rs)}
+        for m in ("reward_mean", "path_kl_mean", "path_kl_ct_mean", "eval_accuracy", "fd", "diversity_mean"):
+            x = torch.tensor([float(r["final"][m]) for r in rs], dtype=torch.float64)
+            mu, se = mean_and_se(x) if len(rs) > 1 else (x.mean(), torch.tensor(float("nan")))
+            row[m] = [float(mu), float(se)]
+        row["logprob_parity_max"] = max(float(r.get("logprob_parity_max", 0.0)) for r in rs)
+        out[key] = row
+    return out
+
+
+def flow_figures(res: dict, fig_dir: str = "figures") -> list[str]:
+    """``digits_flow_fig1_methods.png`` (training reward vs reward queries per method on the flow model at
+    K = ``num_steps``, mean +- SE over seeds) and ``digits_flow_fig2_steps.png`` (final evaluation reward and
+    chain path KL vs K per method, flow and VP ``sa_ac``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    os.makedirs(fig_dir, exist_ok=True)
+    K0 = res["info"]["flow_config"]["base"]["num_steps"]
+    runs = res["runs"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for m in res["info"]["flow_config"]["methods"]:
+        rs = [r for r in runs if r["model"] == "flow" and r["method"] == m and r["K"] == K0]
+        if not rs:
+            continue
+        y = np.array([r["reward"] for r in rs])
+        mu = y.mean(0)
+        se = y.std(0, ddof=1) / np.sqrt(len(rs)) if len(rs) > 1 else np.zeros_like(mu)
+        q = rs[0]["queries"]
+        ax.plot(q, mu, marker="o", ms=3, label=f"{LABELS[m]} (n={len(rs)})")
+        ax.fill_between(q, mu - se, mu + se, alpha=0.2)
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel("training reward (digit_bold)")
+    ax.set_title(f"Flow-matching digits model, K = {K0}: mean +- SE over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p1 = os.path.join(fig_dir, "digits_flow_fig1_methods.png")
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+    summ = summarize(res)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    keys = [("flow", m) for m in res["info"]["flow_config"]["methods"]] + [("vp", "sa_ac")]
+    for model, m in keys:
+        pts = sorted((int(k.rsplit("_K", 1)[1]), v) for k, v in summ.items()
+                     if k.startswith(f"{model}_{m}_K"))
+        if not pts:
+            continue
+        label = LABELS["vp_sa_ac"] if model == "vp" else LABELS[m]
+        style = "--" if model == "vp" else "-"
+        for ax, metric in zip(axes, ("reward_mean", "path_kl_mean")):
+            Ks = [k for k, _ in pts]
+            mu = [v[metric][0] for _, v in pts]
+            se = [0.0 if v["n"] < 2 else v[metric][1] for _, v in pts]
+            ax.errorbar(Ks, mu, yerr=se, ls=style, marker="o", ms=4, capsize=3, label=label)
+    pre = res.get("pretrained", {})
+    pk = sorted((int(k.split("_K")[1]), v["reward_mean"]) for k, v in pre.items() if k.startswith("flow_K"))
+    if pk:
+        axes[0].plot([k for k, _ in pk], [v for _, v in pk], "k:", label="pretrained flow model")
+    axes[0].set_ylabel("final reward (60 eval images)")
+    axes[1].set_ylabel("chain path KL to pretrained (nats)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks([10, 20, 50])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("sampling steps K")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Step sweep (K = {K0}: mean +- SE over seeds; other K: seed 0)")
+    fig.tight_layout()
+    p2 = os.path.join(fig_dir, "digits_flow_fig2_steps.png")
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m digits.flow_experiment", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="test-size version")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/digits_flow)")
+    ap.add_argument("--cache", default=None, help="model cache (default $SA_CACHE or ~/.cache/scores-as-actions)")
+    ap.add_argument("--workers", type=int, default=2, help="fine-tuning processes (one torch thread each)")
+    ap.add_argument("--figures", default=None, help="figure folder (default figures/, --quick: none)")
+    args = ap.parse_args(argv)
+    fc = QUICK_FLOW_EXPERIMENT() if args.quick else FlowExperimentConfig()
+    args.figures = args.figures if args.figures is not None else ("" if args.quick else "figures")
+    out = args.out or os.path.join("benchmarks", "results", "digits_flow" + ("_quick" if args.quick else ""))
+    t0 = time.time()
+    res = run_flow_experiment(fc, out, args.cache, args.workers, args.figures or None)
+    for k, v in res["summary"].items():
+        print(f"{k:24s} reward {v['reward_mean'][0]:.3f} +- {v['reward_mean'][1]:.3f}  chain KL "
+              f"{v['path_kl_mean'][0]:.2f} +- {v['path_kl_mean'][1]:.2f}  ct KL {v['path_kl_ct_mean'][0]:.2f}  "
+              f"acc {v['eval_accuracy'][0]:.2f}  (n={v['n']})")
+    print(f"wall {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
