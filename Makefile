@@ -1,6 +1,7 @@
 # Two entry points (each creates .venv and installs the project if missing):
 #   make reproduce   -- regenerate every figure in figures/ and print summaries: the toy figures (~9 min on
-#                       2 cores) and the digits experiment (~25 min on 2 cores incl. pretraining, 2 workers)
+#                       2 cores) and the digits experiments (UNet ~20 min measured 2026-11-24, now without the
+#                       ~6 min pretraining: the models are shipped in digits/weights/; then the flow-model comparison)
 #   make test        -- run the default test suite (excludes slow and GPU tests)
 # Other targets: make test-slow, make test-gpu, make bench, make bench-t2i-cost, make lint,
 #   make retrain-digits (retrain the shipped digits models in digits/weights/, ~7 min on one core).
