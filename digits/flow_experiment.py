@@ -36,6 +36,7 @@ __all__ = ["FlowExperimentConfig", "QUICK_FLOW_EXPERIMENT", "make_flow_config", 
            "run_flow_experiment", "main"]
 
 FLOW_METHODS = ("sa_ac", "flow_grpo", "ddpo_is")
+TARGET = 0.95  # training-reward level for "queries to target"
 LABELS = {"sa_ac": "continuous-time AC (ours)", "flow_grpo": "Flow-GRPO", "ddpo_is": "DDPO-IS",
           "vp_sa_ac": "continuous-time AC on VP (UNet)"}
 
@@ -110,15 +111,22 @@ def _job(fc, cache_dir, model, m, s, K, out):
     return {**r, "model": "vp"}
 
 
-def _pretrained_flow_eval(fc: FlowExperimentConfig, assets: dict, K: int) -> dict:
+def _pretrained_eval(fc: FlowExperimentConfig, assets: dict, K: int, model: str = "flow") -> dict:
+    """Evaluation of the pretrained ``model`` ("flow": eta = 1 flow kernel; "vp": the UNet on DDIM eta = 1) at K."""
     from t2i.flow_models import add_transformer_lora, load_pixel_sd3_pipeline
-    from t2i.scheduling import make_flow_kernel
+    from t2i.models import add_lora, load_pipeline
+    from t2i.scheduling import make_flow_kernel, make_kernel
 
     from .evaluate import evaluate_policy
 
-    pipe = load_pixel_sd3_pipeline(assets["flow_model"])
-    add_transformer_lora(pipe.transformer, fc.base.lora_rank, init_seed=0)  # disabled = the pretrained model
-    _, kern = make_flow_kernel(pipe.scheduler.config, K, "eta", 1.0, "ode")
+    if model == "flow":
+        pipe = load_pixel_sd3_pipeline(assets["flow_model"])
+        add_transformer_lora(pipe.transformer, fc.base.lora_rank, init_seed=0)  # disabled = the pretrained model
+        _, kern = make_flow_kernel(pipe.scheduler.config, K, "eta", 1.0, "ode")
+    else:
+        pipe = load_pipeline(assets["model"])
+        add_lora(pipe.unet, fc.base.lora_rank, init_seed=0)
+        _, kern = make_kernel(pipe.scheduler.config, "ddim", K, 1.0)
     ev = evaluate_policy(pipe, kern, assets, fc.base, use_pretrained=True, solvers=False)
     return {k: v for k, v in ev.items() if k != "images"}
 
@@ -135,7 +143,8 @@ def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | Non
     res = {"info": {"flow_pretrain": info, "flow_config": dataclasses.asdict(fc)}, "pretrained": {}, "runs": []}
     Ks = sorted({ec.num_steps, *ec.step_counts})
     for K in Ks:
-        res["pretrained"][f"flow_K{K}"] = _pretrained_flow_eval(fc, assets, K)
+        for model in ("flow", "vp") if fc.vp else ("flow",):
+            res["pretrained"][f"{model}_K{K}"] = _pretrained_eval(fc, assets, K, model)
     jobs = [("flow", m, s, ec.num_steps) for s in ec.seeds for m in fc.methods]
     jobs += [("flow", m, ec.seeds[0], K) for K in Ks if K != ec.num_steps for m in fc.methods]
     if fc.vp:
@@ -189,6 +198,9 @@ def summarize(res: dict) -> dict:
             mu, se = mean_and_se(x) if len(rs) > 1 else (x.mean(), torch.tensor(float("nan")))
             row[m] = [float(mu), float(se)]
         row["logprob_parity_max"] = max(float(r.get("logprob_parity_max", 0.0)) for r in rs)
+        hit = [next((q for q, v in zip(r["queries"], r["reward"]) if v >= TARGET), None) for r in rs]
+        reached = [h for h in hit if h is not None]  # [mean over the seeds reaching it (None: none), how many]
+        row["queries_to_target"] = [sum(reached) / len(reached) if reached else None, len(reached)]
         out[key] = row
     return out
 
@@ -218,7 +230,7 @@ def flow_figures(res: dict, fig_dir: str = "figures") -> list[str]:
         ax.plot(q, mu, marker="o", ms=3, label=f"{LABELS[m]} (n={len(rs)})")
         ax.fill_between(q, mu - se, mu + se, alpha=0.2)
     ax.set_xlabel("reward queries")
-    ax.set_ylabel("training reward (digit_bold)")
+    ax.set_ylabel("training reward (digit_bold, on-policy batch)")
     ax.set_title(f"Flow-matching digits model, K = {K0}: mean +- SE over seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -228,7 +240,7 @@ def flow_figures(res: dict, fig_dir: str = "figures") -> list[str]:
     summ = summarize(res)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     keys = [("flow", m) for m in res["info"]["flow_config"]["methods"]] + [("vp", "sa_ac")]
-    for model, m in keys:
+    for i, (model, m) in enumerate(keys):
         pts = sorted((int(k.rsplit("_K", 1)[1]), v) for k, v in summ.items()
                      if k.startswith(f"{model}_{m}_K"))
         if not pts:
@@ -236,23 +248,28 @@ def flow_figures(res: dict, fig_dir: str = "figures") -> list[str]:
         label = LABELS["vp_sa_ac"] if model == "vp" else LABELS[m]
         style = "--" if model == "vp" else "-"
         for ax, metric in zip(axes, ("reward_mean", "path_kl_mean")):
-            Ks = [k for k, _ in pts]
+            Ks = [k * (1 + 0.025 * (i - 1.5)) for k, _ in pts]  # small offsets: error bars stay apart
             mu = [v[metric][0] for _, v in pts]
             se = [0.0 if v["n"] < 2 else v[metric][1] for _, v in pts]
             ax.errorbar(Ks, mu, yerr=se, ls=style, marker="o", ms=4, capsize=3, label=label)
     pre = res.get("pretrained", {})
-    pk = sorted((int(k.split("_K")[1]), v["reward_mean"]) for k, v in pre.items() if k.startswith("flow_K"))
-    if pk:
-        axes[0].plot([k for k, _ in pk], [v for _, v in pk], "k:", label="pretrained flow model")
+    for model, style in (("flow", "k:"), ("vp", "k-.")):
+        pk = sorted((int(k.split("_K")[1]), v["reward_mean"]) for k, v in pre.items() if k.startswith(f"{model}_K"))
+        if pk:
+            axes[0].plot([k for k, _ in pk], [v for _, v in pk], style, label=f"pretrained {model} model")
     axes[0].set_ylabel("final reward (60 eval images)")
     axes[1].set_ylabel("chain path KL to pretrained (nats)")
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xticks([10, 20, 50])
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("sampling steps K")
-    axes[0].legend(fontsize=7)
+    axes[1].set_yticks([1, 2, 5, 10, 20])
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0].legend(fontsize=7, loc="center right")
     fig.suptitle(f"Step sweep (K = {K0}: mean +- SE over seeds; other K: seed 0)")
     fig.tight_layout()
     p2 = os.path.join(fig_dir, "digits_flow_fig2_steps.png")
@@ -277,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in res["summary"].items():
         print(f"{k:24s} reward {v['reward_mean'][0]:.3f} +- {v['reward_mean'][1]:.3f}  chain KL "
               f"{v['path_kl_mean'][0]:.2f} +- {v['path_kl_mean'][1]:.2f}  ct KL {v['path_kl_ct_mean'][0]:.2f}  "
-              f"acc {v['eval_accuracy'][0]:.2f}  (n={v['n']})")
+              f"acc {v['eval_accuracy'][0]:.2f}  queries to {TARGET} {v['queries_to_target'][0] or '-'} "
+              f"({v['queries_to_target'][1]}/{v['n']})  (n={v['n']})")
     print(f"wall {time.time() - t0:.0f} s")
     return 0
 

@@ -69,10 +69,10 @@ def test_tiny_finetune_changes_only_lora_with_logprob_parity(flow_setup, tmp_pat
 
 
 def test_flow_evaluation_reports_finite_metrics(flow_setup):
-    from digits.flow_experiment import _pretrained_flow_eval
+    from digits.flow_experiment import _pretrained_eval
 
     fc, assets = flow_setup
-    ev = _pretrained_flow_eval(fc, assets, fc.base.num_steps)
+    ev = _pretrained_eval(fc, assets, fc.base.num_steps, "flow")
     for k in ("reward_mean", "path_kl_mean", "path_kl_ct_mean", "eval_accuracy", "fd", "diversity_mean"):
         assert math.isfinite(ev[k]), k
     assert ev["path_kl_mean"] == 0.0  # the pretrained model against itself
