@@ -10,7 +10,7 @@
   per epoch), our units (summed log-probs, exact per-step KL, ``beta`` as for ``sa_ac``), PPO clip
   ``clip_range``. ``ddpo_is``: as in the digits experiment (no KL term).
 * VP: the existing UNet digits model's ``sa_ac`` through :func:`digits.experiment.run_finetune` at the same K.
-* K in ``step_counts`` (10, 20, 50); seeds 0, 1, 2 at K = 10, seed 0 at the other K. Each path trains on
+* K in ``step_counts`` (10, 20, 50); seeds 0, 1, 2 at K = 10, ``sweep_seeds`` at the other K. Each path trains on
   ``train_steps_per_path`` of its steps, as in the digits experiment.
 * Evaluation: :func:`digits.evaluate.evaluate_policy` (60 fixed prompts / noises): reward, chain path KL
   (exact, nats), continuous-time KL, evaluation-classifier accuracy, FD, diversity.
@@ -37,6 +37,7 @@ __all__ = ["FlowExperimentConfig", "QUICK_FLOW_EXPERIMENT", "make_flow_config", 
 
 FLOW_METHODS = ("sa_ac", "flow_grpo", "ddpo_is")
 TARGET = 0.95  # training-reward level for "queries to target"
+EARLY = 64  # reward queries at which the training reward is also summarised (a third of the budget)
 LABELS = {"sa_ac": "continuous-time AC (ours)", "flow_grpo": "Flow-GRPO", "ddpo_is": "DDPO-IS",
           "vp_sa_ac": "continuous-time AC on VP (UNet)"}
 
@@ -48,11 +49,12 @@ class FlowExperimentConfig:
     methods: tuple = FLOW_METHODS
     group_size: int = 4  # flow_grpo images per prompt
     vp: bool = True  # also run the UNet (VP) model's sa_ac at every K
+    sweep_seeds: tuple = (0, 1, 2)  # seeds at the K other than base.num_steps (which uses base.seeds)
 
 
 def QUICK_FLOW_EXPERIMENT() -> FlowExperimentConfig:  # noqa: N802
     """Test size: QUICK pretraining (UNet and flow), K = 4, 1 seed, few epochs."""
-    return FlowExperimentConfig(base=QUICK(), flow=QUICK_FLOW())
+    return FlowExperimentConfig(base=QUICK(), flow=QUICK_FLOW(), sweep_seeds=(0,))
 
 
 def make_flow_config(fc: FlowExperimentConfig, assets: dict, method: str, seed: int, K: int, out_dir: str):
@@ -133,7 +135,7 @@ def _pretrained_eval(fc: FlowExperimentConfig, assets: dict, K: int, model: str 
 
 def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | None = None, workers: int = 1,
                         fig_dir: str | None = "figures") -> dict:
-    """All runs (flow methods x seeds at K = ``base.num_steps``, seed 0 at the other K, VP ``sa_ac`` likewise),
+    """All runs (flow methods x seeds at K = ``base.num_steps``, ``sweep_seeds`` at the other K, VP ``sa_ac`` likewise),
     ``results.json`` rewritten after every run, then the two figures."""
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
@@ -146,10 +148,10 @@ def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | Non
         for model in ("flow", "vp") if fc.vp else ("flow",):
             res["pretrained"][f"{model}_K{K}"] = _pretrained_eval(fc, assets, K, model)
     jobs = [("flow", m, s, ec.num_steps) for s in ec.seeds for m in fc.methods]
-    jobs += [("flow", m, ec.seeds[0], K) for K in Ks if K != ec.num_steps for m in fc.methods]
+    jobs += [("flow", m, s, K) for K in Ks if K != ec.num_steps for s in fc.sweep_seeds for m in fc.methods]
     if fc.vp:
         jobs += [("vp", "sa_ac", s, ec.num_steps) for s in ec.seeds]
-        jobs += [("vp", "sa_ac", ec.seeds[0], K) for K in Ks if K != ec.num_steps]
+        jobs += [("vp", "sa_ac", s, K) for K in Ks if K != ec.num_steps for s in fc.sweep_seeds]
     path = os.path.join(out, "results.json")
     for r in _run(fc, cache_dir, jobs, out, workers):
         res["runs"].append(r)
@@ -199,6 +201,10 @@ def summarize(res: dict) -> dict:
             row[m] = [float(mu), float(se)]
         row["logprob_parity_max"] = max(float(r.get("logprob_parity_max", 0.0)) for r in rs)
         hit = [next((q for q, v in zip(r["queries"], r["reward"]) if v >= TARGET), None) for r in rs]
+        early = [r["reward"][r["queries"].index(EARLY)] for r in rs if EARLY in r["queries"]]
+        if early:
+            x = torch.tensor(early, dtype=torch.float64)
+            row[f"train_reward_at_{EARLY}"] = [float(x.mean()), float(mean_and_se(x)[1]) if len(x) > 1 else None]
         reached = [h for h in hit if h is not None]  # [mean over the seeds reaching it (None: none), how many]
         row["queries_to_target"] = [sum(reached) / len(reached) if reached else None, len(reached)]
         out[key] = row
@@ -266,11 +272,13 @@ def flow_figures(res: dict, fig_dir: str = "figures") -> list[str]:
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("sampling steps K")
-    axes[1].set_yticks([1, 2, 5, 10, 20])
+    axes[1].set_yticks([1, 2, 5, 10, 20, 50, 100])
     axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=7, loc="center right")
-    fig.suptitle(f"Step sweep (K = {K0}: mean +- SE over seeds; other K: seed 0)")
+    fcd = res["info"]["flow_config"]
+    fig.suptitle(f"Step sweep: final metrics, mean +- SE over seeds (K = {K0}: {len(fcd['base']['seeds'])} seeds, "
+                 f"other K: {len(fcd.get('sweep_seeds', (0,)))})")
     fig.tight_layout()
     p2 = os.path.join(fig_dir, "digits_flow_fig2_steps.png")
     fig.savefig(p2, dpi=120)
