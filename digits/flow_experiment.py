@@ -199,7 +199,8 @@ def summarize(res: dict) -> dict:
             x = torch.tensor([float(r["final"][m]) for r in rs], dtype=torch.float64)
             mu, se = mean_and_se(x) if len(rs) > 1 else (x.mean(), torch.tensor(float("nan")))
             row[m] = [float(mu), float(se)]
-        row["logprob_parity_max"] = max(float(r.get("logprob_parity_max", 0.0)) for r in rs)
+        par = [float(r["logprob_parity_max"]) for r in rs if "logprob_parity_max" in r]
+        row["logprob_parity_max"] = max(par) if par else None  # None: not recorded (the VP runs)
         hit = [next((q for q, v in zip(r["queries"], r["reward"]) if v >= TARGET), None) for r in rs]
         early = [r["reward"][r["queries"].index(EARLY)] for r in rs if EARLY in r["queries"]]
         if early:

@@ -119,6 +119,12 @@ def _encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(cfg: FlowPretrainConfig, log_every: int = 0) -> tuple[object, dict]:
+    with torch.random.fork_rng():  # T5's dropout draws from the global generator: seed it, leave the caller's alone
+        torch.manual_seed(cfg.seed + 7)
+        return _train_seeded(cfg, log_every)
+
+
+def _train_seeded(cfg: FlowPretrainConfig, log_every: int) -> tuple[object, dict]:
     pipe = build_untrained_flow_pipeline(cfg)
     x_all, y_all = load_split("train", 8)
     nets = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
@@ -167,7 +173,8 @@ def _train(cfg: FlowPretrainConfig, log_every: int = 0) -> tuple[object, dict]:
                   f"{sum(losses[-log_every:]) / log_every:.4f} ({time.time() - t0:.0f} s)", flush=True)
     pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3 = emas
     n = max(1, min(100, len(losses)))
-    return pipe, {"train_time_s": time.time() - t0, "final_loss": sum(losses[-n:]) / n, "steps": cfg.num_train_steps}
+    return pipe, {"train_time_s": time.time() - t0, "final_loss": sum(losses[-n:]) / n, "steps": cfg.num_train_steps,
+                  "threads": torch.get_num_threads()}
 
 
 @torch.no_grad()
