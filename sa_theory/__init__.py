@@ -5,10 +5,12 @@ Modules: :mod:`~sa_theory.schedules` (forward noise schedules, incl. rectified f
 controlled sampler of noise level eta: reverse SDE at eta = 1, probability-flow ODE at eta = 0),
 :mod:`~sa_theory.rollout` (native and torchsde rollouts), :mod:`~sa_theory.estimators` (policy-gradient
 estimators, surrogates, baselines), :mod:`~sa_theory.value` (value designs and losses),
-:mod:`~sa_theory.kl` (log-probabilities and the Girsanov path KL, with units).
+:mod:`~sa_theory.kl` (log-probabilities and the Girsanov path KL, with units), :mod:`~sa_theory.kernels` and
+:mod:`~sa_theory.flow_kernel` (Gaussian step kernels: Euler, DDIM, DDPM, rectified flow), :mod:`~sa_theory.sampling`
+(the one sampling loop over any kernel).
 """
 
-from . import estimators, kl, parametrization, rollout, schedules, sde, value
+from . import estimators, flow_kernel, kernels, kl, parametrization, rollout, sampling, schedules, sde, value
 from .kl import euler_log_prob, gaussian_log_prob, girsanov_kl_rate, girsanov_kl_step, mean_and_se, path_kl
 from .rollout import Trajectory
 from .rollout import rollout as simulate
@@ -16,7 +18,8 @@ from .schedules import ConstantOU, RectifiedFlow, VEGeometric, VPCosine, VPLinea
 from .sde import ControlledSDE
 
 __all__ = [
-    "estimators", "kl", "parametrization", "rollout", "schedules", "sde", "value",
+    "estimators", "flow_kernel", "kernels", "kl", "parametrization", "rollout", "sampling", "schedules", "sde",
+    "value",
     "euler_log_prob", "gaussian_log_prob", "girsanov_kl_rate", "girsanov_kl_step", "mean_and_se", "path_kl",
     "Trajectory", "simulate", "ConstantOU", "RectifiedFlow", "VEGeometric", "VPCosine", "VPLinear",
     "get_schedule", "ControlledSDE",
