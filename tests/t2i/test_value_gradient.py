@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from t2i.config import apply_overrides, get_preset
-from t2i.models import denoiser, lora_parameters
+from t2i.models import denoiser, lora_parameters, pretrained
 from t2i.trainer import Trainer
+from t2i.values import tweedie_rewards
 
 
 @pytest.mark.parametrize("preset", ["tiny_cpu", "tiny_flow_cpu"])
@@ -50,3 +51,35 @@ def test_value_gradient_surrogate_gradient_is_the_r4_formula(tmp_path, preset):
             wrong = -((c * wrong_p - beta * w_all[k] * (a_old - s)) * a).flatten(1).sum(1).mean()
             bad = torch.autograd.grad(wrong, params, retain_graph=True)
             assert sum(float((x - y).pow(2).sum()) for x, y in zip(got, bad)) > 1e-4 * den
+
+
+def test_tweedie_term_of_the_residual_critic_is_differentiated_for_a_differentiable_reward(tmp_path):
+    """With a residual critic whose network part is still zero, the costate is exactly the gradient of the Tweedie
+    input r(decode(x0_hat(x))) (pretrained prediction) at the next state; at the last step, of r(decode(x))."""
+    cfg = apply_overrides(get_preset("tiny_cpu"), {
+        "train.estimator": "value_gradient", "value.kind": "residual", "sample.num_steps": "3",
+        "sample.batch_size": "2", "train.batch_size": "2", "train.num_epochs": "1",
+        "log.output_dir": str(tmp_path / "run"), "log.tensorboard": "false", "log.image_every": "0"})
+    tr = Trainer(cfg)
+    assert tr.method.tweedie_fn is not None  # brightness is differentiable
+    batch = tr.sample_epoch(torch.Generator().manual_seed(0))
+    # the trainer's Tweedie inputs of the recorded states (train_epoch does this before prepare)
+    batch.step_data["tweedie"] = tweedie_rewards(tr.env, batch.latents, batch.ref_actions, tr.reward, batch.prompts)
+    tr.method.prepare(batch, batch.rewards)
+    p = batch.step_data["costate"]
+    K = batch.num_steps
+    for k in range(K):
+        x = batch.latents[k + 1].detach().requires_grad_(True)
+        if k + 1 < K:
+            with pretrained(tr.env.model):
+                x0 = tr.env.x0_hat(k + 1, x, tr.env.action(k + 1, x, batch.text))
+        else:
+            x0 = x
+        r = tr.reward(tr.env.decode(x0), batch.prompts).float().sum()
+        (want,) = torch.autograd.grad(r, x)
+        assert want.abs().max() > 0
+        torch.testing.assert_close(p[k], want, rtol=1e-4, atol=1e-7)
+    # negative control: without tweedie_fn the Tweedie input is a fixed number and the costate vanishes
+    tr.method.tweedie_fn = None
+    tr.method.prepare(batch, batch.rewards)
+    assert batch.step_data["costate"].abs().max() == 0
