@@ -85,6 +85,21 @@ class PretrainConfig:
         return d
 
 
+def train_step(loss, opt, sched, params, ema_params, step: int, ema_decay: float) -> float:
+    """One optimiser step (gradient norm clipped to 1) and the EMA update with decay
+    ``min(ema_decay, (1 + step)/(10 + step))``; returns the loss as a float. Shared by both digits pretrainings."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    d = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema_params, params):
+            pe.lerp_(p.detach(), 1 - d)
+    return float(loss.detach())
+
+
 def config_hash(cfg: PretrainConfig) -> str:
     text = json.dumps({"format": FORMAT_VERSION, **cfg.to_dict()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -191,16 +206,7 @@ def _train(cfg: PretrainConfig, log_every: int = 0) -> tuple[object, dict]:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         emb = text(tok).last_hidden_state[y]  # 11 distinct prompts: encode once, index
         loss = F.mse_loss(unet(xt, t, encoder_hidden_states=emb).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        d = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema_p, params):
-                pe.lerp_(p.detach(), 1 - d)
-        losses.append(float(loss.detach()))
+        losses.append(train_step(loss, opt, sched, params, ema_p, step, cfg.ema_decay))
         if log_every and (step + 1) % log_every == 0:
             print(
                 f"pretrain step {step + 1}/{cfg.num_train_steps} "

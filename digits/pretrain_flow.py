@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import ALL_PROMPTS, load_split
-from .pretrain import MANIFEST, WEIGHTS_DIR, _folder_digests, files_verified, read_manifest
+from .pretrain import MANIFEST, WEIGHTS_DIR, _folder_digests, files_verified, read_manifest, train_step
 from .pretrain import cache_root as _digits_cache_root
 
 __all__ = ["FlowPretrainConfig", "QUICK_FLOW", "flow_config_hash", "build_untrained_flow_pipeline",
@@ -158,16 +158,7 @@ def _train_seeded(cfg: FlowPretrainConfig, log_every: int) -> tuple[object, dict
         v = pipe.transformer(hidden_states=xt, timestep=1000 * t, encoder_hidden_states=emb[y],
                              pooled_projections=pooled[y], return_dict=False)[0]
         loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        d = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema_p, params):
-                pe.lerp_(p.detach(), 1 - d)
-        losses.append(float(loss.detach()))
+        losses.append(train_step(loss, opt, sched, params, ema_p, step, cfg.ema_decay))
         if log_every and (step + 1) % log_every == 0:
             print(f"flow pretrain step {step + 1}/{cfg.num_train_steps} loss "
                   f"{sum(losses[-log_every:]) / log_every:.4f} ({time.time() - t0:.0f} s)", flush=True)
