@@ -236,14 +236,23 @@ def pretrain(
     folder = os.path.join(cache_root(cache_dir), h)
     if is_pixel_pipeline(folder) and not force:
         return folder
-    tmp = folder + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shipped = None if force else shipped_pretrained(cfg)
-    if shipped is not None:  # same config hash, files verified: copy instead of training
-        shutil.copytree(shipped, tmp)
-    else:
+
+    def train_into(tmp: str) -> None:
         pipe, info = _train(cfg, log_every)
         save_pixel_pipeline(pipe, tmp, extra={"hash": h, "config": cfg.to_dict(), **info})
+
+    return fill_cache(folder, None if force else shipped_pretrained(cfg), train_into)
+
+
+def fill_cache(folder: str, shipped: str | None, train_into) -> str:
+    """Write a model folder atomically: copy ``shipped`` (same config hash, files verified) when given, else
+    ``train_into(tmp)``; then replace ``folder`` by the finished copy. Returns ``folder``."""
+    tmp = folder + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if shipped is not None:
+        shutil.copytree(shipped, tmp)
+    else:
+        train_into(tmp)
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.replace(tmp, folder)

@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from .data import ALL_PROMPTS, load_split
-from .pretrain import MANIFEST, WEIGHTS_DIR, _folder_digests, files_verified, read_manifest, train_step
+from .pretrain import (
+    MANIFEST,
+    WEIGHTS_DIR,
+    _folder_digests,
+    files_verified,
+    fill_cache,
+    read_manifest,
+    train_step,
+)
 from .pretrain import cache_root as _digits_cache_root
 
 __all__ = ["FlowPretrainConfig", "QUICK_FLOW", "flow_config_hash", "build_untrained_flow_pipeline",
@@ -222,18 +230,12 @@ def pretrain_flow(cfg: FlowPretrainConfig | None = None, cache_dir: str | None =
     folder = os.path.join(_cache_root(cache_dir), h)
     if is_pixel_sd3_pipeline(folder) and not force:
         return folder
-    tmp = folder + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shipped = None if force else shipped_flow_pretrained(cfg)
-    if shipped is not None:
-        shutil.copytree(shipped, tmp)
-    else:
+
+    def train_into(tmp: str) -> None:
         pipe, info = _train(cfg, log_every)
         save_pixel_sd3_pipeline(pipe, tmp, extra={"hash": h, "config": cfg.to_dict(), **info})
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+
+    return fill_cache(folder, None if force else shipped_flow_pretrained(cfg), train_into)
 
 
 def flow_pretrain_info(folder: str) -> dict:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .parametrization import x0_from_score
 from .schedules import Schedule
 
 __all__ = ["TweedieValue", "ResidualValue", "MLPValue", "tweedie_x0", "mc_value_targets",
@@ -36,8 +37,7 @@ __all__ = ["TweedieValue", "ResidualValue", "MLPValue", "tweedie_x0", "mc_value_
 
 def tweedie_x0(schedule: Schedule, t: torch.Tensor, y: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """Tweedie's denoiser :math:`\\hat x_0 = (y + \\sigma_t^2 s(t, y))/\\alpha_t` (VP and VE)."""
-    t = torch.as_tensor(t, dtype=y.dtype, device=y.device)
-    return (y + schedule.marginal_var(t) * score) / schedule.alpha(t)
+    return x0_from_score(schedule, torch.as_tensor(t, dtype=y.dtype, device=y.device), y, score)
 
 
 class TweedieValue(nn.Module):
