@@ -61,7 +61,7 @@ __all__ = [
     "likelihood_ratio_surrogate",
     "ode_value_gradient_surrogate",
     "pathwise_objective",
-    "reinforce_kl_surrogate",
+    "reinforce_kl_surrogate", "sampled_kl_return",
     "dpok_surrogate",
     "ppo_clip_surrogate",
     "hamiltonian_gap",
@@ -243,6 +243,14 @@ def reinforce_kl_surrogate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
     """
     ret = terminal_reward.detach() - beta * (log_probs - ref_log_probs).detach().sum(0)
     return ret * log_probs.sum(0)
+
+
+def sampled_kl_return(terminal_reward: torch.Tensor, sampled_log_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""DDPO-SF/IS's per-path return with the KL in it: :math:`R - \beta\sum_k\lambda_k`, with
+    :math:`\lambda_k = [\log\pi_\theta - \log\pi_\text{pre}](Y_{k+1}|Y_k)` the sampled per-step log-ratio (nats
+    per path, summed over dimensions; its mean is the chain's path KL). ``(B,)``, detached; ``beta = 0`` gives
+    original DDPO (reward only). Toy and image DDPO both call this."""
+    return (terminal_reward - beta * sampled_log_ratio).detach()
 
 
 def dpok_surrogate(log_probs: torch.Tensor, terminal_reward: torch.Tensor, baseline: torch.Tensor,

@@ -21,7 +21,9 @@ Recorded (:class:`Chain`): ``states`` ``(K+1, B, *event)``, ``actions`` and ``no
 step; 0 on deterministic steps), and with ``reference_fn``: ``ref_actions`` and two per-step KLs to it
 (nats per step, summed over dimensions): ``kl_steps`` the exact KL of the chain's step
 :math:`\frac{w_k}{2}|a_k - s_k|^2` and ``kl_steps_ct`` the continuous-time (Girsanov) estimate
-:math:`\frac{\bar w_k}{2}|a_k - s_k|^2` (``kernel.step_kl``).
+:math:`\frac{\bar w_k}{2}|a_k - s_k|^2` (``kernel.step_kl``), and ``ref_log_probs`` (the sampled
+:math:`x_{k+1}` under the reference's step, same units), so ``log_probs - ref_log_probs`` is the sampled per-step
+log-ratio :math:`\lambda_k` (mean ``kl_steps``) that DDPO puts in its return (``sampled_log_ratio``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class PathKLs:
         """Continuous-time (Girsanov) path KL estimate to the reference, per path (nats), stable across K."""
         return None if self.kl_steps_ct is None else self.kl_steps_ct.sum(0)
 
+    @property
+    def sampled_log_ratio(self) -> torch.Tensor | None:
+        r"""Per path :math:`\sum_k [\log\pi_\theta - \log\pi_\text{ref}](x_{k+1}|x_k)` on the sampled path (nats):
+        a one-sample unbiased estimate of the chain's path KL (``None`` without the reference)."""
+        ref = getattr(self, "ref_log_probs", None)
+        return None if ref is None else (self.log_probs - ref).sum(0)
+
     def kl_steps_of(self, form: str) -> torch.Tensor | None:
         """Per-step KLs of ``form``: ``"chain"`` (``kl_steps``) or ``"continuous"`` (``kl_steps_ct``)."""
         return {"chain": self.kl_steps, "continuous": self.kl_steps_ct}[form]
@@ -72,6 +81,7 @@ class Chain(PathKLs):
     ref_actions: torch.Tensor | None = None
     kl_steps: torch.Tensor | None = None
     kl_steps_ct: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
 
     @property
     def final(self) -> torch.Tensor:
@@ -103,7 +113,7 @@ def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tens
         generator = torch.Generator().manual_seed(0)
     check_finite("x0", x0)
     x = x0
-    states, actions, xis, logps, refs, kls, kls_ct = [x0], [], [], [], [], [], []
+    states, actions, xis, logps, refs, kls, kls_ct, ref_logps = [x0], [], [], [], [], [], [], []
     for k in range(K):
         a = _call(action_fn, "action_fn", k, x)
         mean = kernel.mean(k, x, a)
@@ -118,6 +128,7 @@ def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tens
             refs.append(s)
             kls.append(kernel.step_kl(k, a, s, "chain"))
             kls_ct.append(kernel.step_kl(k, a, s, "continuous"))
+            ref_logps.append(kernel.log_prob(k, x_next, kernel.mean(k, x, s)))
         if check:
             check_finite(f"state after step {k}", x_next)
         states.append(x_next)
@@ -129,4 +140,5 @@ def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tens
         return torch.stack(xs) if xs else None
 
     return Chain(states=stack(states), actions=stack(actions), noise=stack(xis), log_probs=stack(logps),
-                 ref_actions=stack(refs), kl_steps=stack(kls), kl_steps_ct=stack(kls_ct))
+                 ref_actions=stack(refs), kl_steps=stack(kls), kl_steps_ct=stack(kls_ct),
+                 ref_log_probs=stack(ref_logps))

@@ -108,8 +108,8 @@ class TrainConfig:
     kl_penalty: float = _f(1.0, "sa_ac: penalty on the path KL to the old (sampling) policy (trust region)")
     logprob_units: str = _f("sum", 'flow_grpo: "sum" (log-probs summed over dims, exact KL; ours) or "mean" '
                                    "(Flow-GRPO's per-dimension means and KL without 1/dt)")
-    max_path_kl: float = _f(0.0, "sa_ac: stop the epoch's updates once mean path KL to the old policy exceeds this "
-                                 "(0 = off; > 0 otherwise)")
+    early_stop_path_kl: float = _f(0.0, "sa_ac: stop the epoch's updates once the mean path KL to the old policy "
+                                        "exceeds this (0 = off); the toys' max_path_kl is a per-path gradient mask")
     clip_range: float = _f(1e-4, "ddpo_is: PPO clip range on per-step ratios of SUMMED log-probs")
     ratio_clamp: float = _f(1e-4, "dpok: per-step ratio clamped to [1 - c, 1 + c] (DPOK's 1e-4)")
     adv_clip_max: float = _f(5.0, "clamp advantages to [-c, c]")
@@ -157,6 +157,9 @@ class LogConfig:
     wandb: bool = _f(False, "also log to Weights & Biases (needs `pip install wandb`)")
     wandb_project: str = _f("scores-as-actions", "wandb project")
     progress: bool = _f(True, "tqdm progress bars on the main process")
+    reference_kl: bool = _f(True, "record the pretrained model's actions at every sampling step for every method, "
+                                  "to log the path KL to it; false: only where the method uses them (sa_ac, dpok, "
+                                  "and ddpo_*/flow_grpo with train.beta > 0), saving ddpo's extra denoiser pass")
 
 
 def _section(cls):
@@ -204,86 +207,6 @@ def describe_config(cfg: Config | None = None) -> str:
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------- presets
-def _sd15(method: str) -> Config:
-    c = Config()
-    c.train.method = method
-    c.sample.batch_size, c.sample.num_batches_per_epoch = 8, 4
-    c.train.batch_size, c.train.gradient_accumulation_steps = 4, 2
-    c.train.learning_rate = 3e-4
-    c.log.output_dir = f"runs/sd15_{method}"
-    if method == "sa_ac":
-        c.train.beta, c.train.kl_penalty, c.train.max_path_kl = 0.01, 1.0, 5.0
-        c.value.kind = "critic"
-    elif method == "ddpo_is":
-        c.train.beta, c.train.clip_range, c.train.per_prompt_norm = 0.0, 1e-4, True
-        c.value.kind = "none"
-    elif method == "dpok":
-        c.train.beta, c.train.ratio_clamp, c.train.learning_rate = 0.01, 1e-4, 1e-5
-        c.value.kind, c.value.learning_rate = "critic", 1e-4
-    return c
-
-
-def _tiny_cpu() -> Config:
-    c = Config()
-    c.model.pretrained = "tiny"
-    c.sample.num_steps, c.sample.batch_size, c.sample.num_batches_per_epoch = 6, 4, 1
-    c.sample.guidance_scale, c.sample.eval_num_steps, c.sample.eval_num_images = 3.0, 6, 8
-    c.train.num_epochs, c.train.batch_size, c.train.gradient_accumulation_steps = 2, 2, 1
-    c.train.learning_rate, c.train.beta, c.train.kl_penalty = 1e-3, 1e-3, 0.1
-    c.value.width = 16
-    c.reward.name = "brightness"
-    c.prompts = ["a cat", "a dog"]
-    c.log.output_dir, c.log.save_every, c.log.image_every = "runs/tiny_cpu", 1, 1
-    c.log.progress = False
-    return c
-
-
-def _sd35m(method: str) -> Config:
-    c = Config()
-    c.model.pretrained, c.model.family, c.model.mixed_precision = SD35M, "sd3", "bf16"
-    c.model.lora_rank, c.model.lora_alpha = 32, 64.0
-    c.sample.sampler, c.sample.num_steps, c.sample.guidance_scale = "flow", 10, 4.5
-    c.sample.batch_size, c.sample.num_batches_per_epoch, c.sample.group_size = 8, 4, 8
-    c.sample.eval_sampler, c.sample.eval_num_steps = "flow", 40
-    c.train.method, c.train.batch_size, c.train.gradient_accumulation_steps = method, 4, 2
-    c.train.learning_rate = 1e-4
-    c.log.output_dir = f"runs/sd35m_{method}"
-    if method == "flow_grpo":  # Flow-GRPO's published settings, in its own units
-        c.sample.flow_noise, c.sample.flow_noise_value, c.sample.flow_at_one = "flow_grpo", 0.7, "clamp"
-        c.train.beta, c.train.clip_range, c.train.logprob_units = 0.04, 1e-4, "mean"
-        c.value.kind = "none"
-    else:  # sa_ac: the standard reverse SDE (eta = 1), continuous-time KL, path-KL trust region
-        c.train.beta, c.train.kl_penalty = 0.01, 1.0
-        c.value.kind = "residual"
-    return c
-
-
-def _tiny_flow_cpu() -> Config:
-    c = _tiny_cpu()
-    c.model.pretrained, c.model.family = "tiny_sd3", "sd3"
-    c.sample.sampler, c.sample.eval_sampler, c.sample.num_steps, c.sample.eval_num_steps = "flow", "flow", 6, 6
-    c.log.output_dir = "runs/tiny_flow_cpu"
-    return c
-
-
-PRESETS = {
-    "sd15_sa_ac": lambda: _sd15("sa_ac"),
-    "sd15_ddpo_is": lambda: _sd15("ddpo_is"),
-    "sd15_dpok": lambda: _sd15("dpok"),
-    "tiny_cpu": _tiny_cpu,
-    "sd35m_sa_ac": lambda: _sd35m("sa_ac"),
-    "sd35m_flow_grpo": lambda: _sd35m("flow_grpo"),
-    "tiny_flow_cpu": _tiny_flow_cpu,
-}
-
-
-def get_preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise ValueError(f"unknown config preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
-
-
 # --------------------------------------------------------------------------- overrides
 def _convert(value: str, tp, name: str):
     origin = typing.get_origin(tp)
@@ -308,10 +231,16 @@ def _convert(value: str, tp, name: str):
         raise ValueError(f"{name}: cannot convert {value!r} to {tp.__name__}") from err
 
 
+#: renamed fields: old name -> new name (old run folders' config.json load; the CLI names the new one)
+RENAMED = {"train.max_path_kl": "train.early_stop_path_kl"}
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
     """Set ``section.field`` (or a top-level field) from strings, type-converted. Unknown names raise."""
     hints_top = typing.get_type_hints(Config)
     for key, value in overrides.items():
+        if key in RENAMED:
+            raise ValueError(f"config field {key!r} was renamed to {RENAMED[key]!r}")
         parts = key.split(".")
         if len(parts) == 1:
             if parts[0] not in hints_top or dataclasses.is_dataclass(getattr(cfg, parts[0], None)):
@@ -347,6 +276,7 @@ def config_from_dict(d: dict) -> Config:
     for k, v in d.items():
         cur = getattr(c, k)
         if dataclasses.is_dataclass(cur):
+            v = {RENAMED.get(f"{k}.{f}", f"{k}.{f}").split(".")[1]: x for f, x in v.items()}
             setattr(c, k, type(cur)(**v))
         else:
             setattr(c, k, v)
@@ -394,3 +324,6 @@ def format_arithmetic(cfg: Config, num_processes: int = 1) -> str:
             f"total samples = {a['total_samples']} over {t.num_epochs} epochs",
         ]
     )
+
+
+from .presets import PRESETS, get_preset  # noqa: E402  (presets build Config objects)

@@ -29,10 +29,12 @@ trained so the sum stays unbiased).
   onto :math:`R - \beta\sum_{j\ge k}\ell_j` (:func:`mc_value_targets`) or TD(0).
 * :class:`DDPOScoreFunction` (``ddpo_sf``) -- REINFORCE on the K-step chain:
   :math:`\sum_k A\log\pi_\theta(x_{k+1}|x_k)` with the per-prompt normalised reward as the advantage
-  (DDPO-SF; :func:`likelihood_ratio_surrogate` with :math:`\beta = 0`), no KL, no importance weight (exact
-  gradient on the first update of an epoch only).
+  (DDPO-SF; :func:`likelihood_ratio_surrogate` with :math:`\beta = 0`), no importance weight (exact
+  gradient on the first update of an epoch only). With ``train.beta`` > 0 the return is
+  :math:`R - \beta\sum_k\lambda_k` (sampled log-ratios, :func:`sampled_kl_return`) before normalisation, as on the
+  toys (:mod:`sa_theory.algorithms.baselines`); the presets use ``beta = 0``, DDPO as published.
 * :class:`DDPOImportanceSampling` (``ddpo_is``) -- per-step PPO-clip (:func:`ppo_clip_surrogate`) with a fixed
-  clip range on ratios of summed log-probs, per-prompt normalised rewards as advantages, no KL.
+  clip range on ratios of summed log-probs, per-prompt normalised returns (as DDPO-SF) as advantages.
 * :class:`DPOK` (``dpok``) -- :func:`dpok_surrogate`: :math:`\sum_k (R - V_k)\rho_k -
 \beta\sum_k\ell_k(\theta)` with the
   ratio clamped to :math:`1\pm c` and a learned value baseline regressed on R.
@@ -53,6 +55,7 @@ from sa_theory.estimators import (
     policy_path_kl,
     ppo_clip_surrogate,
     reward_to_go,
+    sampled_kl_return,
     td_advantages,
     trust_region_surrogate,
 )
@@ -77,7 +80,15 @@ class Method:
     the value model and the config."""
 
     name = "method"
-    needs_reference = True  # record the pretrained model's actions during rollouts (KL)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the method's loss uses the pretrained model's actions (then rollouts record them)."""
+        return True
+
+    def path_return(self, batch: RolloutBatch, rewards: torch.Tensor) -> torch.Tensor:
+        """The per-path quantity the trainer normalises (per prompt / group) before :meth:`prepare`: the reward."""
+        return rewards
 
     def __init__(self, cfg, env, model, value_model=None):
         self.cfg, self.env, self.kernel, self.model, self.value_model = cfg, env, env.kernel, model, value_model
@@ -261,10 +272,20 @@ class SAActorCritic(Method):
 
 
 class DDPOScoreFunction(Method):
-    r"""``ddpo_sf``: REINFORCE, :math:`\sum_k A\log\pi_\theta(x_{k+1}|x_k)`, per-prompt normalised rewards
-    as advantages, no KL, no clipping."""
+    r"""``ddpo_sf``: REINFORCE, :math:`\sum_k A\log\pi_\theta(x_{k+1}|x_k)`, per-prompt normalised returns
+    (:meth:`path_return`) as advantages, no clipping."""
 
     name = "ddpo_sf"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.train.beta > 0
+
+    def path_return(self, batch, rewards):
+        r"""DDPO's return, as on the toys: :math:`R - \beta\sum_k\lambda_k` with the sampled log-ratios
+        (:func:`sa_theory.estimators.sampled_kl_return`); ``train.beta = 0`` is original DDPO (the reward)."""
+        beta = self.cfg.train.beta
+        return rewards if beta == 0 else sampled_kl_return(rewards, batch.sampled_log_ratio.to(rewards), beta)
 
     def prepare(self, batch, rewards):
         batch.path_data["adv"] = self._clip_adv(rewards)  # rewards are already per-prompt normalised
@@ -348,6 +369,10 @@ class FlowGRPO(DDPOScoreFunction):
     published behaviour."""
 
     name = "flow_grpo"
+
+    def path_return(self, batch, rewards):
+        """Flow-GRPO keeps its KL as a per-step penalty in the loss, not in the return."""
+        return rewards
 
     def step_loss(self, batch, k):
         tr, s, kern = self.cfg.train, self.steps_scale, self.kernel

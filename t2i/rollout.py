@@ -61,7 +61,7 @@ def guided_eps(
     return eps_from_model_output(out, x, alphabar, prediction_type)
 
 
-_STEP_MAJOR = ("latents", "actions", "log_probs", "ref_actions", "kl_steps", "kl_steps_ct")
+_STEP_MAJOR = ("latents", "actions", "log_probs", "ref_actions", "kl_steps", "kl_steps_ct", "ref_log_probs")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class RolloutBatch(PathKLs):
     kl_steps: torch.Tensor | None = None
     kl_steps_ct: torch.Tensor | None = None
     images: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     step_data: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step extras, (K, B, ...)
     path_data: dict[str, Any] = field(default_factory=dict)  # per-path extras, (B, ...)
@@ -132,7 +133,7 @@ def sample_rollout(env, prompts: list[str], generator: torch.Generator, record_r
         reference_fn=(lambda k, x: env.reference_action(k, x, text)) if record_reference else None,
     )
     batch = RolloutBatch(list(prompts), text, chain.states, chain.actions, chain.log_probs, chain.ref_actions,
-                         chain.kl_steps, chain.kl_steps_ct)
+                         chain.kl_steps, chain.kl_steps_ct, ref_log_probs=chain.ref_log_probs)
     if decode:
         batch.images = env.decode(chain.final)
     return batch

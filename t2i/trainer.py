@@ -194,7 +194,8 @@ class Trainer(CheckpointMixin):
             idx = torch.randint(len(cfg.prompts), (cfg.sample.batch_size // G,), generator=gen).repeat_interleave(G)
             prompts = [cfg.prompts[i] for i in idx.tolist()]
             with acc.autocast():
-                b = sample_rollout(self.env, prompts, gen, record_reference=True)
+                b = sample_rollout(self.env, prompts, gen,
+                                   record_reference=self.method.needs_reference or cfg.log.reference_kl)
             with torch.no_grad():
                 b.rewards = self._check_reward(self.reward(b.images, b.prompts), len(b.prompts))
             batches.append(b)
@@ -213,12 +214,13 @@ class Trainer(CheckpointMixin):
         t_sample = time.time() - t0
         metrics: dict = {"epoch": epoch}
         metrics["reward_mean"], metrics["reward_se"] = self._gather_stats(batch.rewards)
-        metrics["path_kl_mean"], metrics["path_kl_se"] = self._gather_stats(batch.path_kl)
-        metrics["path_kl_ct_mean"], metrics["path_kl_ct_se"] = self._gather_stats(batch.path_kl_ct)
+        if batch.path_kl is not None:  # not recorded: log.reference_kl false and a method that does not need it
+            metrics["path_kl_mean"], metrics["path_kl_se"] = self._gather_stats(batch.path_kl)
+            metrics["path_kl_ct_mean"], metrics["path_kl_ct_se"] = self._gather_stats(batch.path_kl_ct)
         feats = F.interpolate(batch.images, size=(32, 32), mode="area").flatten(1)
         div, _ = diversity(feats, batch.prompts)
         metrics["diversity_pixels"] = float(acc.gather(torch.tensor([div], device=acc.device)).nanmean())
-        rewards = batch.rewards
+        rewards = self.method.path_return(batch, batch.rewards)  # ddpo_*: R - beta * sampled log-ratio
         if t.per_prompt_norm or t.method in ("ddpo_is", "ddpo_sf", "flow_grpo"):
             all_r = acc.gather(rewards.contiguous())
             from accelerate.utils import gather_object
@@ -286,9 +288,9 @@ class Trainer(CheckpointMixin):
                 n_updates += 1
                 for name, v in upd.items():
                     sums[name] = sums.get(name, 0.0) + v
-                if t.method == "sa_ac" and t.max_path_kl > 0:
+                if t.method == "sa_ac" and t.early_stop_path_kl > 0:
                     kl_old = acc.reduce(torch.tensor([upd.get("kl_to_old", 0.0)], device=acc.device), "mean")
-                    if float(kl_old) > t.max_path_kl:
+                    if float(kl_old) > t.early_stop_path_kl:
                         stopped = True
                         break
             if stopped:
@@ -326,7 +328,7 @@ class Trainer(CheckpointMixin):
                 self.history.append(m)
                 self.logger.log(m, self.state.global_step)
                 bar.update(1)
-                bar.set_postfix(reward=f"{m['reward_mean']:.3g}", kl=f"{m['path_kl_mean']:.3g}")
+                bar.set_postfix(reward=f"{m['reward_mean']:.3g}", kl=f"{m.get('path_kl_mean', float('nan')):.3g}")
                 stop = interrupt.requested
                 if acc.num_processes > 1:  # every rank must take the same branch (save_state is collective)
                     stop = float(acc.reduce(torch.tensor([float(stop)], device=acc.device), "sum")) > 0

@@ -111,7 +111,7 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         f"train.gradient_accumulation_steps: minibatches per epoch per process ({n_mb}) must be divisible by "
         f"train.gradient_accumulation_steps ({t.gradient_accumulation_steps})",
     )
-    for name in ("beta", "kl_penalty", "max_path_kl", "learning_rate", "max_grad_norm", "adv_clip_max"):
+    for name in ("beta", "kl_penalty", "early_stop_path_kl", "learning_rate", "max_grad_norm", "adv_clip_max"):
         val = getattr(t, name)
         need(math.isfinite(val) and val >= 0, f"train.{name}: must be finite and >= 0 (got {val})")
     need(t.clip_range > 0, f"train.clip_range: must be > 0 (got {t.clip_range})")

@@ -127,6 +127,35 @@ def test_pathwise_costate_options_are_validated_and_run():
         assert len(hist) == 2 and np.isfinite(hist[-1]["objective"]) and np.isfinite(hist[-1]["value_loss"])
 
 
+def test_critic_costates_sit_at_the_step_s_next_state_or_its_left_point_and_estimator_is_validated():
+    """``costate='critic_next'`` (default) gives step k the critic's gradient at (tau_{k+1}, Y_{k+1}), 'critic' at
+    (tau_k, Y_k), both with the critic's values at the left points; bad names and a non-Euler likelihood-ratio
+    estimator raise naming the field."""
+    from sa_theory.algorithms import values_on_grid
+
+    with pytest.raises(ValueError, match="'estimator'"):
+        build("sa_ac", "gauss2d", {**FAST, "estimator": "reinforce"})
+    with pytest.raises(ValueError, match="solver='euler'"):
+        build("sa_ac", "gauss2d", {**FAST, "estimator": "likelihood_ratio", "solver": "heun"})
+    assert SAACConfig().costate == "critic_next"
+    grads = {}
+    for where in ("critic_next", "critic"):
+        s = build("sa_ac", "gauss2d", {**FAST, "costate": where, "batch_size": 8, "sampler_steps": 5})
+        batch = s.trainer.collect(0)
+        v, p = s.trainer.costates(batch)
+        rows = slice(1, 6) if where == "critic_next" else slice(0, 5)
+        y = batch.states[rows].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(values_on_grid(s.trainer.value, batch.taus[rows], y).sum(), y)
+        torch.testing.assert_close(p, g)
+        torch.testing.assert_close(v, values_on_grid(s.trainer.value, batch.taus[:5], batch.states[:5]).detach())
+        grads[where] = p
+    assert not torch.allclose(grads["critic_next"], grads["critic"])
+    s = build("sa_ac", "gauss2d", {**FAST, "estimator": "likelihood_ratio", "iterations": 2, "batch_size": 16,
+                                   "sampler_steps": 6})
+    hist = s.trainer.train()
+    assert len(hist) == 2 and np.isfinite(hist[-1]["objective"]) and hist[-1]["grad_norm"] > 0
+
+
 def test_baselines_require_euler_transition_densities():
     with pytest.raises(ValueError, match="solver='euler'"):
         build("ddpo_is", "gauss2d", {**FAST, "solver": "heun"})

@@ -121,7 +121,7 @@ def t2i_env():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("train.num_epochs", "0"), ("train.max_path_kl", "-1"), ("train.num_inner_epochs", "0"),
+    ("train.num_epochs", "0"), ("train.early_stop_path_kl", "-1"), ("train.num_inner_epochs", "0"),
     ("train.learning_rate", "0"), ("train.adam_beta1", "1.0"), ("log.keep_last", "0"), ("log.save_every", "-1"),
     ("sample.eval_num_images", "0"), ("sample.guidance_scale", "nan"), ("value.width", "0"),
     ("value.learning_rate", "-1"), ("model.lora_alpha", "0"), ("train.stat_min_count", "0"),

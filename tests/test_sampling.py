@@ -71,3 +71,23 @@ def test_random_stream_does_not_depend_on_the_noise_level_and_bad_outputs_are_na
         sample_chain(kern, zero, x0, reference_fn=lambda k, x: x * float("nan"))
     with pytest.raises(ValueError, match="noise"):
         sample_chain(kern, zero, x0, noise=torch.zeros(2, 3, 4))
+
+
+def test_sampled_log_ratio_is_an_unbiased_estimate_of_the_chain_path_kl():
+    """``Chain.sampled_log_ratio`` (DDPO's KL-in-the-return, ``ref_log_probs`` recorded by the loop) has the
+    chain's path KL as its mean: |mean(sum_k lambda_k) - mean(path_kl)| < 4.5 SE over 20000 paths (float64, DDIM
+    with 5 steps and a state-dependent policy); the reference's log-probs evaluated at the policy's mean (a slip
+    that gives 0) fail it."""
+    g = torch.Generator().manual_seed(3)
+    ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    ts = np.arange(999, -1, -200)
+    kern = DDIMKernel(ac, ts, np.append(ts[1:], -1), 1.0, 1.0)
+    x0 = torch.randn(20000, 3, dtype=torch.float64, generator=g)
+    chain = sample_chain(kern, lambda k, x: -0.5 * x + 0.3, x0, reference_fn=lambda k, x: -x, generator=g)
+    diff = chain.sampled_log_ratio - chain.path_kl
+    se = diff.std() / len(diff) ** 0.5
+    assert abs(diff.mean()) < 4.5 * se, (float(diff.mean()), float(se))
+    assert float(chain.path_kl.mean()) > 20 * float(se)  # the check has power: the KL itself is far from 0
+    assert chain.ref_log_probs.shape == chain.log_probs.shape
+    # without a reference nothing is recorded
+    assert sample_chain(kern, lambda k, x: -x, x0[:4], generator=g).sampled_log_ratio is None

@@ -94,8 +94,12 @@ class SAActorCritic(Trainer):
             raise ValueError("value_loss='mc_cv' uses Euler transition log-ratios: use solver='euler'")
         if self.cfg.lr_coef and self.cfg.solver != "euler":
             raise ValueError("'lr_coef' > 0 needs Euler transition densities: use solver='euler'")
-        if self.cfg.costate not in ("critic", "pathwise"):
-            raise ValueError(f"'costate' must be 'critic' or 'pathwise', got {self.cfg.costate!r}")
+        if self.cfg.costate not in ("critic_next", "critic", "pathwise"):
+            raise ValueError(f"'costate' must be 'critic_next', 'critic' or 'pathwise', got {self.cfg.costate!r}")
+        if self.cfg.estimator not in ("value_gradient", "likelihood_ratio"):
+            raise ValueError(f"'estimator' must be 'value_gradient' or 'likelihood_ratio', got {self.cfg.estimator!r}")
+        if self.cfg.estimator == "likelihood_ratio" and self.cfg.solver != "euler":
+            raise ValueError("estimator='likelihood_ratio' needs Euler transition densities: use solver='euler'")
         if self.cfg.final_distill_steps < 0:
             raise ValueError(f"'final_distill_steps' must be >= 0, got {self.cfg.final_distill_steps}")
         if self.cfg.final_distill_steps > 0:  # fail now, not after the whole run
@@ -187,12 +191,21 @@ class SAActorCritic(Trainer):
 
     # ------------------------------------------------------------------ 3. costate
     def costates(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        r""":math:`(V_\psi(\tau_k, Y_k), \nabla_y V_\psi(\tau_k, Y_k))` for ``k < N``, detached."""
+        r"""The critic's values :math:`V_\psi(\tau_k, Y_k)` and step ``k``'s costate for ``k < N``, detached:
+        :math:`\nabla_y V_\psi(\tau_{k+1}, Y_{k+1})` (``costate='critic_next'``: the action of step ``k`` moves
+        :math:`Y_{k+1}`, so with :math:`V_\psi = V^\theta_N` the surrogate's gradient at :math:`\theta_\text{old}` is
+        the N-step chain's value gradient, as :func:`~sa_theory.estimators.pathwise_costates`'s :math:`P_{k+1}`)
+        or :math:`\nabla_y V_\psi(\tau_k, Y_k)` (``'critic'``: the continuous-time costate at the left point, off
+        by O(dtau) on the chain; on the 10-step LQ chain it costs 18% of J, ``benchmarks/ablation_lq.py``)."""
         N = batch.taus.numel() - 1
+        rows = slice(1, N + 1) if self.cfg.costate == "critic_next" else slice(0, N)
         with torch.enable_grad():
-            y = batch.states[:N].detach().requires_grad_(True)
-            v = values_on_grid(self.value, batch.taus[:N], y, batch.cond)
+            y = batch.states[rows].detach().requires_grad_(True)
+            v = values_on_grid(self.value, batch.taus[rows], y, batch.cond)
             (grad,) = torch.autograd.grad(v.sum(), y)
+        if self.cfg.costate == "critic_next":
+            with torch.no_grad():
+                v = values_on_grid(self.value, batch.taus[:N], batch.states[:N], batch.cond)
         return v.detach(), check_finite("critic value gradient", grad)
 
     def greedy_policy(self, beta: float | None = None) -> GreedyPolicy:
@@ -217,14 +230,15 @@ class SAActorCritic(Trainer):
         scale = N / idx.numel()
         sur = scale * trust_region_surrogate(new, old, ref, pk, g2, batch.dtau, beta,
                                              kl_penalty=cfg.kl_penalty, max_path_kl=cfg.max_path_kl, kl_weight=klw)
-        if cfg.lr_coef:
+        lr_coef = 1.0 if cfg.estimator == "likelihood_ratio" else cfg.lr_coef
+        if lr_coef:
             adv = td_advantages(values, batch.reward, batch.kl_steps, beta)[idx][:, paths]
             gd = self.env.sde.diffusion(batch.taus)[idx]
             y1 = batch.states[idx + 1][:, paths]
             logp = torch.stack([euler_log_prob(y1[i], states[i], self.env.sde.drift(taus[i], states[i], new[i]),
                                                gd[i], batch.dtau) for i in range(idx.numel())])
             ratio = torch.exp(logp - batch.log_probs[idx][:, paths])
-            sur = sur + cfg.lr_coef * scale * (ratio * adv).sum(0)
+            sur = sur + lr_coef * scale * (ratio * adv).sum(0)
         with torch.no_grad():
             pkl = scale * 0.5 * (klw.reshape(-1, *[1] * (new.dim() - 1)) * batch.dtau * (new - old) ** 2
                                  ).reshape(idx.numel(), paths.numel(), -1).sum((0, 2))
@@ -243,6 +257,8 @@ class SAActorCritic(Trainer):
                 values = values_on_grid(self.value, batch.taus[:N], batch.states[:N], batch.cond)
         else:
             values, p = self.costates(batch)
+        if cfg.estimator == "likelihood_ratio":  # R5: no costates; the surrogate keeps the exact KL terms
+            p = torch.zeros_like(p)
         grad_norm, pkl = 0.0, torch.zeros(B)
         for _ in range(cfg.epochs):
             if cfg.tau_subset and cfg.tau_subset < N:

@@ -18,18 +18,25 @@ from __future__ import annotations
 
 import torch
 
-from ..estimators import dpok_surrogate, euler_log_probs, kl_steps, likelihood_ratio_surrogate, ppo_clip_surrogate
+from ..estimators import (
+    dpok_surrogate,
+    euler_log_probs,
+    kl_steps,
+    likelihood_ratio_surrogate,
+    ppo_clip_surrogate,
+    sampled_kl_return,
+)
 from .actor_critic import values_on_grid
 from .policies import grid_means
 from .trainer import Batch, Trainer
 
-__all__ = ["DDPOSF", "DDPOIS", "DPOK", "sampled_kl_return"]
+__all__ = ["DDPOSF", "DDPOIS", "DPOK", "ddpo_advantages"]
 
 
-def sampled_kl_return(batch: Batch, beta: float, normalize: bool) -> torch.Tensor:
+def ddpo_advantages(batch: Batch, beta: float, normalize: bool) -> torch.Tensor:
     r"""Per-path return :math:`R - \beta\sum_k[\log\pi_\theta - \log\pi_\text{pre}](Y_{k+1}|Y_k)`, optionally
     standardised over the batch (DDPO's advantage normalisation). ``(B,)``, detached."""
-    ret = batch.reward - beta * (batch.log_probs - batch.ref_log_probs).sum(0)
+    ret = sampled_kl_return(batch.reward, (batch.log_probs - batch.ref_log_probs).sum(0), beta)
     if normalize:
         ret = (ret - ret.mean()) / (ret.std() + 1e-8)
     return ret.detach()
@@ -55,7 +62,7 @@ class DDPOSF(_DiscreteBaseline):
 
     def update(self, batch: Batch) -> dict:
         beta, B = self.beta_at(self.iteration), batch.batch_size
-        adv = sampled_kl_return(batch, beta, self.cfg.normalize_advantages)
+        adv = ddpo_advantages(batch, beta, self.cfg.normalize_advantages)
         for paths in self.chunks(B):
             logp, _ = self.log_probs(batch, paths)
             sur = likelihood_ratio_surrogate(logp, adv[paths], torch.zeros_like(logp), 0.0)
@@ -68,7 +75,7 @@ class DDPOIS(_DiscreteBaseline):
 
     def update(self, batch: Batch) -> dict:
         cfg, beta, B = self.cfg, self.beta_at(self.iteration), batch.batch_size
-        adv = sampled_kl_return(batch, beta, cfg.normalize_advantages)
+        adv = ddpo_advantages(batch, beta, cfg.normalize_advantages)
         grad_norm, clipfrac, approx_kl = 0.0, 0.0, 0.0
         for _ in range(cfg.epochs):
             cf, ak = 0.0, 0.0

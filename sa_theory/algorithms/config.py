@@ -86,8 +86,14 @@ class SAACConfig(TrainConfig):
     value_batch: int = _f(2048, "critic: state samples per step (full paths at value_batch // batch_size grid times)")
     lr_coef: float = _f(0.0, "weight of an added likelihood-ratio (TD-advantage, importance-weighted) term; "
                              "use > 0 for critics of non-differentiable rewards")
-    costate: str = _f("critic", "costate p_k in the actor's surrogate: 'critic' (grad_y V_psi) | 'pathwise' (sampled "
-                                "discrete adjoint P_k, unbiased for the N-step chain; differentiable reward, Euler)")
+    costate: str = _f("critic_next", "costate p_k of step k in the actor's surrogate: 'critic_next' (grad_y V_psi "
+                                     "at the step's next state (tau_{k+1}, Y_{k+1}): chain-consistent, as on images) | "
+                                     "'critic' (at the left point (tau_k, Y_k): an O(dtau) bias on coarse grids) | "
+                                     "'pathwise' (sampled discrete adjoint P_{k+1}, unbiased for the N-step chain; "
+                                     "differentiable reward, Euler)")
+    estimator: str = _f("value_gradient", "actor gradient: 'value_gradient' (R4: costates through the trust-region "
+                                          "surrogate) | 'likelihood_ratio' (R5: importance-weighted TD advantages "
+                                          "with the critic as baseline, the KL term differentiated exactly; Euler)")
     value_grad_coef: float = _f(0.0, "weight of the Sobolev critic term |grad_y V_psi - P_k|^2 (P_k: pathwise "
                                      "costates; differentiable reward, Euler); 0: value regression only")
     final_distill_steps: int = _f(0, "after the last iteration, Adam steps regressing the actor onto the critic's "

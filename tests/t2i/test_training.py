@@ -177,3 +177,33 @@ def _check_bf16_trainer(tr):
     assert math.isfinite(m["train/loss"])
     assert any(not torch.equal(before[n], p) for n, p in lora.items())
     assert all(torch.equal(a, p) for a, p in zip(frozen0, frozen))
+
+
+def test_ddpo_return_and_reference_recording_follow_beta_as_on_the_toys(tmp_path):
+    """DDPO's return is R - beta * sum_k lambda_k (sampled log-ratios, the toys' definition) with beta > 0, the
+    reward with beta = 0; with ``log.reference_kl false`` a beta = 0 DDPO run skips the reference pass (no
+    pretrained actions recorded, no path-KL metrics) and still trains; sa_ac always records it."""
+    over = {**FAST, "log.reference_kl": "false"}
+    tr = Trainer(tiny_config(tmp_path / "a", "ddpo_is", **over, **{"train.beta": 0.0}))
+    assert not tr.method.needs_reference
+    b = tr.sample_epoch(torch.Generator().manual_seed(0))
+    assert b.ref_actions is None and b.sampled_log_ratio is None
+    assert torch.equal(tr.method.path_return(b, b.rewards), b.rewards)
+    m = tr.train_epoch()
+    assert "path_kl_mean" not in m and m["updates"] == 1
+    tr = Trainer(tiny_config(tmp_path / "b", "ddpo_is", **over, **{"train.beta": 0.5}))
+    assert tr.method.needs_reference
+    b = tr.sample_epoch(torch.Generator().manual_seed(0))
+    lam = (b.log_probs - b.ref_log_probs).sum(0)
+    torch.testing.assert_close(tr.method.path_return(b, b.rewards), b.rewards - 0.5 * lam)
+    assert Trainer(tiny_config(tmp_path / "c", "sa_ac", **over)).method.needs_reference
+
+
+def test_renamed_field_loads_from_old_configs_and_the_cli_names_the_new_one():
+    from t2i.config import config_from_dict, config_to_dict
+
+    d = config_to_dict(get_preset("sd15_sa_ac"))
+    d["train"]["max_path_kl"] = d["train"].pop("early_stop_path_kl")
+    assert config_from_dict(d).train.early_stop_path_kl == 5.0
+    with pytest.raises(ValueError, match="early_stop_path_kl"):
+        apply_overrides(get_preset("tiny_cpu"), {"train.max_path_kl": "1"})
