@@ -14,9 +14,12 @@ at the left end:
 
 Backends:
 
-* ``backend="native"``: plain torch loop, methods ``"euler"`` (Euler-Maruyama) and ``"heun"``
-  (stochastic Heun, second order for the ODE and for additive noise). Differentiable: leave autograd on
-  to backpropagate through the solver (pathwise gradients). Seeded by ``seed`` or ``generator``.
+* ``backend="native"``: methods ``"euler"`` (Euler-Maruyama: for a stochastic sampler without exploration
+  noise, the one sampling loop :func:`~sa_theory.sampling.sample_chain` on the SDE's
+  :class:`~sa_theory.kernels.EulerKernel`, as for every image sampler) and ``"heun"`` (stochastic Heun, second
+  order for the ODE and for additive noise; with the ODE and exploration noise, a plain torch loop here).
+  Differentiable: leave autograd on to backpropagate through the solver (pathwise gradients). Seeded by
+  ``seed`` or ``generator``.
 * ``backend="torchsde"``: :func:`torchsde.sdeint` with any of its Ito methods (``euler``, ``milstein``,
   ``srk``) and fixed step ``dtau``; the Brownian path is a ``torchsde.BrownianInterval`` seeded by
   ``entropy`` (``torch.manual_seed`` does not reach it). The KL integral is carried as an extra state.
@@ -190,7 +193,9 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
     if keep and (not isinstance(save_every, int) or save_every < 1):
         raise ValueError(f"'save_every' must be a positive int or None, got {save_every!r}")
     full = keep and save_every == 1
-    # coefficients on the grid, computed once
+    if method == "euler" and not sde.ode and not exploration_std:
+        return _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, save_every, check)
+    # Heun, the ODE and exploration noise: this loop. Coefficients on the grid, computed once
     f = sde.schedule.f_tau(taus)
     coef = sde.action_coef(taus)
     gdiff = sde.diffusion(taus)
@@ -270,6 +275,28 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
     if act_noise:
         traj.extras["action_noise"] = torch.stack(act_noise)
         traj.extras["exploration_std"] = exploration_std
+    return traj
+
+
+def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, save_every, check) -> Trajectory:
+    """Euler-Maruyama through the one sampling loop: :func:`~sa_theory.sampling.sample_chain` on the SDE's
+    :class:`~sa_theory.kernels.EulerKernel` over ``taus`` (the step of the module docstring; same random draws as
+    the loop below would take). ``save_every=None`` records nothing per step (``record=False``)."""
+    from .kernels import EulerKernel
+    from .sampling import sample_chain
+
+    N = taus.numel() - 1
+    kern = EulerKernel(sde, taus.detach().double().cpu().numpy())
+    ref_fn = None if reference is None else (lambda k, x: reference(taus[k], x, cond))
+    chain = sample_chain(kern, lambda k, x: policy(taus[k], x, cond), y0, reference_fn=ref_fn, generator=generator,
+                         noise=noise, check=check, record=save_every is not None)
+    traj = Trajectory(taus=taus, final=chain.final, path_kl=chain.path_kl)
+    if save_every is not None:
+        idx = sorted(set(range(0, N + 1, save_every)) | {N})
+        traj.states, traj.saved_taus = chain.states[idx], taus[idx]
+        if save_every == 1:
+            traj.noise, traj.actions, traj.means = chain.noise, chain.actions, chain.actions
+            traj.ref_actions, traj.log_probs, traj.kl_steps = chain.ref_actions, chain.log_probs, chain.kl_steps
     return traj
 
 

@@ -98,10 +98,14 @@ def _call(fn: StepActionFn, name: str, k: int, x: torch.Tensor) -> torch.Tensor:
 
 def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tensor, *,
                  reference_fn: StepActionFn | None = None, generator: torch.Generator | None = None,
-                 noise: torch.Tensor | None = None, check: bool = True) -> Chain:
+                 noise: torch.Tensor | None = None, check: bool = True, record: bool = True) -> Chain:
     """Run the kernel's ``K`` steps from ``x0`` (module docstring). ``noise`` ``(K, *x0.shape)`` replaces the
     draws (e.g. to hold the Brownian path fixed); else ``generator`` (default: a CPU generator seeded 0).
-    ``check`` raises ``FloatingPointError`` on a non-finite state. Autograd is left as the caller set it."""
+    ``check`` raises ``FloatingPointError`` on a non-finite state. Autograd is left as the caller set it.
+    ``record=False`` (low memory, e.g. evaluation on many paths): ``states`` holds only ``x0`` and the final state,
+    ``actions``/``noise``/``ref_actions`` are ``None`` and the per-step records are summed over the steps into one
+    row (``log_probs``, ``kl_steps``, ``kl_steps_ct``, ``ref_log_probs`` of shape ``(1, B)``), so the per-path sums
+    (``path_kl``, ``sampled_log_ratio``) are unchanged."""
     if not isinstance(kernel, GaussianKernel):
         raise TypeError(f"'kernel' must be a sa_theory.kernels.GaussianKernel, got {type(kernel).__name__}")
     if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or not x0.is_floating_point():
@@ -125,20 +129,27 @@ def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tens
         logps.append(kernel.log_prob(k, x_next, mean))
         if reference_fn is not None:
             s = _call(reference_fn, "reference_fn", k, x)
-            refs.append(s)
+            if record:
+                refs.append(s)
             kls.append(kernel.step_kl(k, a, s, "chain"))
             kls_ct.append(kernel.step_kl(k, a, s, "continuous"))
             ref_logps.append(kernel.log_prob(k, x_next, kernel.mean(k, x, s)))
         if check:
             check_finite(f"state after step {k}", x_next)
-        states.append(x_next)
-        actions.append(a)
-        xis.append(xi)
+        if record:
+            states.append(x_next)
+            actions.append(a)
+            xis.append(xi)
         x = x_next
 
     def stack(xs):
         return torch.stack(xs) if xs else None
 
+    if not record:
+        def total(xs):
+            return torch.stack(xs).sum(0, keepdim=True) if xs else None
+        return Chain(states=torch.stack([x0, x]), actions=None, noise=None, log_probs=total(logps),
+                     kl_steps=total(kls), kl_steps_ct=total(kls_ct), ref_log_probs=total(ref_logps))
     return Chain(states=stack(states), actions=stack(actions), noise=stack(xis), log_probs=stack(logps),
                  ref_actions=stack(refs), kl_steps=stack(kls), kl_steps_ct=stack(kls_ct),
                  ref_log_probs=stack(ref_logps))
