@@ -31,7 +31,6 @@ from .models import (
     load_pipeline,
     lora_state_dict,
     lora_targets,
-    save_lora,
 )
 
 __all__ = ["resolve_checkpoint", "resolve_intact_checkpoint", "has_checkpoint", "guard_run_dir", "lora_hash",
@@ -213,34 +212,18 @@ class CheckpointMixin:
 
     # ------------------------------------------------------------------ checkpoint hooks
     def _save_hook(self, models, weights, output_dir):
-        if self.acc.is_main_process:
-            save_lora(denoiser(self.pipe), output_dir)
-            from safetensors.torch import save_file
+        from .distributed import save_lora_files
 
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(denoiser(self.pipe)).items()},
-                os.path.join(output_dir, "lora_peft.safetensors"),
-            )
-            if self.learned_value:
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in self.value.state_dict().items()},
-                    os.path.join(output_dir, "value_model.safetensors"),
-                )
-        while weights:
-            weights.pop()
+        # every rank: under FSDP2 the LoRA / value shards are gathered (collective); the main process writes
+        save_lora_files(denoiser(self.pipe), self.value if self.learned_value else None, output_dir,
+                        self.acc.is_main_process)
+        weights.clear()  # accelerate saves no model weights of its own (under FSDP it saves the sharded model)
 
     def _load_hook(self, models, input_dir):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from .distributed import load_lora_files
 
-        sd = load_file(os.path.join(input_dir, "lora_peft.safetensors"))
-        res = set_peft_model_state_dict(denoiser(self.pipe), {k: v.to(self.acc.device) for k, v in sd.items()})
-        if getattr(res, "unexpected_keys", None):
-            raise RuntimeError(f"unexpected LoRA keys in checkpoint: {res.unexpected_keys[:5]}")
-        if self.learned_value:
-            self.value.load_state_dict(load_file(os.path.join(input_dir, "value_model.safetensors")))
-        while models:
-            models.pop()
+        load_lora_files(denoiser(self.pipe), self.value if self.learned_value else None, input_dir)
+        models.clear()
 
     def save_checkpoint(self) -> str:
         """All ranks call this. Writes ``checkpoint-EEEEEE`` atomically and updates ``latest``."""

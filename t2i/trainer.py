@@ -85,17 +85,12 @@ class Trainer(CheckpointMixin):
     """``Trainer(cfg).train()``; see the module docstring. ``accelerator`` may be passed in (tests)."""
 
     def __init__(self, cfg: Config, accelerator=None):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from .distributed import make_accelerator, pipeline_device, place_pipeline
 
         self.cfg = cfg
-        # cpu=True without CUDA: under `accelerate launch --multi_gpu` on a CPU machine this selects
-        # MULTI_CPU/gloo
-        self.acc = accelerator or Accelerator(
-            mixed_precision=cfg.model.mixed_precision,
-            cpu=not torch.cuda.is_available(),
-            project_config=ProjectConfiguration(project_dir=cfg.log.output_dir),
-        )
+        # cpu=True without CUDA (under `accelerate launch --multi_gpu` on a CPU machine: MULTI_CPU/gloo); FSDP2 when
+        # launched with an FSDP config (configs/accelerate_fsdp.yaml), on GPUs and on CPU (t2i.distributed)
+        self.acc = accelerator or make_accelerator(cfg)
         validate(cfg, self.acc.num_processes)
         acc = self.acc
         self.resume_hint: str | None = None  # printed after an interrupt (the CLI sets its command line)
@@ -108,7 +103,8 @@ class Trainer(CheckpointMixin):
             cfg.model.mixed_precision
         ]
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.pipe = build_pipeline(cfg, acc.device, self.weight_dtype)
+        self.pipe = build_pipeline(cfg, pipeline_device(acc), self.weight_dtype)  # FSDP: on CPU, then
+        place_pipeline(self.pipe, acc)  # all but the denoiser to acc.device (prepare moves the denoiser's shards)
         unet = denoiser(self.pipe)  # the UNet, or the SD3 transformer
         add_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha, targets=lora_targets(self.pipe),
                  init_seed=cfg.train.seed)

@@ -34,7 +34,6 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
         full_lora_state_dict,
         full_state_dict,
         load_lora_files,
-        make_accelerator,
         save_lora_files,
     )
     from t2i.models import denoiser, lora_parameters
@@ -49,17 +48,7 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
     if phase == "b":
         cfg.resume_from = "auto"  # continues phase a's run
 
-    class FSDPTrainer(Trainer):
-        def _save_hook(self, models, weights, output_dir):
-            save_lora_files(denoiser(self.pipe), self.value if self.learned_value else None, output_dir,
-                            self.acc.is_main_process)
-            weights.clear()
-
-        def _load_hook(self, models, input_dir):
-            load_lora_files(denoiser(self.pipe), self.value if self.learned_value else None, input_dir)
-            models.clear()
-
-    tr = FSDPTrainer(cfg, accelerator=make_accelerator(cfg))
+    tr = Trainer(cfg)  # the trainer's own accelerator: FSDP2 under the FSDP launch config
     net, rank = denoiser(tr.pipe), tr.acc.process_index
     lora_init = full_lora_hash(net)  # collective (as every gather below)
     tr.train()
