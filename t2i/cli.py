@@ -99,7 +99,8 @@ def evaluate(
                 for i in range(0, n, s.batch_size):
                     ps = prompts[i : i + s.batch_size]
                     im = sample_images(
-                        pipe, ps, s.eval_sampler, s.eval_num_steps, s.guidance_scale, gen, s.eta
+                        pipe, ps, s.eval_sampler, s.eval_num_steps, s.guidance_scale, gen, s.eta,
+                        resolution=s.resolution,
                     )
                     with torch.no_grad():
                         rr.append(reward(im, ps).float().cpu())
@@ -148,6 +149,7 @@ def sample(
                 gen,
                 s.eta,
                 s.negative_prompt,
+                s.resolution,
             )
             for i in range(0, len(allp), s.batch_size)
         ]

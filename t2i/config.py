@@ -77,6 +77,8 @@ class SampleConfig:
     flow_at_one: str = _f("ode", 'flow step from t = 1: "ode" (deterministic, masked) or "clamp" (Flow-GRPO)')
     group_size: int = _f(1, "images per prompt in each sampling batch (flow_grpo: its group G, >= 2)")
     guidance_scale: float = _f(5.0, "classifier-free guidance w; the action is the guided score")
+    resolution: int | None = _f(None, "image height = width in pixels (None: the model's native size, e.g. 1024 for "
+                                      "SD3.5, 512 for SD1.5); a multiple of the VAE scale x patch size")
     negative_prompt: str = _f("", "unconditional prompt of CFG")
     batch_size: int = _f(8, "images sampled per process per sampling batch")
     num_batches_per_epoch: int = _f(4, "sampling batches per process per epoch")

@@ -39,13 +39,19 @@ def select_text(text: dict, idx: torch.Tensor) -> dict:
 class ImageEnvironment:
     """Base class of the contract (module docstring)."""
 
-    def __init__(self, pipe, kernel: GaussianKernel, guidance_scale: float = 1.0, negative_prompt: str | None = ""):
+    def __init__(self, pipe, kernel: GaussianKernel, guidance_scale: float = 1.0, negative_prompt: str | None = "",
+                 resolution: int | None = None):
         if not isinstance(kernel, GaussianKernel):
             raise TypeError(f"'kernel' must be a sa_theory GaussianKernel, got {type(kernel).__name__}")
         if not guidance_scale >= 0:
             raise ValueError(f"'guidance_scale' must be >= 0, got {guidance_scale}")
         self.pipe, self.kernel = pipe, kernel
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
+        self.latent_size = latent_size(pipe, resolution)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(C, h, h)`` of the denoiser's latents at the environment's resolution."""
+        return (self.model.config.in_channels, self.latent_size, self.latent_size)
 
     @property
     def guided(self) -> bool:
@@ -53,9 +59,6 @@ class ImageEnvironment:
 
     @property
     def model(self) -> torch.nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def latent_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @property
@@ -106,10 +109,6 @@ class UNetEnvironment(ImageEnvironment):
     def text_dim(self):
         return self.pipe.text_encoder.config.hidden_size
 
-    def latent_shape(self):
-        cfg = self.model.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-
     def encode(self, prompts):
         device = self.model.device
         embeds, pooled = encode_prompts(self.pipe, list(prompts), device)
@@ -150,10 +149,6 @@ class FlowEnvironment(ImageEnvironment):
     def text_dim(self):
         return self.model.config.pooled_projection_dim
 
-    def latent_shape(self):
-        cfg = self.model.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-
     def encode(self, prompts):
         from .flow_models import encode_sd3_prompts
 
@@ -190,6 +185,22 @@ def make_environment(pipe, sample, num_steps: int | None = None) -> ImageEnviron
     if flow:
         _, kernel = make_flow_kernel(pipe.scheduler.config, K, sample.flow_noise, sample.flow_noise_value,
                                      sample.flow_at_one)
-        return FlowEnvironment(pipe, kernel, sample.guidance_scale, sample.negative_prompt)
+        return FlowEnvironment(pipe, kernel, sample.guidance_scale, sample.negative_prompt, sample.resolution)
     _, kernel = make_kernel(pipe.scheduler.config, sample.sampler, K, sample.eta)
-    return UNetEnvironment(pipe, kernel, sample.guidance_scale, sample.negative_prompt)
+    return UNetEnvironment(pipe, kernel, sample.guidance_scale, sample.negative_prompt, sample.resolution)
+
+
+def latent_size(pipe, resolution: int | None = None) -> int:
+    """Latent height = width for images of ``resolution`` pixels (``None``: the denoiser's native
+    ``config.sample_size``, e.g. 128 latents = 1024 px for SD3.5). ``resolution`` must be a multiple of the VAE's
+    downscale factor times the transformer's patch size; otherwise ``ValueError`` naming ``sample.resolution``."""
+    net = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    if resolution is None:
+        return int(net.config.sample_size)
+    vae = getattr(pipe, "vae", None)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    step = scale * int(getattr(net.config, "patch_size", 1) or 1)
+    if not isinstance(resolution, int) or resolution < step or resolution % step:
+        raise ValueError(f"sample.resolution must be a positive multiple of {step} (VAE scale {scale} x patch size) "
+                         f"for this pipeline, got {resolution!r}")
+    return resolution // scale

@@ -47,6 +47,7 @@ def _sd35m(method: str) -> Config:
     c.model.pretrained, c.model.family, c.model.mixed_precision = SD35M, "sd3", "bf16"
     c.model.lora_rank, c.model.lora_alpha = 32, 64.0
     c.sample.sampler, c.sample.num_steps, c.sample.guidance_scale = "flow", 10, 4.5
+    c.sample.resolution = 512  # Flow-GRPO's training resolution (the model's native size is 1024)
     c.sample.batch_size, c.sample.num_batches_per_epoch, c.sample.group_size = 8, 4, 8
     c.sample.eval_sampler, c.sample.eval_num_steps = "flow", 40
     c.train.method, c.train.batch_size, c.train.gradient_accumulation_steps = method, 4, 2

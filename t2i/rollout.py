@@ -149,6 +149,7 @@ def sample_images(
     generator: torch.Generator,
     eta: float = 1.0,
     negative_prompt: str = "",
+    resolution: int | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1] from any sampler in :data:`t2i.scheduling.SAMPLERS` (including multistep
     DPM-Solver++/UniPC/DEIS, which have no log-probabilities) using the diffusers scheduler's ``step``;
@@ -159,7 +160,7 @@ def sample_images(
         from .scheduling import make_flow_kernel
 
         _, kern = make_flow_kernel(pipe.scheduler.config, num_steps, "eta", 0.0)
-        env = FlowEnvironment(pipe, kern, guidance_scale, negative_prompt)
+        env = FlowEnvironment(pipe, kern, guidance_scale, negative_prompt, resolution)
         return sample_rollout(env, prompts, generator, record_reference=False).images
     from .scheduling import make_sampling_scheduler
 
@@ -170,7 +171,9 @@ def sample_images(
     B = len(prompts)
     embeds, _ = encode_prompts(pipe, prompts, device)
     uncond = encode_prompts(pipe, [negative_prompt] * B, device)[0] if guidance_scale != 1.0 else None
-    C, h = unet.config.in_channels, unet.config.sample_size
+    from .environments import latent_size
+
+    C, h = unet.config.in_channels, latent_size(pipe, resolution)
     x = torch.randn((B, C, h, h), generator=generator).to(device) * sch.init_noise_sigma
     acp = sch.alphas_cumprod
     for t in sch.timesteps:

@@ -45,7 +45,11 @@ def test_t2i_cost_benchmark_quick_counts_forwards_from_the_config_arithmetic(tmp
     policy_sampling = K * rows * n
     policy_training = round(K * c.train.timestep_fraction) * rows * n * c.train.num_inner_epochs
     assert rows == 2 and data["config"]["policy_sampling_forwards"] == policy_sampling
-    assert set(data["methods"]) == {"sa_ac", "ddpo_sf", "ddpo_is", "dpok"}
+    assert set(data["methods"]) == {"sa_ac", "ddpo_sf", "ddpo_is", "dpok", "ddpo_is_noref"}
+    # DDPO-IS without the reference pass samples exactly the policy rows; with it, twice as many
+    assert data["methods"]["ddpo_is_noref"]["forwards_sampling"] == policy_sampling
+    assert data["methods"]["ddpo_is"]["forwards_sampling"] == data["methods"]["sa_ac"]["forwards_sampling"] == \
+        2 * policy_sampling
     for m, r in data["methods"].items():
         for key in ("forwards_per_query", "seconds_per_query", "cpu_seconds_per_query", "peak_mem_mb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (m, key)

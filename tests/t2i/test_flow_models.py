@@ -106,3 +106,27 @@ def test_ode_chain_of_the_flow_environment_reproduces_the_sd3_pipeline(w):
         sde = sample_chain(FlowMatchKernel(sch.sigmas.double().numpy(), ("eta", 1.0)),
                            lambda k, x: env.action(k, x, text), x0)
     assert (sde.final - ref).abs().max() > 1e-2
+
+
+def test_resolution_sets_the_latent_size_and_bad_values_name_the_field(sd3):
+    """``sample.resolution`` (pixels) sets the latents to resolution / VAE scale (tiny SD3: scale 2, native 8
+    latents = 16 px); sampling at 32 px gives 32 x 32 images; a resolution off the VAE-scale x patch grid raises
+    naming ``sample.resolution``. The sd35m presets train at 512 px (Flow-GRPO's size), not the native 1024."""
+    from t2i.config import Config, get_preset
+    from t2i.environments import latent_size, make_environment
+    from t2i.rollout import sample_rollout
+
+    sd3, _ = sd3
+    s = Config().sample
+    s.sampler, s.num_steps, s.guidance_scale = "flow", 2, 1.0
+    assert latent_size(sd3) == sd3.transformer.config.sample_size == 8
+    s.resolution = 32
+    env = make_environment(sd3, s)
+    assert env.latent_shape() == (4, 16, 16)
+    b = sample_rollout(env, ["a", "b"], torch.Generator().manual_seed(0), record_reference=False)
+    assert b.latents.shape == (3, 2, 4, 16, 16) and b.images.shape[-2:] == (32, 32)
+    for bad in (15, 0, 1):
+        s.resolution = bad
+        with pytest.raises(ValueError, match="sample.resolution"):
+            make_environment(sd3, s)
+    assert get_preset("sd35m_sa_ac").sample.resolution == get_preset("sd35m_flow_grpo").sample.resolution == 512
