@@ -1,7 +1,7 @@
 # Two entry points (each creates .venv and installs the project if missing):
-#   make reproduce   -- regenerate every figure in figures/ and print summaries: the toy figures (~9 min on
-#                       2 cores) and the digits experiments (UNet ~20 min measured 2026-11-24, now without the
-#                       ~6 min pretraining: the models are shipped in digits/weights/; then the flow-model comparison)
+#   make reproduce   -- regenerate every figure in figures/ under one progress bar with an ETA, then a summary
+#                       table (figures/reproduce.py): the toy figures, the digits experiment and the flow-model
+#                       comparison (the digits models are shipped in digits/weights/); see README for wall times
 #   make test        -- run the default test suite (excludes slow and GPU tests)
 # Other targets: make test-slow, make test-gpu, make bench, make bench-t2i-cost, make lint,
 #   make retrain-digits (retrain the shipped digits models in digits/weights/, ~7 min on one core).
@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-reproduce: reproduce-toy reproduce-digits
+reproduce: $(STAMP)
+	$(PY) -m figures.reproduce --workers 2
 
 reproduce-toy: $(STAMP)
 	$(PY) -m figures.make_all

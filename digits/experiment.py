@@ -222,7 +222,7 @@ def _run_jobs(ec, assets, jobs, out, cache_dir, workers: int):
 
 
 def run_experiment(
-    ec: ExperimentConfig, out: str, cache_dir: str | None = None, part: str = "all", workers: int = 1
+    ec: ExperimentConfig, out: str, cache_dir: str | None = None, part: str = "all", workers: int = 1, on_done=None
 ) -> dict:
     """Run ``part`` ("main": methods x seeds at K = ``num_steps``; "sweep": seed 0 at the other step counts;
     "all"), writing ``results_<part>.json`` after every run (so a partial run still gives data). ``workers``
@@ -258,6 +258,8 @@ def run_experiment(
             grids["pretrained"] = ev["images"]
         res["pretrained"][str(K)] = {k: v for k, v in ev.items() if k != "images"}
     del pipe
+    if on_done is not None:
+        on_done("digits/pretrained_eval", time.time() - t0)
     jobs = []
     if part in ("all", "main"):
         jobs += [(m, s, ec.num_steps) for s in ec.seeds for m in ec.methods]
@@ -269,6 +271,8 @@ def run_experiment(
             grids[m] = r["final"]["images"]
         res["runs"].append(_strip_images(r))
         res["wall_s"] = time.time() - t0
+        if on_done is not None:  # (job key, seconds): the overall progress bar of figures.reproduce
+            on_done(f"digits/{m}_s{s}_K{K}", r["train_time_s"] + r.get("eval_time_s", 0.0))
         f = r["final"]
         print(
             f"[{time.time() - t0:6.0f} s] {m:8s} seed {s} K {K:3d}: reward {f['reward_mean']:.3f} +- "

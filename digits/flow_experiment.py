@@ -134,7 +134,7 @@ def _pretrained_eval(fc: FlowExperimentConfig, assets: dict, K: int, model: str 
 
 
 def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | None = None, workers: int = 1,
-                        fig_dir: str | None = "figures") -> dict:
+                        fig_dir: str | None = "figures", on_done=None) -> dict:
     """All runs (flow methods x seeds at K = ``base.num_steps``, ``sweep_seeds`` at the other K, VP ``sa_ac`` likewise),
     ``results.json`` rewritten after every run, then the two figures."""
     os.makedirs(out, exist_ok=True)
@@ -147,6 +147,8 @@ def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | Non
     for K in Ks:
         for model in ("flow", "vp") if fc.vp else ("flow",):
             res["pretrained"][f"{model}_K{K}"] = _pretrained_eval(fc, assets, K, model)
+    if on_done is not None:
+        on_done("flow/pretrained_eval", time.time() - t0)
     jobs = [("flow", m, s, ec.num_steps) for s in ec.seeds for m in fc.methods]
     jobs += [("flow", m, s, K) for K in Ks if K != ec.num_steps for s in fc.sweep_seeds for m in fc.methods]
     if fc.vp:
@@ -156,6 +158,9 @@ def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | Non
     for r in _run(fc, cache_dir, jobs, out, workers):
         res["runs"].append(r)
         res["wall_s"] = time.time() - t0
+        if on_done is not None:  # (job key, seconds): the overall progress bar of figures.reproduce
+            on_done(f"flow/{r['model']}_{r['method']}_s{r['seed']}_K{r['K']}",
+                    r["train_time_s"] + r.get("eval_time_s", 0.0))
         f = r["final"]
         print(f"[{time.time() - t0:6.0f} s] {r['model']:4s} {r['method']:9s} seed {r['seed']} K {r['K']:3d}: reward "
               f"{f['reward_mean']:.3f} +- {f['reward_se']:.3f}  chain KL {f['path_kl_mean']:.2f}  ct KL "

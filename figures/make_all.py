@@ -61,7 +61,7 @@ FIGURES_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def make_all(out_dir: str | None = None, quick: bool = False, only: list[int] | None = None,
-             workers: int | None = None) -> list[dict]:
+             workers: int | None = None, on_done=None, progress: bool = True) -> list[dict]:
     """Run the figure scripts (``workers`` > 1: in that many spawned processes, longest first) and print the
     summary table in figure order. Each figure's numbers do not depend on ``workers`` (every run is seeded).
     ``quick`` writes to ``out_dir`` or :data:`QUICK_OUT`, and refuses the committed figures' folder."""
@@ -79,18 +79,23 @@ def make_all(out_dir: str | None = None, quick: bool = False, only: list[int] | 
         raise ValueError(f"'workers' must be >= 1, got {workers}")
     t_start = time.time()
     rows = []
-    bar = tqdm(total=len(nums), desc="figures", dynamic_ncols=True)
+    bar = tqdm(total=len(nums), desc="figures", dynamic_ncols=True, disable=not progress)
+
+    def done(row):
+        rows.append(row)
+        bar.update()
+        if on_done is not None:  # e.g. the overall bar of figures.reproduce
+            on_done(f"toy/fig{row['figure']}", row["seconds"])
+
     if workers == 1 or len(nums) == 1:
         for n in nums:
-            rows.append(_run_one(n, out_dir, quick))
-            bar.update()
+            done(_run_one(n, out_dir, quick))
     else:
         order = sorted(nums, key=lambda n: SLOW_FIRST.index(n) if n in SLOW_FIRST else len(SLOW_FIRST))
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
             futs = [ex.submit(_run_one, n, out_dir, quick) for n in order]
             for f in as_completed(futs):
-                rows.append(f.result())
-                bar.update()
+                done(f.result())
     bar.close()
     rows.sort(key=lambda r: nums.index(r["figure"]))
     print(f"\n{'fig':>3}  {'seconds':>8}  {'file':<34} headline")

@@ -46,6 +46,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .kl import euler_log_prob, girsanov_kl_rate, girsanov_kl_step
@@ -286,7 +287,7 @@ def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, s
     from .sampling import sample_chain
 
     N = taus.numel() - 1
-    kern = EulerKernel(sde, taus.detach().double().cpu().numpy())
+    kern = EulerKernel(sde, np.linspace(0.0, float(sde.T), N + 1))  # the same uniform grid, in float64
     ref_fn = None if reference is None else (lambda k, x: reference(taus[k], x, cond))
     chain = sample_chain(kern, lambda k, x: policy(taus[k], x, cond), y0, reference_fn=ref_fn, generator=generator,
                          noise=noise, check=check, record=save_every is not None)
