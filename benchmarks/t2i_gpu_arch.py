@@ -309,5 +309,6 @@ def sd35m_config(method: str, steps: int, batch: int, train_batch: int, workdir:
         "model.mixed_precision": "no" if tiny else "bf16",
         "model.gradient_checkpointing": str(grad_ckpt and not tiny).lower(),
         "reward.name": "jpeg_compress",
+        "sample.resolution": "none",  # the builder sets the transformer's native size to --resolution
     })
     return cfg

@@ -288,9 +288,12 @@ def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, s
 
     N = taus.numel() - 1
     kern = EulerKernel(sde, np.linspace(0.0, float(sde.T), N + 1))  # the same uniform grid, in float64
-    ref_fn = None if reference is None else (lambda k, x: reference(taus[k], x, cond))
-    chain = sample_chain(kern, lambda k, x: policy(taus[k], x, cond), y0, reference_fn=ref_fn, generator=generator,
-                         noise=noise, check=check, record=save_every is not None)
+    if reference is not None:
+        kl_weights(sde, taus)  # a zero noise level has an infinite path KL: raise as the loop below does
+    ref_fn = None if reference is None else (lambda k, x: _checked("reference", reference(taus[k], x, cond), x))
+    pol_fn = lambda k, x: _checked("policy", policy(taus[k], x, cond), x)  # noqa: E731  (errors name 'policy')
+    chain = sample_chain(kern, pol_fn, y0, reference_fn=ref_fn, generator=generator, noise=noise, check=check,
+                         record=save_every is not None)
     traj = Trajectory(taus=taus, final=chain.final, path_kl=chain.path_kl)
     if save_every is not None:
         idx = sorted(set(range(0, N + 1, save_every)) | {N})

@@ -3,21 +3,16 @@ r"""RL methods on a recorded :class:`~t2i.rollout.RolloutBatch`: ``prepare`` (ad
 log-prob and KL code; every formula comes from :mod:`sa_theory`.
 
 Units: per-step log-probs and KLs are **summed over latent dimensions** (nats per step); a path KL is their
-sum over steps (nats per image). **Which KL regularises** (``train.kl_weighting``, every method with a KL
-term): ``"chain"`` (default) weights the step's :math:`\frac12|a_k - s_k|^2` by :math:`w_k =
-\lambda_k^2/\mathrm{std}_k^2`, the exact KL of the K-step sampler actually run -- by data processing it bounds
-the KL between the fine-tuned and pretrained *images*; ``"continuous"`` by the Girsanov KL rate integrated over
-the step, :math:`\bar w_k` -- stable across the step count K but no such bound: at coarse K a nearly
-deterministic step to low noise has :math:`w_k \gg \bar w_k` (DDIM K = 10 on the digits model: 514x at the step
-101 -> 1), and a policy regularised by :math:`\bar w` moves there (digits, K = 10: chain path KL 176 nats against
-10.5 with the chain regulariser; ``benchmarks/bench_digits_estimators.py``). Rollouts record both; the same
+sum over steps (nats per image). **Which KL regularises** (``train.kl_weighting``): ``"chain"`` (default) weights
+the step's :math:`\frac12|a_k - s_k|^2` by :math:`w_k = \lambda_k^2/\mathrm{std}_k^2`, the exact KL of the K-step
+sampler actually run (by data processing it bounds the KL between fine-tuned and pretrained *images*);
+``"continuous"`` by the Girsanov rate integrated over the step, :math:`\bar w_k`, stable across K but without
+that bound (measurements in README / ``benchmarks/bench_digits_estimators.py``). Rollouts record both; the same
 weight is used for the trust region to the old policy. Each loss is a **sum over steps, mean over paths** of a
-per-path surrogate (steps not in ``steps`` are skipped; ``train.timestep_fraction < 1`` rescales by K / #steps
-trained so the sum stays unbiased).
+per-path surrogate (``train.timestep_fraction < 1`` rescales by K / #steps trained so the sum stays unbiased).
 
 * :class:`SAActorCritic` (``sa_ac``) -- continuous-time KL-regularised actor-critic. Advantage
-  :math:`A_k = G_k - V(\tau_k, x_k)` with :math:`G_k = R - \beta\sum_{j>k}\ell_j` (:func:`reward_to_go`)
-  or the
+  :math:`A_k = G_k - V(\tau_k, x_k)` with :math:`G_k = R - \beta\sum_{j>k}\ell_j` (:func:`reward_to_go`) or the
   TD error :math:`V_{k+1} - V_k - \beta\ell_k` (:func:`td_advantages`). Actor: the likelihood-ratio surrogate
   :math:`\sum_k A_k\rho_k - \beta\sum_k\ell_k(\theta)` (:func:`likelihood_ratio_surrogate` with the per-step
   importance weight :math:`\rho_k = \pi_\theta/\pi_{old}(x_{k+1}|x_k)` in place of :math:`\log\pi_\theta`:
@@ -35,9 +30,8 @@ trained so the sum stays unbiased).
   toys (:mod:`sa_theory.algorithms.baselines`); the presets use ``beta = 0``, DDPO as published.
 * :class:`DDPOImportanceSampling` (``ddpo_is``) -- per-step PPO-clip (:func:`ppo_clip_surrogate`) with a fixed
   clip range on ratios of summed log-probs, per-prompt normalised returns (as DDPO-SF) as advantages.
-* :class:`DPOK` (``dpok``) -- :func:`dpok_surrogate`: :math:`\sum_k (R - V_k)\rho_k -
-\beta\sum_k\ell_k(\theta)` with the
-  ratio clamped to :math:`1\pm c` and a learned value baseline regressed on R.
+* :class:`DPOK` (``dpok``) -- :func:`dpok_surrogate`: :math:`\sum_k (R - V_k)\rho_k - \beta\sum_k\ell_k(\theta)`
+  with the ratio clamped to :math:`1\pm c` and a learned value baseline regressed on R.
 * :class:`FlowGRPO` (``flow_grpo``) -- Flow-GRPO: group-normalised advantages, per-step PPO-clip and a per-step
   KL penalty; our units (summed log-probs, exact KL) by default, its own (per-dimension means, KL without
   :math:`1/d\tau`) with ``train.logprob_units="mean"``.
@@ -252,7 +246,6 @@ class SAActorCritic(Method):
             "ratio_dev": (ratio.detach() - 1).abs().mean() / batch.num_steps,
         }
 
-
     def _value_gradient_step(self, batch, k):
         r"""R4/R8 on the kernel: :func:`trust_region_surrogate` with :math:`c = \lambda_k` (the kernel's slope, so
         :math:`c(a'-a)\cdot p_k` is the first-order change of :math:`E V_{k+1}`), :math:`w` the regulariser's
@@ -260,9 +253,8 @@ class SAActorCritic(Method):
         tr, s = self.cfg.train, self.steps_scale
         terms = self.step_terms(batch, k)
         a = terms["action"]
-        like = dict(dtype=a.dtype, device=a.device)
-        c = torch.tensor([self.kernel.slope(k)], **like)
-        w = torch.tensor([self.kernel.weights(self.kl_form)[k]], **like)
+        c, w = (torch.tensor([v], dtype=a.dtype, device=a.device) for v in
+                (self.kernel.slope(k), self.kernel.weights(self.kl_form)[k]))
         ref = batch.ref_actions[k] if batch.ref_actions is not None else terms["old_action"]
         sur = trust_region_surrogate(a[None], terms["old_action"][None], ref[None],
                                      batch.step_data["costate"][k][None].to(a.dtype), c, 1.0, tr.beta, tr.kl_penalty,
@@ -295,14 +287,17 @@ class DDPOScoreFunction(Method):
         terms = self.step_terms(batch, k)
         lp = terms["log_prob"][None]
         sur = likelihood_ratio_surrogate(lp, batch.path_data["adv"], torch.zeros_like(lp), 0.0)
-        loss = -self.steps_scale * sur.mean()
-        ratio = torch.exp(terms["log_prob"].detach() - terms["old_log_prob"])
-        return {
-            "loss": loss,
-            "actor_loss": loss.detach(),
-            "kl_to_pretrained": self.steps_scale * terms["kl"].detach().mean(),
-            "ratio_dev": (ratio - 1).abs().mean() / batch.num_steps,
-        }
+        return self._policy_terms(-self.steps_scale * sur.mean(), batch, terms, lp[0], terms["old_log_prob"])
+
+    def _policy_terms(self, loss, batch, terms, lp, old, clip: float | None = None) -> dict:
+        """``loss`` and the logged diagnostics of a ratio method: its actor loss, the KL to the pretrained model,
+        the mean |ratio - 1| and (``clip``) the fraction of clipped ratios, per step of the path."""
+        ratio = torch.exp(lp.detach() - old)
+        out = {"loss": loss, "actor_loss": loss.detach(), "ratio_dev": (ratio - 1).abs().mean() / batch.num_steps,
+               "kl_to_pretrained": self.steps_scale * terms["kl"].detach().mean()}
+        if clip is not None:
+            out["clipfrac"] = ((ratio - 1).abs() > clip).float().mean() / batch.num_steps
+        return out
 
 
 class DDPOImportanceSampling(DDPOScoreFunction):
@@ -312,23 +307,10 @@ class DDPOImportanceSampling(DDPOScoreFunction):
     name = "ddpo_is"
 
     def step_loss(self, batch, k):
-        terms = self.step_terms(batch, k)
-        sur = ppo_clip_surrogate(
-            terms["log_prob"][None],
-            terms["old_log_prob"][None],
-            batch.path_data["adv"],
-            self.cfg.train.clip_range,
-        )
-        ratio = torch.exp(terms["log_prob"].detach() - terms["old_log_prob"])
-        clipped = ((ratio - 1).abs() > self.cfg.train.clip_range).float().mean()
-        loss = -self.steps_scale * sur.mean()
-        return {
-            "loss": loss,
-            "actor_loss": loss.detach(),
-            "kl_to_pretrained": self.steps_scale * terms["kl"].detach().mean(),
-            "clipfrac": clipped / batch.num_steps,
-            "ratio_dev": (ratio - 1).abs().mean() / batch.num_steps,
-        }
+        terms, clip = self.step_terms(batch, k), self.cfg.train.clip_range
+        lp, old = terms["log_prob"], terms["old_log_prob"]
+        sur = ppo_clip_surrogate(lp[None], old[None], batch.path_data["adv"], clip)
+        return self._policy_terms(-self.steps_scale * sur.mean(), batch, terms, lp, old, clip)
 
 
 class DPOK(Method):
@@ -385,15 +367,7 @@ class FlowGRPO(DDPOScoreFunction):
                 dtau = float(kern.taus[k + 1] - kern.taus[k])
                 kl = kern.step_kl(k, terms["action"], batch.ref_actions[k], "chain") * dtau / D
         sur = ppo_clip_surrogate(lp[None], old[None], batch.path_data["adv"], tr.clip_range)
-        ratio = torch.exp(lp.detach() - old)
-        loss = s * (-sur.mean() + tr.beta * kl.mean())
-        return {
-            "loss": loss,
-            "actor_loss": loss.detach(),
-            "kl_to_pretrained": s * terms["kl"].detach().mean(),
-            "clipfrac": ((ratio - 1).abs() > tr.clip_range).float().mean() / batch.num_steps,
-            "ratio_dev": (ratio - 1).abs().mean() / batch.num_steps,
-        }
+        return self._policy_terms(s * (-sur.mean() + tr.beta * kl.mean()), batch, terms, lp, old, tr.clip_range)
 
 
 METHOD_CLASSES: dict[str, Callable[..., Method]] = {

@@ -78,11 +78,21 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- launcher
+def _free_port() -> int:
+    """A TCP port free right now (each launch its own: a port reused right after the previous launch can still be
+    held in TIME_WAIT, which made consecutive launches flaky)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(out, phase, preset="tiny_flow_cpu", *extra, fsdp=True, mixed="no", timeout=150):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     dist = ["--config_file", CONFIG] if fsdp else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
     cmd = [accelerate, "launch", *dist, "--num_processes", "2", "--mixed_precision", mixed,
-           "--main_process_port", str(29500 + (os.getpid() + 11 + 3 * fsdp) % 1000),  # not test_distributed's
+           "--main_process_port", str(_free_port()),
            os.path.abspath(__file__), str(out), phase, preset, f"model.mixed_precision={mixed}", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     try:
