@@ -124,9 +124,12 @@ def main(argv=None) -> dict:
     jobs = [(r, N, s) for r in rows for N in Ns for s in seeds]
     jobs.sort(key=lambda j: -(j[1] * (4 if ROWS[j[0]][2].get("iterations") else 1)))  # longest first
     t0 = time.time()
-    with ProcessPoolExecutor(a.workers) as pool:
-        futs = [pool.submit(run_one, r, N, s, a.quick) for r, N, s in jobs]
-        out = [f.result() for f in tqdm(futs, desc="ablation runs", dynamic_ncols=True)]
+    if a.workers == 1:
+        out = [run_one(r, N, s, a.quick) for r, N, s in tqdm(jobs, desc="ablation runs", dynamic_ncols=True)]
+    else:
+        with ProcessPoolExecutor(a.workers) as pool:
+            futs = [pool.submit(run_one, r, N, s, a.quick) for r, N, s in jobs]
+            out = [f.result() for f in tqdm(futs, desc="ablation runs", dynamic_ncols=True)]
     J_class = affine_class_optimum(build("sa_ac", "gauss2d", {**BASE}).prob, 4)[0]
     floors = {N: chain_floor(N) for N in Ns}
     table = []

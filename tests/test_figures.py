@@ -66,3 +66,24 @@ def test_queries_benchmark_runs_in_quick_mode(tmp_path, capsys):
         for grid in ("train", "fine"):
             assert len(r[grid]["curve"]) == 2 and all(abs(J) < 10 for J in r[grid]["curve"])
     assert "worst / best" in capsys.readouterr().out
+
+
+def test_ablation_benchmark_runs_in_quick_mode_and_reports_the_chain_floor(tmp_path):
+    """``benchmarks/ablation_lq.py --quick --only ...`` (smoke, not its numbers): the rows asked for and the floor,
+    which is ``euler_chain_class_optimum`` at N = 10 relative to the class optimum (6.1% below)."""
+    import importlib.util
+    import os
+
+    from toy_problems.train import affine_class_optimum, build, euler_chain_class_optimum
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "ablation_lq.py")
+    spec = importlib.util.spec_from_file_location("ablation_lq", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--quick", "--only", "exact costates", "--workers", "1", "--out", str(tmp_path)])
+    assert [t["row"] for t in res["table"]] == ["exact costates, left point", "exact costates, next state"]
+    prob = build("sa_ac", "gauss2d", {"policy": "affine", "pieces": 4, "progress": False}).prob
+    assert res["chain_floor"]["10"] == euler_chain_class_optimum(prob, 4, 10)[0]
+    assert abs(res["class_optimum"] - affine_class_optimum(prob, 4)[0]) < 1e-12
+    assert 0.055 < (res["class_optimum"] - res["chain_floor"]["10"]) / abs(res["class_optimum"]) < 0.07
+    assert os.path.isfile(tmp_path / "ablation.json") and os.path.isfile(tmp_path / "ablation.png")
