@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.workers < 1:
         ap.error("--workers must be >= 1")
+    for lib in ("DIFFUSERS", "TRANSFORMERS"):  # library chatter would interleave with the bar (workers inherit it)
+        os.environ.setdefault(f"{lib}_VERBOSITY", "error")
     keys = expected_jobs(a.skip_digits)
     est = load_estimates()
     weight = {k: est.get(k, default_estimate(k)) for k in keys}

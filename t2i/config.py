@@ -158,7 +158,7 @@ class LogConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files")
     wandb: bool = _f(False, "also log to Weights & Biases (needs `pip install wandb`)")
     wandb_project: str = _f("scores-as-actions", "wandb project")
-    progress: bool = _f(True, "tqdm progress bars on the main process")
+    progress: bool = _f(True, "tqdm progress bars and the batch arithmetic at start, on the main process")
     reference_kl: bool = _f(True, "record the pretrained model's actions at every sampling step for every method, "
                                   "to log the path KL to it; false: only where the method uses them (sa_ac, dpok, "
                                   "and ddpo_*/flow_grpo with train.beta > 0), saving ddpo's extra denoiser pass")

@@ -314,7 +314,8 @@ class Trainer(CheckpointMixin):
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc
-        acc.print(format_arithmetic(cfg, acc.num_processes))
+        if cfg.log.progress:  # quiet runs (experiments, benchmarks) skip the batch arithmetic too
+            acc.print(format_arithmetic(cfg, acc.num_processes))
         bar = tqdm(total=cfg.train.num_epochs, initial=self.state.epoch, desc="epochs",
                    disable=not (acc.is_main_process and cfg.log.progress))
         with GracefulInterrupt() as interrupt:
