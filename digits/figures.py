@@ -55,7 +55,7 @@ def fig1(res, K, path):
         ax.axhline(pre["reward_mean"], color="k", ls=":", label="pretrained (eval)")
     ax.set_xlabel("reward queries")
     ax.set_ylabel(f"reward ({res['info']['reward']}), on-policy batch mean")
-    ax.set_title(f"Digits: reward vs queries (K={K} DDIM eta=1 steps; band = +-1 SE over seeds)")
+    ax.set_title(f"Digits: reward vs queries (K={K} DDIM eta=1 steps;\nband = +-1 SE over seeds)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
