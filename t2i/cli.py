@@ -205,8 +205,10 @@ def _train(args, overrides: dict, argv: list[str]) -> int:
         tr.train()
     except TrainingInterrupted as err:
         tr.acc.print(f"interrupted: {err}")
+        tr.acc.end_training()
         return 130
     s = tr.summary()
+    tr.acc.end_training()  # trackers closed, process group destroyed on every rank (a clean exit under DDP/FSDP)
     if tr.acc.is_main_process:
         pm = lambda k: f"{s[k + '_mean']:.4g} +- {s.get(k + '_se', float('nan')):.2g}" if k + "_mean" in s else "n/a"
         print(f"done: {s['epochs']} epochs | final epoch reward {pm('reward')} | path KL {pm('path_kl')} nats"

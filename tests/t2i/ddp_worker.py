@@ -44,6 +44,8 @@ def main(out_dir: str, phase: str, preset: str = "tiny_cpu") -> None:
             },
             f,
         )
+    tr.acc.wait_for_everyone()
+    tr.acc.end_training()  # destroy the process group before exit
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
     save_file(lora, os.path.join(out_dir, f"lora_{phase}_{rank}.safetensors"))
     with open(os.path.join(out_dir, f"hash_{phase}_{rank}.json"), "w") as f:
         json.dump(info, f)
+    tr.acc.wait_for_everyone()
+    tr.acc.end_training()  # destroy the process group before exit (gloo threads aborted at teardown otherwise)
 
 
 # ----------------------------------------------------------------------------------------------- launcher
