@@ -86,22 +86,8 @@ SD35M_TRANSFORMER = dict(
     qk_norm="rms_norm",
 )
 #: SD3's VAE (16 latent channels, no quant convs; 8x down-sampling)
-SD35M_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    norm_num_groups=32,
-    act_fn="silu",
-    sample_size=1024,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
+SD35M_VAE = {**SD15_VAE, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305,
+             "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}
 #: T5 tokens of SD3's prompt embeddings (the pipeline's max_sequence_length; 77 CLIP tokens come before them)
 SD35M_T5_TOKENS = 256
 #: small random stand-ins of the three text encoders, with SD3.5's output widths (module docstring)

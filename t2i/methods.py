@@ -285,9 +285,9 @@ class DDPOScoreFunction(Method):
 
     def step_loss(self, batch, k):
         terms = self.step_terms(batch, k)
-        lp = terms["log_prob"][None]
-        sur = likelihood_ratio_surrogate(lp, batch.path_data["adv"], torch.zeros_like(lp), 0.0)
-        return self._policy_terms(-self.steps_scale * sur.mean(), batch, terms, lp[0], terms["old_log_prob"])
+        lp, old = terms["log_prob"], terms["old_log_prob"]
+        sur = likelihood_ratio_surrogate(lp[None], batch.path_data["adv"], torch.zeros_like(lp[None]), 0.0)
+        return self._policy_terms(-self.steps_scale * sur.mean(), batch, terms, lp, old)
 
     def _policy_terms(self, loss, batch, terms, lp, old, clip: float | None = None) -> dict:
         """``loss`` and the logged diagnostics of a ratio method: its actor loss, the KL to the pretrained model,

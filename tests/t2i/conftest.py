@@ -32,3 +32,28 @@ def tiny_pipe():
     pipe = build_tiny_pipeline(0)
     add_lora(pipe.unet, 4, init_seed=0)
     return pipe
+
+
+def run_two_processes(dist_args: list[str], script: str, out, phase: str, args: list[str], timeout: int) -> list[dict]:
+    """``accelerate launch`` ``script`` on 2 CPU processes (``dist_args``: the distribution flags) on a fresh free
+    port (a port reused right after the previous launch can still be held in TIME_WAIT); a hang fails the test,
+    a non-zero exit shows stderr; returns the ranks' ``hash_<phase>_<rank>.json`` records."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [accelerate, "launch", *dist_args, "--num_processes", "2", "--main_process_port", str(port), script,
+           str(out), phase, *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    try:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"accelerate launch ({phase}) hung (> {timeout}s): {err.stderr!s:.3000}")
+    assert res.returncode == 0, res.stderr[-4000:]
+    return [json.load(open(os.path.join(out, f"hash_{phase}_{r}.json"))) for r in (0, 1)]

@@ -1,45 +1,18 @@
 """`accelerate launch --num_processes 2` on CPU (gloo): trains, saves on every rank, resumes, no hang, and the
 LoRA weights are identical on both ranks (DDP synchronises the LoRA gradients)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from .conftest import run_two_processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _launch(out, phase, preset="tiny_cpu", timeout=240):
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(29500 + os.getpid() % 1000),
-        os.path.join(HERE, "ddp_worker.py"),
-        str(out),
-        phase,
-        preset,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"accelerate launch phase {phase} hung (> {timeout}s): {err.stderr!s:.3000}")
-    assert res.returncode == 0, res.stderr[-4000:]
-    return [json.load(open(os.path.join(out, f"hash_{phase}_{r}.json"))) for r in (0, 1)]
+    dist = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return run_two_processes(dist, os.path.join(HERE, "ddp_worker.py"), out, phase, [preset], timeout)
 
 
 @pytest.mark.parametrize("preset", ["tiny_cpu", "tiny_flow_cpu"])

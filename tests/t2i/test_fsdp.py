@@ -10,7 +10,6 @@ worker's trainer subclass only swaps in the FSDP-aware LoRA save/load hooks of :
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -80,29 +79,12 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- launcher
-def _free_port() -> int:
-    """A TCP port free right now (each launch its own: a port reused right after the previous launch can still be
-    held in TIME_WAIT, which made consecutive launches flaky)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out, phase, preset="tiny_flow_cpu", *extra, fsdp=True, mixed="no", timeout=150):
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    from .conftest import run_two_processes  # here: this file is also the launched worker script
+
     dist = ["--config_file", CONFIG] if fsdp else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
-    cmd = [accelerate, "launch", *dist, "--num_processes", "2", "--mixed_precision", mixed,
-           "--main_process_port", str(_free_port()),
-           os.path.abspath(__file__), str(out), phase, preset, f"model.mixed_precision={mixed}", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"accelerate launch ({phase}) hung (> {timeout}s): {err.stderr!s:.3000}")
-    assert res.returncode == 0, res.stderr[-4000:]
-    return [json.load(open(os.path.join(out, f"hash_{phase}_{r}.json"))) for r in (0, 1)]
+    return run_two_processes([*dist, "--mixed_precision", mixed], os.path.abspath(__file__), out, phase,
+                             [preset, f"model.mixed_precision={mixed}", *extra], timeout)
 
 
 def _lora(out, phase, rank):
