@@ -87,14 +87,16 @@ def policy_means(policy: ActionFn, taus: torch.Tensor, states: torch.Tensor, con
 def euler_log_probs(sde: ControlledSDE, taus: torch.Tensor, states: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """:math:`\\log N(Y_{k+1}; Y_k + b(\\tau_k, Y_k, \\mu_k) d\\tau, g_k^2 d\\tau I)`, ``(N, B)``, nats per step
     (summed over dimensions). Differentiable in ``means``; states are detached."""
-    N = taus.numel() - 1
+    N, B = means.shape[:2]
     dt = float(taus[1] - taus[0])
-    g = sde.diffusion(taus)
-    out = []
-    for k in range(N):
-        y, y1 = states[k].detach(), states[k + 1].detach()
-        out.append(euler_log_prob(y1, y, sde.drift(taus[k], y, means[k]), g[k], dt))
-    return torch.stack(out)
+    tau = taus[:N].reshape(N, *[1] * (states.dim() - 1))  # one batched call over the grid: (N, 1, ..., 1)
+    y, y1 = states[:N].detach(), states[1 : N + 1].detach()
+    drift, g = sde.drift(tau, y, means), sde.diffusion(tau).expand(N, B, *[1] * (states.dim() - 2))
+
+    def rows(x):
+        return x.reshape(N * B, *x.shape[2:])
+
+    return euler_log_prob(rows(y1), rows(y), rows(drift), rows(g), dt).reshape(N, B)
 
 
 def kl_steps(sde: ControlledSDE, taus: torch.Tensor, means: torch.Tensor, ref_actions: torch.Tensor) -> torch.Tensor:

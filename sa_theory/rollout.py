@@ -301,6 +301,8 @@ def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, s
         if save_every == 1:
             traj.noise, traj.actions, traj.means = chain.noise, chain.actions, chain.actions
             traj.ref_actions, traj.log_probs, traj.kl_steps = chain.ref_actions, chain.log_probs, chain.kl_steps
+            if chain.ref_log_probs is not None:
+                traj.extras["ref_log_probs"] = chain.ref_log_probs
     return traj
 
 

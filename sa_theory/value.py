@@ -44,11 +44,13 @@ class TweedieValue(nn.Module):
     """:math:`V(\\tau, y) = r(\\hat x_0(T-\\tau, y))` -- parameter-free value from the pretrained score.
 
     ``score(t, y, cond)`` is the pretrained score in diffusion time; ``reward(x, cond) -> (B,)``.
+    ``row_times=True`` declares that ``score`` also takes one time per row, ``t`` of shape ``(B, 1)`` against
+    ``y (B, d)``; :meth:`ResidualValue.grid_values` then evaluates a whole time grid in one call.
     """
 
-    def __init__(self, schedule: Schedule, score: Callable, reward: Callable):
+    def __init__(self, schedule: Schedule, score: Callable, reward: Callable, row_times: bool = False):
         super().__init__()
-        self.schedule, self.score, self.reward = schedule, score, reward
+        self.schedule, self.score, self.reward, self.row_times = schedule, score, reward, bool(row_times)
 
     def x0_hat(self, tau: torch.Tensor, y: torch.Tensor, cond: Any = None) -> torch.Tensor:
         t = self.schedule.T - torch.as_tensor(tau, dtype=y.dtype, device=y.device)
@@ -107,6 +109,26 @@ class ResidualValue(nn.Module):
         else:
             base, nn_in = self.tweedie(tau, y, cond), y
         return (1 + t * self.gamma) * base + t * self.net(tau, nn_in, cond)
+
+    def grid_values(self, taus: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        r""":math:`V(\tau_k, Y_k)` for every row of ``taus (n,)`` / ``states (n, B, d)`` (unconditional), ``(n, B)``:
+        the Tweedie part row by row, the network (an :class:`MLPValue`) in one call on all ``n B`` points."""
+        n, B = states.shape[:2]
+        flat = states.reshape(n * B, *states.shape[2:])
+        if self.x0_input:
+            if getattr(self.tweedie, "row_times", False):  # one score call on all n B points
+                tau_col = taus.to(states.dtype)[:, None].expand(n, B).reshape(n * B, 1)
+                x0 = self.tweedie.x0_hat(tau_col, flat).reshape(states.shape)
+            else:
+                x0 = torch.stack([self.tweedie.x0_hat(taus[k], states[k]) for k in range(n)])
+            base = self.tweedie.reward(x0.reshape(flat.shape)).reshape(n, B)
+            nn_in = torch.cat([states, x0], dim=2)
+        else:
+            base, nn_in = torch.stack([self.tweedie(taus[k], states[k]) for k in range(n)]), states
+        tau_rows = taus[:, None].expand(n, B).reshape(-1)
+        net = self.net(tau_rows, nn_in.reshape(n * B, -1)).reshape(n, B)
+        t = ((self.T - taus.to(states.dtype)) / self.T)[:, None]
+        return (1 + t * self.gamma) * base + t * net
 
 
 def mc_value_targets(terminal_reward: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:

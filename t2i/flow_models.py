@@ -188,7 +188,9 @@ def guided_velocity(transformer, x: torch.Tensor, t: float, text: dict, guidance
     """Velocity :math:`v_u + w(v_c - v_u)` (float32) at rectified-flow time ``t`` (transformer timestep ``1000 t``);
     one transformer call on the doubled batch when guided, the conditional velocity when ``w == 1`` or there
     are no negative embeddings."""
-    dtype = getattr(transformer, "module", transformer).dtype  # DDP wraps the module
+    from .models import weights_dtype
+
+    dtype = weights_dtype(transformer)
     B = x.shape[0]
     guided = guidance_scale != 1.0 and text.get("neg_embeds") is not None
     if guided:

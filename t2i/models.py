@@ -23,6 +23,7 @@ import tempfile
 import torch
 
 __all__ = [
+    "weights_dtype",
     "build_tiny_pipeline",
     "load_pipeline",
     "add_lora",
@@ -183,6 +184,13 @@ def add_lora(
 def is_flow_pipeline(pipe) -> bool:
     """Whether ``pipe`` is a rectified-flow transformer pipeline (SD3-class: has ``transformer``, no ``unet``)."""
     return getattr(pipe, "transformer", None) is not None and getattr(pipe, "unet", None) is None
+
+
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first parameter (its weights' dtype; works through DDP wrappers): O(1), unlike
+    diffusers' ``ModelMixin.dtype``, which walks every submodule on each access (about 10% of a CPU rollout of
+    the tiny digits UNet, where it ran once per network call)."""
+    return next(model.parameters()).dtype
 
 
 def denoiser(pipe) -> torch.nn.Module:

@@ -31,7 +31,7 @@ import torch
 from sa_theory.sampling import PathKLs, sample_chain
 
 from .environments import select_text
-from .models import decode_latents, encode_prompts
+from .models import decode_latents, encode_prompts, weights_dtype
 from .scheduling import eps_from_model_output
 
 __all__ = ["RolloutBatch", "guided_eps", "sample_rollout", "sample_images"]
@@ -49,7 +49,7 @@ def guided_eps(
 ) -> torch.Tensor:
     """Guided noise prediction :math:`\\epsilon_u + w(\\epsilon_c - \\epsilon_u)` (float32), one UNet call
     on the doubled batch. ``uncond=None`` or ``w=1`` gives the conditional prediction."""
-    dtype = next(p for p in unet.parameters()).dtype if not hasattr(unet, "dtype") else unet.dtype
+    dtype = weights_dtype(unet)
     if uncond is None or guidance_scale == 1.0:
         out = unet(x.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype)).sample.float()
     else:

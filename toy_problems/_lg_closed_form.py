@@ -322,7 +322,8 @@ class LinearGaussianClosedForm:
         return self._torch_cache[key]
 
     def score_torch(self, t, y: torch.Tensor) -> torch.Tensor:
-        """Exact score in torch, ``y`` of shape ``(B, d)``; ``t`` a float or 0-dim tensor."""
+        """Exact score in torch, ``y`` of shape ``(B, d)``; ``t`` a float, a 0-dim tensor or one time per row
+        (shape ``(B, 1)``)."""
         c = self._torch_consts(y.dtype, y.device)
         t = torch.as_tensor(t, dtype=y.dtype, device=y.device)
         a = self.schedule.alpha(t)

@@ -190,7 +190,8 @@ def make_critic(prob, toy: ToyConfig):
     d, T = prob.d, float(prob.schedule.T)
     if toy.critic == "mlp":
         return MLPValue(d, toy.critic_hidden, toy.critic_depth, T=T)
-    tw = TweedieValue(prob.schedule, _score(prob), _reward_fn(prob))
+    # the linear-Gaussian score takes one time per row (a (B, 1) column), the mixture's one time per call
+    tw = TweedieValue(prob.schedule, _score(prob), _reward_fn(prob), row_times=isinstance(prob, LinearGaussianProblem))
     if toy.critic == "tweedie":
         return tw
     if toy.critic == "residual":

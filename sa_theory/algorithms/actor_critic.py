@@ -62,7 +62,7 @@ from torch import nn
 from ..estimators import pathwise_costates, td_advantages, trust_region_surrogate
 from ..kl import euler_log_prob, girsanov_kl_step
 from ..sde import check_finite
-from ..value import MLPValue, mc_value_targets
+from ..value import MLPValue, ResidualValue, mc_value_targets
 from .config import SAACConfig
 from .policies import GreedyPolicy, grid_means
 from .trainer import Batch, Trainer, iteration_generator, lr_lambda
@@ -77,6 +77,8 @@ def values_on_grid(value: nn.Module, taus: torch.Tensor, states: torch.Tensor, c
     if isinstance(value, MLPValue) and cond is None:
         tau_rows = taus[:, None].expand(n, B).reshape(-1)
         return value(tau_rows, states.reshape(n * B, *states.shape[2:])).reshape(n, B)
+    if isinstance(value, ResidualValue) and isinstance(value.net, MLPValue) and cond is None and states.dim() == 3:
+        return value.grid_values(taus, states)
     return torch.stack([value(taus[k], states[k], cond) for k in range(n)])
 
 

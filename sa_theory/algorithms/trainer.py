@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kl import euler_log_prob, girsanov_kl_step
+from ..kl import girsanov_kl_step
 from ..rollout import rollout
 from ..sde import ControlledSDE, check_finite
 from .checkpoint import (
@@ -170,16 +170,15 @@ class Trainer:
             refs = traj.ref_actions
             if refs is None:
                 refs = torch.stack([self.env.pretrained_action(taus[k], states[k], cond) for k in range(N)])
-            g2 = self.env.sde.kl_weight_rate(taus)  # KL weight rate, g^2 at noise eta = 1
-            kl = torch.stack([girsanov_kl_step(g2[k], traj.dtau, means[k], refs[k]) for k in range(N)])
+            if cfg.solver == "euler":  # recorded by the Euler chain (sampling.sample_chain)
+                kl = traj.kl_steps
+            else:  # the Girsanov step KLs at the grid points (left-point rule) for the other solvers
+                g2 = self.env.sde.kl_weight_rate(taus)  # KL weight rate, g^2 at noise eta = 1
+                kl = torch.stack([girsanov_kl_step(g2[k], traj.dtau, means[k], refs[k]) for k in range(N)])
             reward = self.reward(traj.final, cond)
             logp = ref_logp = None
             if cfg.solver == "euler":
-                gd = self.env.sde.diffusion(taus)
-                sde = self.env.sde
-                logp = traj.log_probs
-                ref_logp = torch.stack([euler_log_prob(states[k + 1], states[k], sde.drift(taus[k], states[k], refs[k]),
-                                                       gd[k], traj.dtau) for k in range(N)])
+                logp, ref_logp = traj.log_probs, traj.extras["ref_log_probs"]
         return Batch(taus=taus, states=states, means=means, ref_actions=refs, kl_steps=kl, reward=reward,
                      cond=cond, log_probs=logp, ref_log_probs=ref_logp, generator=gen)
 
