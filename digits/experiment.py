@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -146,6 +147,16 @@ def make_config(ec: ExperimentConfig, assets: dict, method: str, seed: int, K: i
     return c
 
 
+def finetune_key(ec: ExperimentConfig, method: str, seed: int, K: int) -> str:
+    """What determines a :func:`run_finetune` result (its training and its evaluation): every field of ``ec`` but
+    the lists of runs (``methods``, ``seeds``, ``step_counts``), and ``method``, ``seed``, ``K``. Two experiments'
+    runs with equal keys are the same run (runs are deterministic); :func:`digits.flow_experiment.run_flow_experiment`
+    reuses the digits experiment's VP runs by this key instead of repeating them."""
+    fields = {k: v for k, v in dataclasses.asdict(ec).items() if k not in ("methods", "seeds", "step_counts")}
+    blob = json.dumps({"ec": fields, "method": method, "seed": seed, "K": K}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def run_finetune(
     ec: ExperimentConfig, assets: dict, method: str, seed: int, K: int, out_dir: str, evaluate: bool = True
 ) -> dict:
@@ -161,6 +172,7 @@ def run_finetune(
         "method": method,
         "seed": seed,
         "K": K,
+        "key": finetune_key(ec, method, seed, K),
         "train_time_s": t_train,
         "queries": [(i + 1) * ec.batch_size for i in range(len(hist))],
         "reward": [h["reward_mean"] for h in hist],

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .experiment import QUICK, ExperimentConfig, make_config, prepare_assets, run_finetune
+from .experiment import QUICK, ExperimentConfig, finetune_key, make_config, prepare_assets, run_finetune
 from .pretrain_flow import QUICK_FLOW, FlowPretrainConfig, flow_pretrain_info, pretrain_flow
 
 __all__ = ["FlowExperimentConfig", "QUICK_FLOW_EXPERIMENT", "make_flow_config", "run_flow_finetune",
@@ -134,9 +135,11 @@ def _pretrained_eval(fc: FlowExperimentConfig, assets: dict, K: int, model: str 
 
 
 def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | None = None, workers: int = 1,
-                        fig_dir: str | None = "figures", on_done=None) -> dict:
+                        fig_dir: str | None = "figures", on_done=None, reuse_runs: list | None = None) -> dict:
     """All runs (flow methods x seeds at K = ``base.num_steps``, ``sweep_seeds`` at the other K, VP ``sa_ac`` likewise),
-    ``results.json`` rewritten after every run, then the two figures."""
+    ``results.json`` rewritten after every run, then the two figures. ``reuse_runs``: finished runs of the digits
+    experiment (its ``results["runs"]``); a VP run with the same :func:`~digits.experiment.finetune_key` is taken
+    from there (marked ``"reused": True``) instead of being trained again."""
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     ec = fc.base
@@ -154,17 +157,22 @@ def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | Non
     if fc.vp:
         jobs += [("vp", "sa_ac", s, ec.num_steps) for s in ec.seeds]
         jobs += [("vp", "sa_ac", s, K) for K in Ks if K != ec.num_steps for s in fc.sweep_seeds]
+    done = {r["key"]: r for r in reuse_runs or () if "key" in r}
+    keys = {j: finetune_key(ec, *j[1:]) for j in jobs if j[0] == "vp"}
+    reused = [{**done[k], "model": "vp", "reused": True} for k in keys.values() if k in done]
+    jobs = [j for j in jobs if keys.get(j) not in done]
     path = os.path.join(out, "results.json")
-    for r in _run(fc, cache_dir, jobs, out, workers):
+    for r in itertools.chain(reused, _run(fc, cache_dir, jobs, out, workers)):
         res["runs"].append(r)
         res["wall_s"] = time.time() - t0
         if on_done is not None:  # (job key, seconds): the overall progress bar of figures.reproduce
             on_done(f"flow/{r['model']}_{r['method']}_s{r['seed']}_K{r['K']}",
-                    r["train_time_s"] + r.get("eval_time_s", 0.0))
+                    0.0 if r.get("reused") else r["train_time_s"] + r.get("eval_time_s", 0.0))
         f = r["final"]
+        how = "the digits experiment's run" if r.get("reused") else f"train {r['train_time_s']:.0f} s"
         print(f"[{time.time() - t0:6.0f} s] {r['model']:4s} {r['method']:9s} seed {r['seed']} K {r['K']:3d}: reward "
               f"{f['reward_mean']:.3f} +- {f['reward_se']:.3f}  chain KL {f['path_kl_mean']:.2f}  ct KL "
-              f"{f['path_kl_ct_mean']:.2f}  acc {f['eval_accuracy']:.2f} (train {r['train_time_s']:.0f} s)", flush=True)
+              f"{f['path_kl_ct_mean']:.2f}  acc {f['eval_accuracy']:.2f} ({how})", flush=True)
         with open(path + ".tmp", "w") as fh:
             json.dump(res, fh, indent=1)
         os.replace(path + ".tmp", path)
@@ -299,12 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="model cache (default $SA_CACHE or ~/.cache/scores-as-actions)")
     ap.add_argument("--workers", type=int, default=2, help="fine-tuning processes (one torch thread each)")
     ap.add_argument("--figures", default=None, help="figure folder (default figures/, --quick: none)")
+    ap.add_argument("--reuse-digits", default=None, metavar="DIR",
+                    help="results folder of the digits experiment: its VP sa_ac runs with the same settings are "
+                         "reused instead of trained again (e.g. runs/digits)")
     args = ap.parse_args(argv)
     fc = QUICK_FLOW_EXPERIMENT() if args.quick else FlowExperimentConfig()
     args.figures = args.figures if args.figures is not None else ("" if args.quick else "figures")
     out = args.out or os.path.join("benchmarks", "results", "digits_flow" + ("_quick" if args.quick else ""))
     t0 = time.time()
-    res = run_flow_experiment(fc, out, args.cache, args.workers, args.figures or None)
+    reuse = None
+    if args.reuse_digits:
+        from .experiment import load_results
+
+        reuse = load_results(args.reuse_digits)["runs"]
+    res = run_flow_experiment(fc, out, args.cache, args.workers, args.figures or None, reuse_runs=reuse)
     for k, v in res["summary"].items():
         print(f"{k:24s} reward {v['reward_mean'][0]:.3f} +- {v['reward_mean'][1]:.3f}  chain KL "
               f"{v['path_kl_mean'][0]:.2f} +- {v['path_kl_mean'][1]:.2f}  ct KL {v['path_kl_ct_mean'][0]:.2f}  "

@@ -128,3 +128,29 @@ def test_shipped_flow_weights_match_their_config_hashes_and_a_changed_config_tra
     monkeypatch.undo()
     info = PF.flow_pretrain_info(PF.pretrain_flow(tiny, str(tmp_path / "cache")))
     assert info["steps"] == 2 and info["hash"] == PF.flow_config_hash(tiny) and math.isfinite(info["final_loss"])
+
+
+def test_flow_experiment_reuses_the_digits_experiments_identical_vp_runs(flow_setup, tmp_path):
+    """A VP ``sa_ac`` run the digits experiment already made (same :func:`finetune_key`) is taken, not trained again;
+    the key ignores the lists of runs but not a setting such as ``beta``."""
+    from digits.experiment import finetune_key
+    from digits.flow_experiment import run_flow_experiment
+
+    fc, _ = flow_setup
+    fc = dataclasses.replace(fc, methods=(), sweep_seeds=(0,),
+                             base=dataclasses.replace(fc.base, seeds=(0,), step_counts=(fc.base.num_steps,)))
+    K = fc.base.num_steps
+    key = finetune_key(fc.base, "sa_ac", 0, K)
+    assert key == finetune_key(dataclasses.replace(fc.base, seeds=(0, 1, 2), step_counts=(4, 10)), "sa_ac", 0, K)
+    assert key != finetune_key(dataclasses.replace(fc.base, beta=0.5), "sa_ac", 0, K)
+    assert key != finetune_key(fc.base, "sa_ac", 1, K)
+    final = {m: 0.5 for m in ("reward_mean", "reward_se", "path_kl_mean", "path_kl_ct_mean", "eval_accuracy", "fd",
+                              "diversity_mean")}
+    digits_run = {"method": "sa_ac", "seed": 0, "K": K, "key": key, "train_time_s": 9.0, "queries": [8],
+                  "reward": [0.5], "reward_se": [0.1], "path_kl": [1.0], "final": final}
+    seen = []
+    res = run_flow_experiment(fc, str(tmp_path), TEST_CACHE, workers=1, fig_dir=None,
+                              on_done=lambda k, s: seen.append((k, s)), reuse_runs=[digits_run])
+    assert [(r["model"], r["reused"], r["final"]["fd"]) for r in res["runs"]] == [("vp", True, 0.5)]
+    assert not os.path.exists(os.path.join(tmp_path, "runs"))  # nothing was trained
+    assert (f"flow/vp_sa_ac_s0_K{K}", 0.0) in seen  # no work for the progress bar
