@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from sa_theory.kl import mean_and_se
+from sa_theory.kl import mean_se
 
 from .data import ALL_PROMPTS, load_split
 
 __all__ = ["evaluate_policy"]
-
-
-def _mean_se(x) -> tuple[float, float]:
-    """Mean and standard error as floats (:func:`sa_theory.kl.mean_and_se`)."""
-    m, se = mean_and_se(torch.as_tensor(x, dtype=torch.float64).flatten())
-    return float(m), float(se)
 
 
 @torch.no_grad()
@@ -60,20 +54,20 @@ def evaluate_policy(
         b = sample_rollout(env, prompts, gen, record_reference=not use_pretrained)
         imgs = b.images
         r = R(imgs, prompts)
-        out["reward_mean"], out["reward_se"] = _mean_se(r)
+        out["reward_mean"], out["reward_se"] = mean_se(r)
         kl = b.path_kl if b.path_kl is not None else torch.zeros(n)
-        out["path_kl_mean"], out["path_kl_se"] = _mean_se(kl)  # exact KL of the K-step chain
+        out["path_kl_mean"], out["path_kl_se"] = mean_se(kl)  # exact KL of the K-step chain
         kl_ct = b.path_kl_ct if b.path_kl_ct is not None else torch.zeros(n)
-        out["path_kl_ct_mean"], out["path_kl_ct_se"] = _mean_se(kl_ct)  # continuous-time (Girsanov) estimate
+        out["path_kl_ct_mean"], out["path_kl_ct_se"] = mean_se(kl_ct)  # continuous-time (Girsanov) estimate
         out["eval_accuracy"] = accuracy(ev, imgs, labels)
-        out["digit_prob_mean"], out["digit_prob_se"] = _mean_se(P(imgs, prompts))
+        out["digit_prob_mean"], out["digit_prob_se"] = mean_se(P(imgs, prompts))
         feats = classifier_features(ev, imgs)
         per_prompt = []
         for k in range(10):
             f = feats[labels == k]
             if len(f) > 1:
                 per_prompt.append(float(torch.cdist(f, f).sum() / (len(f) * (len(f) - 1))))
-        out["diversity_mean"], out["diversity_se"] = _mean_se(per_prompt)
+        out["diversity_mean"], out["diversity_se"] = mean_se(per_prompt)
         test_x, _ = load_split("test", 8)
         test_feats = ev.features(test_x)
         out["fd"] = frechet_distance(feats, test_feats)
@@ -82,6 +76,6 @@ def evaluate_policy(
             for name, sampler, eta in (("dpmsolver", "dpmsolver++", 0.0), ("ode", "ddim", 0.0)):
                 g2 = torch.Generator().manual_seed(seed + 1)
                 im = sample_images(pipe, prompts, sampler, ec.eval_solver_steps, ec.guidance_scale, g2, eta)
-                out[f"reward_{name}_mean"], out[f"reward_{name}_se"] = _mean_se(R(im, prompts))
+                out[f"reward_{name}_mean"], out[f"reward_{name}_se"] = mean_se(R(im, prompts))
                 out[f"fd_{name}"] = frechet_distance(classifier_features(ev, im), test_feats)
     return out

@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sa_theory.kl import mean_se  # noqa: E402
+
 __all__ = ["make_all", "benchmark_table"]
 
 LABELS = {"sa_ac": "continuous-time AC (ours)", "ddpo_sf": "DDPO-SF", "ddpo_is": "DDPO-IS", "dpok": "DPOK"}
@@ -25,8 +27,7 @@ DPI = 100
 
 
 def _mse(x):
-    x = np.asarray(x, dtype=float)
-    return float(x.mean()), (float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan"))
+    return mean_se(np.asarray(x, dtype=float))
 
 
 def _smooth(y, w=3):

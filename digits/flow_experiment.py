@@ -200,7 +200,7 @@ def _run(fc, cache_dir, jobs, out, workers):
 
 def summarize(res: dict) -> dict:
     """``{"<model>_<method>_K<K>": {metric: [mean, se over seeds], "n": seeds}}`` of the final metrics."""
-    from sa_theory.kl import mean_and_se
+    from sa_theory.kl import mean_se
 
     groups: dict = {}
     for r in res["runs"]:
@@ -209,16 +209,14 @@ def summarize(res: dict) -> dict:
     for key, rs in sorted(groups.items()):
         row = {"n": len(rs)}
         for m in ("reward_mean", "path_kl_mean", "path_kl_ct_mean", "eval_accuracy", "fd", "diversity_mean"):
-            x = torch.tensor([float(r["final"][m]) for r in rs], dtype=torch.float64)
-            mu, se = mean_and_se(x) if len(rs) > 1 else (x.mean(), torch.tensor(float("nan")))
-            row[m] = [float(mu), float(se)]
+            row[m] = list(mean_se([float(r["final"][m]) for r in rs]))
         par = [float(r["logprob_parity_max"]) for r in rs if "logprob_parity_max" in r]
         row["logprob_parity_max"] = max(par) if par else None  # None: not recorded (the VP runs)
         hit = [next((q for q, v in zip(r["queries"], r["reward"]) if v >= TARGET), None) for r in rs]
         early = [r["reward"][r["queries"].index(EARLY)] for r in rs if EARLY in r["queries"]]
         if early:
-            x = torch.tensor(early, dtype=torch.float64)
-            row[f"train_reward_at_{EARLY}"] = [float(x.mean()), float(mean_and_se(x)[1]) if len(x) > 1 else None]
+            mu, se = mean_se(early)
+            row[f"train_reward_at_{EARLY}"] = [mu, se if len(early) > 1 else None]
         reached = [h for h in hit if h is not None]  # [mean over the seeds reaching it (None: none), how many]
         row["queries_to_target"] = [sum(reached) / len(reached) if reached else None, len(reached)]
         out[key] = row

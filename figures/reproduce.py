@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         def digits():
             out = os.path.join("runs", "digits")
-            digits_runs.extend(run_experiment(ExperimentConfig(), out, a.cache, "all", a.workers, on_done=on_done)["runs"])
+            res = run_experiment(ExperimentConfig(), out, a.cache, "all", a.workers, on_done=on_done)
+            digits_runs.extend(res["runs"])
             digits_figures(out, HERE)
             keep = os.path.join(ROOT, "benchmarks", "results", "digits")  # the README's numbers come from here
             os.makedirs(keep, exist_ok=True)

@@ -36,6 +36,7 @@ __all__ = [
     "girsanov_kl_step",
     "path_kl",
     "mean_and_se",
+    "mean_se",
     "gaussian_mean_kl",
 ]
 
@@ -91,6 +92,16 @@ def mean_and_se(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tens
     if n < 2:
         raise ValueError(f"need at least 2 samples for a standard error, got {n}")
     return x.mean(dim=dim), x.std(dim=dim, unbiased=True) / math.sqrt(n)
+
+
+def mean_se(x) -> tuple[float, float]:
+    """Mean and standard error ``std / sqrt(n)`` (unbiased std) of all values of ``x`` (tensor, array or list), as
+    float64 floats; the standard error is NaN for fewer than 2 values (the one mean +- SE of the project's reports)."""
+    t = torch.as_tensor(x, dtype=torch.float64).flatten()
+    if t.numel() < 2:
+        return float(t.mean()) if t.numel() else float("nan"), float("nan")
+    m, se = mean_and_se(t)
+    return float(m), float(se)
 
 
 def gaussian_mean_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+
+from sa_theory.kl import mean_se
 
 __all__ = ["main", "parse_overrides", "evaluate", "sample"]
 
@@ -30,13 +31,6 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
     from sa_theory.algorithms.config import parse_overrides as _parse
 
     return _parse(rest)
-
-
-def _mean_se(x) -> tuple[float, float]:
-    import torch
-
-    x = torch.as_tensor(x, dtype=torch.float64).flatten()
-    return float(x.mean()), float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else float("nan")
 
 
 def evaluate(
@@ -83,10 +77,10 @@ def evaluate(
         r, kl = torch.cat(rs), torch.cat(kls)
         d, d_se = diversity(torch.cat(imgs).flatten(1), prompts)
         res = {
-            "reward_mean": _mean_se(r)[0],
-            "reward_se": _mean_se(r)[1],
-            "path_kl_mean": _mean_se(kl)[0],
-            "path_kl_se": _mean_se(kl)[1],
+            "reward_mean": mean_se(r)[0],
+            "reward_se": mean_se(r)[1],
+            "path_kl_mean": mean_se(kl)[0],
+            "path_kl_se": mean_se(kl)[1],
             "diversity_pixels": d,
             "diversity_pixels_se": d_se,
             "n": n,
@@ -104,7 +98,7 @@ def evaluate(
                     )
                     with torch.no_grad():
                         rr.append(reward(im, ps).float().cpu())
-            m, se = _mean_se(torch.cat(rr))
+            m, se = mean_se(torch.cat(rr))
             res[f"reward_{s.eval_sampler}_mean"], res[f"reward_{s.eval_sampler}_se"] = m, se
         results[label] = res
     return results

@@ -3,10 +3,11 @@ metric (mean pairwise feature distance within a prompt, with its standard error)
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+
+from sa_theory.kl import mean_se
 
 __all__ = ["PerPromptStatTracker", "group_normalize", "diversity"]
 
@@ -81,6 +82,4 @@ def diversity(features: torch.Tensor, prompts: list[str]) -> tuple[float, float]
         per_prompt.append(float(d.sum() / (n * (n - 1))))
     if not per_prompt:
         return float("nan"), float("nan")
-    t = torch.tensor(per_prompt)
-    se = float(t.std() / math.sqrt(len(t))) if len(t) > 1 else float("nan")
-    return float(t.mean()), se
+    return mean_se(per_prompt)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from sa_theory.algorithms.checkpoint import GracefulInterrupt, TrainingInterrupted
+from sa_theory.kl import mean_se
 
 from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...: re-exported)
     CheckpointMixin,
@@ -199,7 +199,7 @@ class Trainer(CheckpointMixin):
 
     def _gather_stats(self, x: torch.Tensor) -> tuple[float, float]:
         g = self.acc.gather(x.detach().float().contiguous())
-        return float(g.mean()), float(g.std() / math.sqrt(g.numel())) if g.numel() > 1 else float("nan")
+        return mean_se(g)
 
     def train_epoch(self) -> dict:
         cfg, acc, t = self.cfg, self.acc, self.cfg.train

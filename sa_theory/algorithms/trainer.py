@@ -26,7 +26,6 @@ over an existing log or checkpoint unless ``overwrite`` is set.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kl import girsanov_kl_step
+from ..kl import girsanov_kl_step, mean_se
 from ..rollout import rollout
 from ..sde import ControlledSDE, check_finite
 from .checkpoint import (
@@ -373,8 +372,7 @@ class Trainer:
         j = r - beta * kl
         out = {}
         for name, x in (("reward", r), ("path_kl", kl), ("objective", j)):
-            out[name] = float(x.mean())
-            out[f"{name}_se"] = float(x.std() / math.sqrt(x.numel()))
+            out[name], out[f"{name}_se"] = mean_se(x)
         if return_samples:
             out["final"] = traj.final
         return out

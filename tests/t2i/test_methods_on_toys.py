@@ -1,5 +1,6 @@
 """The image methods (:mod:`t2i.methods`, the per-step losses that run on Stable Diffusion) on linear-Gaussian
-toys (VP at eta = 1, rectified flow at eta = 0.245), against the closed form (issue #14: every method variant that runs on images is verified on the toys).
+toys (VP at eta = 1, rectified flow at eta = 0.245), against the closed form (issue #14: every method variant that
+runs on images is verified on the toys).
 
 A toy environment implements the image environment's contract (a Gaussian step kernel, ``action(k, x, text,
 model)``, the pretrained action) with the Euler-Maruyama kernel of the toy's SDE and an affine policy whose
