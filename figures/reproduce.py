@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--workers must be >= 1")
     for lib in ("DIFFUSERS", "TRANSFORMERS"):  # library chatter would interleave with the bar (workers inherit it)
         os.environ.setdefault(f"{lib}_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar, once per run
     keys = expected_jobs(a.skip_digits)
     est = load_estimates()
     weight = {k: est.get(k, default_estimate(k)) for k in keys}
