@@ -196,11 +196,18 @@ class MixtureLaws:
         if x2.dim() != 2 or x2.shape[1] != self.d:
             raise ValueError(f"'y' must have shape (B, {self.d}) or ({self.d},), got {tuple(x.shape)}")
         p = self._torch_params(x.dtype, x.device)
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(())
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.numel() == 1:
+            t = t.reshape(())
+        elif t.numel() == x2.shape[0] and not tilted:  # one time per row: (B, 1, 1) against the (B, K, d) terms
+            t = t.reshape(-1, 1, 1)
+        else:
+            raise ValueError(f"'t' must be one time or one per row of 'y' ({x2.shape[0]}; the score only), "
+                             f"got shape {tuple(t.shape)}")
         alpha = self.schedule.alpha(t)
         var = self.schedule.marginal_var(t)
         lam, U = p["lam"], p["U"]
-        D = alpha**2 * lam + var  # (K, d)
+        D = alpha**2 * lam + var  # (K, d), or (B, K, d) with one time per row
         z = torch.einsum("kji,bkj->bki", U, x2[:, None, :] - alpha * p["means"])
         zD = z / D
         log_joint = (p["log_pi"] - 0.5 * (z * zD).sum(-1) - 0.5 * torch.log(D).sum(-1)
@@ -216,7 +223,8 @@ class MixtureLaws:
         return out[0] if single else out
 
     def score_torch(self, t, x: torch.Tensor) -> torch.Tensor:
-        """Torch version of :meth:`score` (dtype/device of ``x``; ``t`` a float or 0-dim tensor)."""
+        """Torch version of :meth:`score` (dtype/device of ``x``; ``t`` a float, a 0-dim tensor or one time per row
+        of ``x``, shape ``(B, 1)``)."""
         return self._torch_components(t, x, tilted=False)
 
     def optimal_action_torch(self, tau, y: torch.Tensor) -> torch.Tensor:

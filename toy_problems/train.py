@@ -190,8 +190,7 @@ def make_critic(prob, toy: ToyConfig):
     d, T = prob.d, float(prob.schedule.T)
     if toy.critic == "mlp":
         return MLPValue(d, toy.critic_hidden, toy.critic_depth, T=T)
-    # the linear-Gaussian score takes one time per row (a (B, 1) column), the mixture's one time per call
-    tw = TweedieValue(prob.schedule, _score(prob), _reward_fn(prob), row_times=isinstance(prob, LinearGaussianProblem))
+    tw = TweedieValue(prob.schedule, _score(prob), _reward_fn(prob), row_times=True)  # scores take (B, 1) times
     if toy.critic == "tweedie":
         return tw
     if toy.critic == "residual":
