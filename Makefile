@@ -31,7 +31,7 @@ reproduce-toy: $(STAMP)
 
 reproduce-digits: $(STAMP)
 	$(PY) -m digits.experiment --workers 2
-	$(PY) -m digits.flow_experiment --workers 2
+	$(PY) -m digits.flow_experiment --workers 2 --reuse-digits runs/digits
 
 retrain-digits: $(STAMP)
 	$(PY) -m digits.pretrain --retrain-shipped
