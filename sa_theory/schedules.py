@@ -123,11 +123,6 @@ class Schedule:
     def g2_tau(self, tau):
         return self.g2(self.t_of_tau(tau))
 
-    def _check_t(self, t):
-        arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=float)
-        if not np.all(np.isfinite(arr)):
-            raise ValueError("time 't' contains NaN or Inf")
-
 
 @dataclass(frozen=True, kw_only=True)
 class VPLinear(Schedule):
