@@ -557,3 +557,20 @@ def test_bad_input_raises_clear_errors():
     for backend in ("native", "torchsde"):
         with pytest.raises(FloatingPointError):
             rollout(SDE, nan_policy, y0, steps=5, backend=backend)
+
+
+def test_mean_se_is_the_mean_and_the_standard_error_and_nan_below_two_values():
+    """``sa_theory.kl.mean_se``, the one mean +- SE of the reports: std (unbiased) / sqrt(n), floats, any input
+    kind; NaN standard error for one value, NaN mean for none; ``mean_and_se`` refuses fewer than 2 values."""
+    from sa_theory.kl import mean_and_se, mean_se
+
+    x = [1.0, 2.0, 4.0, 7.0]
+    m, se = mean_se(x)
+    assert m == pytest.approx(3.5) and se == pytest.approx(np.std(x, ddof=1) / 2.0)
+    assert mean_se(np.asarray(x)) == mean_se(torch.tensor(x, dtype=torch.float32)) == (m, se)
+    assert mean_se(torch.tensor([[1.0, 2.0], [4.0, 7.0]])) == (m, se)  # all values, flattened
+    m1, se1 = mean_se([5.0])
+    assert m1 == 5.0 and math.isnan(se1)
+    assert all(math.isnan(v) for v in mean_se([]))
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_and_se(torch.tensor([1.0]))
