@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from sa_theory.algorithms.checkpoint import GracefulInterrupt, TrainingInterrupted
+from sa_theory.algorithms.loop_utils import lr_lambda
 from sa_theory.kl import mean_se
 
 from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...: re-exported)
@@ -127,8 +128,8 @@ class Trainer(CheckpointMixin):
         opt = torch.optim.AdamW(
             groups, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon
         )
-        warm = max(1, t.lr_warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        # the toy trainers' LR multiplier: linear warm-up over lr_warmup_steps updates, then constant
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", 1, t.lr_warmup_steps))
         if learned:
             self.unet_ddp, self.value_ddp, self.opt, self.lr_sched = acc.prepare(unet, value, opt, sched)
         else:
