@@ -207,3 +207,14 @@ def test_renamed_field_loads_from_old_configs_and_the_cli_names_the_new_one():
     assert config_from_dict(d).train.early_stop_path_kl == 5.0
     with pytest.raises(ValueError, match="early_stop_path_kl"):
         apply_overrides(get_preset("tiny_cpu"), {"train.max_path_kl": "1"})
+
+
+def test_lr_warms_up_linearly_over_optimizer_updates(tmp_path):
+    """``train.lr_warmup_steps`` = 3: the LR after update u is ``lr * min(1, (u + 1) / 3)`` (the toy trainers'
+    ``lr_lambda``); one update per epoch here."""
+    tr = Trainer(tiny_config(tmp_path, "ddpo_is", **{**FAST, "train.num_epochs": 4, "train.lr_warmup_steps": 3}))
+    lr = tr.cfg.train.learning_rate
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(lr / 3)  # before the first update
+    hist = tr.train()
+    assert [h["updates"] for h in hist] == [1, 1, 1, 1]
+    assert [h["lr"] for h in hist] == pytest.approx([lr * min(1.0, (u + 2) / 3) for u in range(4)])
