@@ -47,6 +47,17 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def check_reward(r, n: int, name: str, unit: str = "path", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reward call's result checked, for toys and images alike: a tensor of shape ``(n,)`` (one value per ``unit``;
+    else ``ValueError``) without NaN/Inf (else ``FloatingPointError``), both naming ``name``; returned detached, a
+    floating-point result as it is, an integer or boolean one (e.g. success = 1) as ``dtype``."""
+    if not isinstance(r, torch.Tensor) or tuple(r.shape) != (n,):
+        got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+        raise ValueError(f"{name} must return a tensor of shape ({n},) (one value per {unit}), got {got}")
+    r = r.detach()
+    return check_finite(name, r if torch.is_floating_point(r) else r.to(dtype))
+
+
 @dataclass(frozen=True)
 class ControlledSDE:
     r"""Drift, diffusion and KL weight of the controlled sampler of noise level ``noise`` (:math:`\eta`).

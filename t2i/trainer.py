@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from sa_theory.algorithms.checkpoint import GracefulInterrupt, TrainingInterrupted
 from sa_theory.algorithms.loop_utils import lr_lambda
 from sa_theory.kl import mean_se
+from sa_theory.sde import check_reward
 
 from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...: re-exported)
     CheckpointMixin,
@@ -170,18 +171,6 @@ class Trainer(CheckpointMixin):
                 x = env.x0_hat(k, x, env.action(k, x, batch.text))
         return self.reward(env.decode(x), batch.prompts).float()
 
-    def _check_reward(self, r: torch.Tensor, n: int) -> torch.Tensor:
-        if not isinstance(r, torch.Tensor) or tuple(r.shape) != (n,):
-            got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
-            raise ValueError(f"reward {self.cfg.reward.name!r} must return a tensor of shape ({n},) (one value per "
-                             f"image), got {got}")
-        if not torch.isfinite(r).all():
-            raise FloatingPointError(
-                f"reward {self.cfg.reward.name!r} returned {(~torch.isfinite(r)).sum().item()} "
-                f"non-finite (NaN/Inf) values"
-            )
-        return r.float()
-
     def sample_epoch(self, gen: torch.Generator) -> RolloutBatch:
         cfg, acc = self.cfg, self.acc
         denoiser(self.pipe).eval()
@@ -194,7 +183,8 @@ class Trainer(CheckpointMixin):
                 b = sample_rollout(self.env, prompts, gen,
                                    record_reference=self.method.needs_reference or cfg.log.reference_kl)
             with torch.no_grad():
-                b.rewards = self._check_reward(self.reward(b.images, b.prompts), len(b.prompts))
+                b.rewards = check_reward(self.reward(b.images, b.prompts), len(b.prompts),
+                                         f"reward {cfg.reward.name!r}", "image").float()
             batches.append(b)
         return RolloutBatch.concat(batches)
 

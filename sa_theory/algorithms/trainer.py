@@ -36,7 +36,7 @@ from torch import nn
 
 from ..kl import girsanov_kl_step, mean_se
 from ..rollout import rollout
-from ..sde import ControlledSDE, check_finite
+from ..sde import ControlledSDE, check_finite, check_reward
 from .checkpoint import (
     GracefulInterrupt,
     TrainingInterrupted,
@@ -144,15 +144,8 @@ class Trainer:
     def reward(self, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """``env.reward(x, cond)`` checked: a ``(B,)`` tensor (``ValueError`` otherwise) without NaN/Inf
         (``FloatingPointError``), both naming the reward."""
-        r = self.env.reward(x, cond)
-        B = x.shape[0]
-        if not isinstance(r, torch.Tensor) or tuple(r.shape) != (B,):
-            got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
-            raise ValueError(f"reward of environment {self.env.name!r} must return a tensor of shape ({B},) (one "
-                             f"value per path), got {got}")
-        if not torch.is_floating_point(r):  # integer / boolean rewards (e.g. success = 1) are fine as numbers
-            r = r.to(self.dtype)
-        return check_finite(f"reward of environment {self.env.name!r}", r.detach())
+        return check_reward(self.env.reward(x, cond), x.shape[0], f"reward of environment {self.env.name!r}",
+                            dtype=self.dtype)
 
     def collect(self, it: int) -> Batch:
         """Step 1-2 of the loop: the rollout batch of iteration ``it`` with rewards and log-densities."""
