@@ -26,10 +26,6 @@ COLORS = {"sa_ac": "C0", "ddpo_sf": "C1", "ddpo_is": "C2", "dpok": "C3"}
 DPI = 100
 
 
-def _mse(x):
-    return mean_se(np.asarray(x, dtype=float))
-
-
 def _smooth(y, w=3):
     y = np.asarray(y, dtype=float)
     return np.array([y[max(0, i - w + 1) : i + 1].mean() for i in range(len(y))])
@@ -163,7 +159,7 @@ def benchmark_table(res, K, target=0.6, kl_level=5.0) -> dict:
                 at_kl.append(None)
         reached = [q for q in qs if q is not None]
         fin = {
-            k: _mse([r["final"][k] for r in runs])
+            k: mean_se([r["final"][k] for r in runs])
             for k in (
                 "reward_mean",
                 "path_kl_mean",
