@@ -164,7 +164,8 @@ def sd35m_cell(args, method: str, steps: int, device) -> tuple[dict, dict]:
     """One (method, K) cell: build the trainer on the random SD3.5-M pipeline, time a rollout and one
     ``train_epoch``; returns (row, facts about the model)."""
     import t2i.trainer as trmod
-    from t2i.environments import make_environment, select_text
+    from sa_theory.algorithms.rl_batch import select_rows
+    from t2i.environments import make_environment
     from t2i.rollout import sample_rollout
 
     cfg = sd35m_config(method, steps, args.batch, args.train_batch, args.workdir, args.tiny, args.grad_ckpt)
@@ -184,7 +185,7 @@ def sd35m_cell(args, method: str, steps: int, device) -> tuple[dict, dict]:
             sample_rollout(make_environment(tr.pipe, cfg.sample, min(2, steps)), prompts, gen)
             text = tr.env.encode(prompts)
             # and one policy forward + backward on a minibatch (gradients dropped, no optimizer step)
-            sub = select_text(text, torch.arange(args.train_batch))
+            sub = select_rows(text, torch.arange(args.train_batch))
             a = tr.env.action(min(1, steps - 1), tr.env.initial_latents(args.train_batch, gen), sub, tr.unet_ddp)
         a.float().square().mean().backward()
         tr.opt.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from sa_theory.algorithms.config import _f, describe
+from sa_theory.algorithms.method_base import MethodConfig
 
 __all__ = [
     "ModelConfig",
@@ -35,6 +36,7 @@ __all__ = [
     "RESUME_MUTABLE",
     "describe_config",
     "ANIMALS",
+    "method_config",
 ]
 
 METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok", "flow_grpo")
@@ -329,3 +331,8 @@ def format_arithmetic(cfg: Config, num_processes: int = 1) -> str:
 
 
 from .presets import PRESETS, get_preset  # noqa: E402  (presets build Config objects)
+
+
+def method_config(cfg: Config) -> MethodConfig:
+    """The method part of an image config (``train.*`` fields of the same names, ``value.loss`` / ``value.coef``)."""
+    return MethodConfig.take(cfg.train, value_loss=cfg.value.loss, value_coef=cfg.value.coef)

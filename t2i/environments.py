@@ -13,6 +13,7 @@ An environment owns the model-specific pieces and nothing of the algorithm:
   flow kernel's action, an affine image of the score, :mod:`sa_theory.flow_kernel`);
 * :meth:`reference_action` -- the pretrained action: the same network with its adapters disabled, no grad;
 * :meth:`x0_hat` -- the Tweedie / flow prediction of the clean latent (value inputs);
+* :meth:`value_cond` -- the value model's conditioning at step ``k`` (pooled text, Tweedie reward);
 * :meth:`decode` -- latents to images in ``[0, 1]``; :meth:`time` -- sampler time :math:`\tau_k` of step ``k``.
 
 Classifier-free guidance: policy and reference use the same scale ``w`` (the regularised process is the guided
@@ -28,12 +29,7 @@ from sa_theory.parametrization import x0_from_score
 
 from .models import decode_latents, encode_prompts, pretrained
 
-__all__ = ["ImageEnvironment", "UNetEnvironment", "FlowEnvironment", "select_text", "make_environment"]
-
-
-def select_text(text: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx`` of every tensor of a text-conditioning dict (``None`` entries stay ``None``)."""
-    return {k: None if v is None else v.index_select(0, idx.to(v.device)) for k, v in text.items()}
+__all__ = ["ImageEnvironment", "UNetEnvironment", "FlowEnvironment", "make_environment"]
 
 
 class ImageEnvironment:
@@ -69,6 +65,14 @@ class ImageEnvironment:
     def time(self, k: int) -> float:
         """Sampler time :math:`\\tau_k` (``kernel.taus[k]``)."""
         return float(self.kernel.taus[k])
+
+    def value_cond(self, batch, k: int, tweedie: torch.Tensor | None = None) -> dict:
+        r"""The value networks' conditioning at step ``k`` (:mod:`t2i.values`): the pooled text and, for the Tweedie
+        and residual values, :math:`r(\hat x_0)` (``tweedie``)."""
+        cond = {"text": batch.text["pooled"]}
+        if tweedie is not None:
+            cond["tweedie"] = tweedie
+        return cond
 
     def initial_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
         device = self.model.device

@@ -23,14 +23,11 @@ scale ``w`` (:func:`guided_eps`, :func:`t2i.flow_models.guided_velocity`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
-from sa_theory.sampling import PathKLs, sample_chain
+from sa_theory.algorithms.rl_batch import RolloutBatch
+from sa_theory.sampling import sample_chain
 
-from .environments import select_text
 from .models import decode_latents, encode_prompts, weights_dtype
 from .scheduling import eps_from_model_output
 
@@ -59,62 +56,6 @@ def guided_eps(
         u, c = out.chunk(2)
         out = u + guidance_scale * (c - u)
     return eps_from_model_output(out, x, alphabar, prediction_type)
-
-
-_STEP_MAJOR = ("latents", "actions", "log_probs", "ref_actions", "kl_steps", "kl_steps_ct", "ref_log_probs")
-
-
-@dataclass
-class RolloutBatch(PathKLs):
-    """One batch of recorded sampler paths (see module docstring). Tensors on the rollout device; ``text`` is
-    the environment's conditioning dict (tensors batched on dim 0)."""
-
-    prompts: list[str]
-    text: dict
-    latents: torch.Tensor
-    actions: torch.Tensor
-    log_probs: torch.Tensor
-    ref_actions: torch.Tensor | None = None
-    kl_steps: torch.Tensor | None = None
-    kl_steps_ct: torch.Tensor | None = None
-    images: torch.Tensor | None = None
-    ref_log_probs: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    step_data: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step extras, (K, B, ...)
-    path_data: dict[str, Any] = field(default_factory=dict)  # per-path extras, (B, ...)
-
-    @property
-    def batch_size(self) -> int:
-        return self.latents.shape[1]
-
-    def select(self, idx: torch.Tensor) -> RolloutBatch:
-        """Sub-batch of paths ``idx`` (step-major tensors indexed on dim 1)."""
-
-        def sel(t, dim):
-            return None if t is None else t.index_select(dim, idx.to(t.device))
-
-        return RolloutBatch(
-            prompts=[self.prompts[i] for i in idx.tolist()],
-            text=select_text(self.text, idx),
-            **{n: sel(getattr(self, n), 0) for n in ("images", "rewards")},
-            **{n: sel(getattr(self, n), 1) for n in _STEP_MAJOR},
-            step_data={k: sel(v, 1) for k, v in self.step_data.items()},
-            path_data={k: sel(v, 0) for k, v in self.path_data.items()},
-        )
-
-    @staticmethod
-    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
-        def cat(name, dim):
-            ts = [getattr(b, name) for b in batches]
-            return None if ts[0] is None else torch.cat(ts, dim)
-
-        text = {k: None if v is None else torch.cat([b.text[k] for b in batches]) for k, v in batches[0].text.items()}
-        return RolloutBatch(
-            prompts=sum((b.prompts for b in batches), []),
-            text=text,
-            **{n: cat(n, 0) for n in ("images", "rewards")},
-            **{n: cat(n, 1) for n in _STEP_MAJOR},
-        )
 
 
 @torch.no_grad()

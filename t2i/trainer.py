@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from sa_theory.algorithms.checkpoint import GracefulInterrupt, TrainingInterrupted
 from sa_theory.algorithms.loop_utils import lr_lambda
+from sa_theory.algorithms.methods import make_method
 from sa_theory.kl import mean_se
 from sa_theory.sde import check_reward
 
@@ -50,10 +51,9 @@ from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...:
     resolve_checkpoint,
     resolve_intact_checkpoint,
 )
-from .config import Config, config_to_dict, format_arithmetic, validate
+from .config import Config, config_to_dict, format_arithmetic, method_config, validate
 from .environments import make_environment
 from .logging_utils import RunLogger
-from .methods import make_method
 from .models import add_lora, denoiser, lora_parameters, lora_targets, pretrained
 from .reward_stats import PerPromptStatTracker, diversity, group_normalize
 from .rewards import make_reward
@@ -142,7 +142,7 @@ class Trainer(CheckpointMixin):
         acc.register_for_checkpointing(self.state)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
-        self.method = make_method(cfg, self.env, self.unet_ddp, self.value_ddp)
+        self.method = make_method(method_config(cfg), self.env, self.unet_ddp, self.value_ddp)
         if cfg.train.estimator == "value_gradient" and cfg.value.kind in ("tweedie", "residual") and getattr(
                 self.reward, "differentiable", False):
             self.method.tweedie_fn = self._tweedie_reward

@@ -1,11 +1,11 @@
-"""The image methods (:mod:`t2i.methods`, the per-step losses that run on Stable Diffusion) on linear-Gaussian
+"""The image methods (:mod:`sa_theory.algorithms.methods`, the per-step losses that run on Stable Diffusion) on linear-Gaussian
 toys (VP at eta = 1, rectified flow at eta = 0.245), against the closed form (issue #14: every method variant that
 runs on images is verified on the toys).
 
 A toy environment implements the image environment's contract (a Gaussian step kernel, ``action(k, x, text,
 model)``, the pretrained action) with the Euler-Maruyama kernel of the toy's SDE and an affine policy whose
 parameters are the closed form's ``theta``. Rollouts go through the one sampling loop
-(:func:`sa_theory.sampling.sample_chain`) into a :class:`t2i.rollout.RolloutBatch`; the method's ``prepare`` and
+(:func:`sa_theory.sampling.sample_chain`) into a :class:`sa_theory.algorithms.rl_batch.RolloutBatch`; the method's ``prepare`` and
 ``losses`` are the ones the image trainer calls. At the sampling policy the gradient of minus the loss must be an
 unbiased estimate of the exact gradient of the K-step chain's objective
 (:meth:`toy_problems.LinearGaussianProblem.discrete_gradient`): within 4.5 standard errors (batch means over 40
@@ -27,9 +27,9 @@ from sa_theory import schedules
 from sa_theory.estimators import pathwise_costates
 from sa_theory.kernels import EulerKernel
 from sa_theory.sampling import sample_chain
-from t2i.config import Config
-from t2i.methods import make_method
-from t2i.rollout import RolloutBatch
+from t2i.config import Config, method_config
+from sa_theory.algorithms.methods import make_method
+from sa_theory.algorithms.rl_batch import RolloutBatch
 from toy_problems import LinearGaussianProblem
 from toy_problems.train import make_problem
 
@@ -78,6 +78,9 @@ class ToyEnvironment:
     def reference_action(self, k, x, text=None):
         return self.prob.score_torch(self.prob.T - self.tau(k), x)
 
+    def value_cond(self, batch, k, tweedie=None):
+        return None
+
 
 def rollout(env, paths, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -99,7 +102,7 @@ def method_gradient(prob, theta, name, estimator="likelihood_ratio", seed=0):
     policy = AffinePolicy(prob, theta)
     env = ToyEnvironment(prob, policy, STEPS)
     value = ExactValue(prob, theta) if name in ("sa_ac", "dpok") else None
-    method = make_method(cfg, env, policy, value)
+    method = make_method(method_config(cfg), env, policy, value)
     batch, R = rollout(env, PATHS, seed)
     method.prepare(batch, method.path_return(batch, R))
     if estimator == "value_gradient":  # chain-exact costates P_{k+1} (their conditional mean is grad V of the chain)
@@ -154,7 +157,7 @@ def test_image_costates_are_the_value_models_gradient_at_the_next_state():
     policy = AffinePolicy(prob, theta)
     env = ToyEnvironment(prob, policy, STEPS)
     value = ExactValue(prob, theta)
-    method = make_method(cfg, env, policy, value)
+    method = make_method(method_config(cfg), env, policy, value)
     batch, R = rollout(env, 64, 3)
     p = method.costates(batch, R)
     for k in range(STEPS):

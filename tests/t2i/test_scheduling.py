@@ -252,7 +252,8 @@ def test_rollouts_record_both_kls_and_methods_regularise_with_the_configured_one
     """sample_rollout records the chain KL and the continuous-time KL per step; a method's per-step KL term (and
     its recorded KLs for the return) is the one named by train.kl_weighting."""
     from t2i.environments import UNetEnvironment
-    from t2i.methods import make_method
+    from sa_theory.algorithms.methods import make_method
+    from t2i.config import method_config
     from t2i.models import lora_parameters
     from t2i.rollout import sample_rollout
 
@@ -273,10 +274,10 @@ def test_rollouts_record_both_kls_and_methods_regularise_with_the_configured_one
         assert torch.all(batch.path_kl > batch.path_kl_ct)  # the chain KL exceeds the continuous one at K = 4
         for form in ("chain", "continuous"):
             cfg = tiny_config(tmp_path, "sa_ac", **{"train.kl_weighting": form})
-            method = make_method(cfg, env, tiny_pipe.unet)
+            method = make_method(method_config(cfg), env, tiny_pipe.unet)
             assert method.kl_steps(batch) is batch.kl_steps_of(form)
             for k in range(4):
-                kl = method.step_terms(batch, k)["kl"].detach()
+                kl = method.step_terms(batch, [k])["kl"][0].detach()
                 assert torch.allclose(kl, batch.kl_steps_of(form)[k], rtol=1e-4), (form, k)
     finally:
         with torch.no_grad():
