@@ -154,6 +154,17 @@ class GaussianKernel:
         :math:`\\bar w_k` (``"continuous"``); summed over dims, ``(B,)`` nats per step."""
         return girsanov_kl_rate(float(self.weights(form)[k]), action, ref_action)
 
+    def grid_log_probs(self, ks, states: torch.Tensor, next_states: torch.Tensor,
+                       actions: torch.Tensor) -> torch.Tensor:
+        """:meth:`log_prob` of :meth:`mean` at the steps ``ks`` (states, next states and actions ``(n, B, *event)``
+        for those steps), ``(n, B)``; one call per step here, batched where a kernel can."""
+        return torch.stack([self.log_prob(k, next_states[i], self.mean(k, states[i], actions[i]))
+                            for i, k in enumerate(ks)])
+
+    def grid_step_kls(self, ks, actions: torch.Tensor, ref_actions: torch.Tensor, form: str = "chain") -> torch.Tensor:
+        """:meth:`step_kl` at the steps ``ks`` (actions ``(n, B, *event)``), ``(n, B)``."""
+        return torch.stack([self.step_kl(k, actions[i], ref_actions[i], form) for i, k in enumerate(ks)])
+
 
 class EulerKernel(GaussianKernel):
     """Euler-Maruyama step of a controlled SDE of the noise-level family on the grid ``taus``:
@@ -189,6 +200,33 @@ class EulerKernel(GaussianKernel):
     def mean(self, k, x, action):
         tau = torch.as_tensor(self.taus[k], dtype=x.dtype, device=x.device)
         return x + self.sde.drift(tau, x, action) * float(self.dtaus[k])
+
+    def _rows(self, ks, like: torch.Tensor, arr: np.ndarray) -> torch.Tensor:
+        """``arr[ks]`` as a tensor of shape ``(n, 1, ..., 1)`` broadcasting against ``like`` ``(n, B, *event)``."""
+        return torch.as_tensor(arr[list(ks)], dtype=like.dtype, device=like.device).reshape(
+            len(ks), *[1] * (like.dim() - 1))
+
+    def grid_log_probs(self, ks, states, next_states, actions):
+        """One batched drift call over the steps (the Euler step's mean is elementwise in the time)."""
+        ks = list(ks)
+        if len(ks) == 1 or not self.stochastic[ks].all():
+            return super().grid_log_probs(ks, states, next_states, actions)
+        n, B = states.shape[:2]
+        mean = states + self.sde.drift(self._rows(ks, states, self.taus), states, actions) * \
+            self._rows(ks, states, self.dtaus)
+        std = self._rows(ks, states, self.stds).expand(n, B, *[1] * (states.dim() - 2))
+
+        def rows(x):
+            return x.reshape(n * B, *x.shape[2:])
+
+        return gaussian_log_prob(rows(next_states), rows(mean), rows(std)).reshape(n, B)
+
+    def grid_step_kls(self, ks, actions, ref_actions, form="chain"):
+        ks = list(ks)
+        n, B = actions.shape[:2]
+        w = torch.as_tensor(self.weights(form)[ks], dtype=actions.dtype, device=actions.device).repeat_interleave(B)
+        return girsanov_kl_rate(w, actions.reshape(n * B, *actions.shape[2:]),
+                                ref_actions.reshape(n * B, *actions.shape[2:])).reshape(n, B)
 
 
 def _interp_torch(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

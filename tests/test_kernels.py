@@ -161,6 +161,14 @@ def test_euler_kernel_is_the_toy_rollouts_euler_chain(noise):
         assert torch.allclose(mean + kern.std(k) * traj.noise[k], traj.states[k + 1], rtol=0, atol=1e-12)
         assert torch.allclose(kern.log_prob(k, traj.states[k + 1], mean), traj.log_probs[k], rtol=1e-12)
         assert torch.allclose(kern.step_kl(k, a, s), traj.kl_steps[k], rtol=1e-12)
+    # the batched grid versions (the toy methods' path) are the per-step ones, on any subset of steps
+    for ks in ([0, 3, 7], list(range(8)), [5]):
+        lp = kern.grid_log_probs(ks, traj.states[ks], traj.states[[k + 1 for k in ks]], traj.actions[ks])
+        assert torch.allclose(lp, traj.log_probs[ks], rtol=1e-12)
+        for form in ("chain", "continuous"):
+            kl = kern.grid_step_kls(ks, traj.actions[ks], traj.ref_actions[ks], form)
+            want = torch.stack([kern.step_kl(k, traj.actions[k], traj.ref_actions[k], form) for k in ks])
+            assert torch.allclose(kl, want, rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------------- DDIM's eta

@@ -5,7 +5,9 @@
 * :mod:`.trainer` -- the shared loop (rollouts, JSONL metrics, checkpoints, exact and checked resume,
   Ctrl-C handling, evaluation); :mod:`.loop_utils` -- per-iteration generators, LR multipliers;
 * :mod:`.actor_critic` -- ``sa_ac``, the continuous-time actor-critic;
-* :mod:`.baselines` -- ``ddpo_sf``, ``ddpo_is``, ``dpok``;
+* :mod:`.methods` -- the RL methods (``sa_ac``, ``ddpo_sf``, ``ddpo_is``, ``dpok``, ``flow_grpo``), one implementation
+  each for toys and images, on a recorded :class:`~.rl_batch.RolloutBatch` (:mod:`.method_base`: the contract);
+* :mod:`.baselines` -- :class:`MethodTrainer`: ``ddpo_sf``, ``ddpo_is``, ``dpok`` on the toys through :mod:`.methods`;
 * :mod:`.policies` -- residual / plain MLP and piecewise-affine policies started at the pretrained score;
 * :mod:`.checkpoint` -- checksummed atomic save/load with fallback to the previous intact checkpoint, RNG
   state, SIGINT/SIGTERM handling.
@@ -15,7 +17,7 @@
 """
 
 from .actor_critic import SAActorCritic, values_on_grid
-from .baselines import DDPOIS, DDPOSF, DPOK
+from .baselines import MethodTrainer
 from .checkpoint import (
     CheckpointCorruptError,
     TrainingInterrupted,
@@ -42,7 +44,7 @@ from .config import (
 from .policies import GreedyPolicy, MLPPolicy, PiecewiseAffinePolicy, ResidualMLPPolicy, grid_means
 from .trainer import SOLVERS, Batch, Environment, Trainer
 
-TRAINERS = {"sa_ac": SAActorCritic, "ddpo_sf": DDPOSF, "ddpo_is": DDPOIS, "dpok": DPOK}
+TRAINERS = {"sa_ac": SAActorCritic, "ddpo_sf": MethodTrainer, "ddpo_is": MethodTrainer, "dpok": MethodTrainer}
 
 
 def make_trainer(cfg: TrainConfig, env: Environment, policy, value=None, evaluator=None) -> Trainer:
@@ -50,7 +52,7 @@ def make_trainer(cfg: TrainConfig, env: Environment, policy, value=None, evaluat
     return TRAINERS[type(cfg).algo](cfg, env, policy, value=value, evaluator=evaluator)
 
 
-__all__ = ["SAActorCritic", "DDPOSF", "DDPOIS", "DPOK", "Trainer", "Environment", "Batch", "SOLVERS", "TRAINERS",
+__all__ = ["SAActorCritic", "MethodTrainer", "Trainer", "Environment", "Batch", "SOLVERS", "TRAINERS",
            "make_trainer", "TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
            "override", "describe", "to_dict", "from_dict", "ResidualMLPPolicy", "MLPPolicy", "GreedyPolicy",
            "PiecewiseAffinePolicy", "grid_means", "values_on_grid", "save_checkpoint", "load_checkpoint",

@@ -1,116 +1,100 @@
-r"""Discrete-time baselines on the same rollouts and budgets (theory.md §4): DDPO-SF, DDPO-IS, DPOK.
+r"""The discrete-time baselines on the toy problems (theory.md §4): DDPO-SF, DDPO-IS, DPOK, trained by
+:class:`MethodTrainer` through the **same method implementations as on images** (:mod:`.methods`).
 
 All three treat the ``N``-step Euler-Maruyama chain as an MDP whose policy is the Gaussian transition
-:math:`\pi_\theta(Y_{k+1}|Y_k) = N(Y_k + b(\tau_k, Y_k, \mu_\theta) d\tau, g_k^2 d\tau I)` and so need
-``solver="euler"``. For a fair comparison on the same objective :math:`J`, DDPO-SF and DDPO-IS put the
-**sampled log-ratio KL** :math:`\sum_k \log\frac{\pi_\theta}{\pi_\text{pre}}(Y_{k+1}|Y_k)` into the
-return (original DDPO has no KL: set ``beta=0``). DPOK keeps its per-step KL regulariser outside the
-return, as published.
+:math:`\pi_\theta(Y_{k+1}|Y_k) = N(Y_k + b(\tau_k, Y_k, \mu_\theta) d\tau, \sigma_k^2 d\tau I)`, the
+:class:`~sa_theory.kernels.EulerKernel` of the environment's SDE on the trainer's grid (:class:`ToyStepEnvironment`),
+and so need ``solver="euler"``. For a fair comparison on the same objective :math:`J`, DDPO-SF and DDPO-IS put the
+**sampled log-ratio KL** :math:`\sum_k \log\frac{\pi_\theta}{\pi_\text{pre}}(Y_{k+1}|Y_k)` into the return
+(original DDPO has no KL: set ``beta=0``), standardised over the batch (``normalize_advantages``; the toys have no
+prompts). DPOK keeps its per-step KL regulariser outside the return, as published.
 
-* :class:`DDPOSF` -- REINFORCE, one gradient step per batch:
-  :math:`\sum_k \hat A\,\log\pi_\theta(Y_{k+1}|Y_k)`, :math:`\hat A` the (standardised) path return.
-* :class:`DDPOIS` -- PPO-clip on per-step ratios (``epochs`` steps per batch, fixed ``clip_range``).
-* :class:`DPOK` -- :math:`\sum_k (R - V_\psi(\tau_k, Y_k))\log\pi_\theta - \beta\sum_k\ell_k(\theta)` with a
-  learned value baseline (regressed on :math:`R`).
+Per iteration: the method's return, its normalisation, (DPOK) ``value_epochs`` Adam steps of the value baseline
+regressed on :math:`R` at random grid times, ``prepare``, then ``epochs`` gradient steps (DDPO-IS; one for the
+others), each the sum over ``grad_accum`` micro-batches of the method's loss over all steps.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..estimators import (
-    dpok_surrogate,
-    euler_log_probs,
-    kl_steps,
-    likelihood_ratio_surrogate,
-    ppo_clip_surrogate,
-    sampled_kl_return,
-)
+from ..kernels import EulerKernel
 from .actor_critic import values_on_grid
+from .method_base import MethodConfig
+from .methods import make_method
 from .policies import grid_means
+from .rl_batch import RolloutBatch
 from .trainer import Batch, Trainer
 
-__all__ = ["DDPOSF", "DDPOIS", "DPOK", "ddpo_advantages"]
+__all__ = ["MethodTrainer", "ToyStepEnvironment", "rollout_batch"]
 
 
-def ddpo_advantages(batch: Batch, beta: float, normalize: bool) -> torch.Tensor:
-    r"""Per-path return :math:`R - \beta\sum_k[\log\pi_\theta - \log\pi_\text{pre}](Y_{k+1}|Y_k)`, optionally
-    standardised over the batch (DDPO's advantage normalisation). ``(B,)``, detached."""
-    ret = sampled_kl_return(batch.reward, (batch.log_probs - batch.ref_log_probs).sum(0), beta)
-    if normalize:
-        ret = (ret - ret.mean()) / (ret.std() + 1e-8)
-    return ret.detach()
+class ToyStepEnvironment:
+    """A toy :class:`~.environment.Environment` as a step environment (:mod:`.method_base`): the Euler kernel of its
+    SDE on ``taus``, the policy ``model(tau, y, cond)`` as the action (one batched call over the grid through
+    :func:`~.policies.grid_means`), the condition under ``text["cond"]``."""
+
+    def __init__(self, env, taus: torch.Tensor):
+        self.sde, self.taus = env.sde, taus
+        self.kernel = EulerKernel(env.sde, taus.detach().cpu().numpy().astype(np.float64))
+
+    def action(self, k, x, text, model):
+        return model(self.taus[k], x, text.get("cond"))
+
+    def grid_actions(self, ks, states, text, model, ref_actions=None):
+        return grid_means(model, self.taus[ks], states, text.get("cond"), ref_actions)
+
+    def value_cond(self, batch, k, tweedie=None):
+        return batch.text.get("cond")
+
+    def grid_values(self, value, batch):
+        K = batch.num_steps
+        return values_on_grid(value, self.taus[:K], batch.latents[:K], batch.text.get("cond"))
 
 
-class _DiscreteBaseline(Trainer):
+def rollout_batch(batch: Batch) -> RolloutBatch:
+    """The toy trainer's :class:`~.environment.Batch` as the methods' :class:`~.rl_batch.RolloutBatch` (no copy)."""
+    cond = batch.cond if torch.is_tensor(batch.cond) else None
+    return RolloutBatch([""] * batch.batch_size, {"cond": cond}, batch.states, batch.means, batch.log_probs,
+                        batch.ref_actions, batch.kl_steps, None, ref_log_probs=batch.ref_log_probs,
+                        rewards=batch.reward)
+
+
+class MethodTrainer(Trainer):
+    """DDPO-SF / DDPO-IS / DPOK on a toy environment (module docstring); ``cfg.algo`` names the method."""
+
     def _init_extra(self) -> None:
         if self.cfg.solver != "euler":
-            raise ValueError(f"{type(self).__name__} is a discrete-time (Euler-chain) method: use solver='euler', "
+            raise ValueError(f"{self.cfg.algo} is a discrete-time (Euler-chain) method: use solver='euler', "
                              f"got {self.cfg.solver!r}")
+        self._step_envs: dict[bytes, ToyStepEnvironment] = {}
+        self.value_optimizer = None
+        if self.cfg.algo == "dpok":
+            if self.value is None:
+                raise ValueError("DPOK needs a value baseline: pass value=... (e.g. sa_theory.value.MLPValue)")
+            self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=self.cfg.value_lr)
 
-    def log_probs(self, batch: Batch, paths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable :math:`\\log\\pi_\\theta(Y_{k+1}|Y_k)` ``(N, b)`` and the means ``(N, b, d)``."""
-        N = batch.taus.numel() - 1
-        states = batch.states[:, paths]
-        cond = None if batch.cond is None else batch.cond[paths]
-        means = grid_means(self.policy, batch.taus[:N], states[:N], cond, batch.ref_actions[:, paths])
-        return euler_log_probs(self.env.sde, batch.taus, states, means), means
-
-
-class DDPOSF(_DiscreteBaseline):
-    """DDPO-SF (score-function REINFORCE), one gradient step per batch."""
-
-    def update(self, batch: Batch) -> dict:
-        beta, B = self.beta_at(self.iteration), batch.batch_size
-        adv = ddpo_advantages(batch, beta, self.cfg.normalize_advantages)
-        for paths in self.chunks(B):
-            logp, _ = self.log_probs(batch, paths)
-            sur = likelihood_ratio_surrogate(logp, adv[paths], torch.zeros_like(logp), 0.0)
-            (-sur.sum() / B).backward()
-        return {"grad_norm": self.policy_step()}
-
-
-class DDPOIS(_DiscreteBaseline):
-    """DDPO-IS: PPO-clip with per-step importance ratios and a fixed clip range."""
-
-    def update(self, batch: Batch) -> dict:
-        cfg, beta, B = self.cfg, self.beta_at(self.iteration), batch.batch_size
-        adv = ddpo_advantages(batch, beta, cfg.normalize_advantages)
-        grad_norm, clipfrac, approx_kl = 0.0, 0.0, 0.0
-        for _ in range(cfg.epochs):
-            cf, ak = 0.0, 0.0
-            for paths in self.chunks(B):
-                logp, _ = self.log_probs(batch, paths)
-                old = batch.log_probs[:, paths]
-                sur = ppo_clip_surrogate(logp, old, adv[paths], cfg.clip_range)
-                (-sur.sum() / B).backward()
-                with torch.no_grad():
-                    ratio = torch.exp(logp - old)
-                    cf += float(((ratio - 1).abs() > cfg.clip_range).float().sum()) / ratio.numel() * paths.numel() / B
-                    ak += float(((ratio - 1) - torch.log(ratio)).sum(0).sum()) / B
-            clipfrac, approx_kl = cf, ak
-            grad_norm = self.policy_step()
-        return {"grad_norm": grad_norm, "clip_frac": clipfrac, "approx_kl": approx_kl}
-
-
-class DPOK(_DiscreteBaseline):
-    """DPOK: policy gradient with a learned value baseline and a per-step KL regulariser."""
-
-    def _init_extra(self) -> None:
-        super()._init_extra()
-        if self.value is None:
-            raise ValueError("DPOK needs a value baseline: pass value=... (e.g. sa_theory.value.MLPValue)")
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=self.cfg.value_lr)
+    def method_for(self, batch: Batch, beta: float):
+        """The shared method (:func:`~.methods.make_method`) on this batch's grid, at KL weight ``beta``; the critic is
+        fitted here (``value_coef = 0``), advantages are not clamped (``adv_clip_max = 0``)."""
+        key = batch.taus.detach().cpu().numpy().tobytes()
+        if key not in self._step_envs:
+            self._step_envs[key] = ToyStepEnvironment(self.env, batch.taus)
+        cfg = MethodConfig.take(self.cfg, method=self.cfg.algo, beta=beta, adv_clip_max=0.0, value_coef=0.0)
+        return make_method(cfg, self._step_envs[key], self.policy, self.value)
 
     def extra_state(self) -> dict:
-        return {"value_optimizer": self.value_optimizer.state_dict()}
+        return {} if self.value_optimizer is None else {"value_optimizer": self.value_optimizer.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
+        if self.value_optimizer is not None:
+            self.value_optimizer.load_state_dict(state["value_optimizer"])
 
-    def update(self, batch: Batch) -> dict:
-        beta, B, N = self.beta_at(self.iteration), batch.batch_size, batch.taus.numel() - 1
-        # value baseline: regress V(tau_k, Y_k) on the terminal reward R (DPOK's value is of the reward)
+    def fit_baseline(self, batch: Batch) -> float:
+        """DPOK's value baseline: ``value_epochs`` Adam steps regressing :math:`V(\\tau_k, Y_k)` on the terminal
+        reward at a random subset of ``max(1, value_batch // B)`` grid times; returns the last loss."""
+        N, B = batch.taus.numel() - 1, batch.batch_size
         vloss = torch.zeros(())
         n_t = min(N, max(1, self.cfg.value_batch // B))
         for _ in range(self.cfg.value_epochs):
@@ -120,11 +104,27 @@ class DPOK(_DiscreteBaseline):
             self.value_optimizer.zero_grad(set_to_none=True)
             vloss.backward()
             self.value_optimizer.step()
-        with torch.no_grad():
-            baseline = values_on_grid(self.value, batch.taus[:N], batch.states[:N], batch.cond)
-        for paths in self.chunks(B):
-            logp, means = self.log_probs(batch, paths)
-            kl_theta = kl_steps(self.env.sde, batch.taus, means, batch.ref_actions[:, paths])
-            sur = dpok_surrogate(logp, batch.reward[paths], baseline[:, paths], kl_theta, beta)
-            (-sur.sum() / B).backward()
-        return {"grad_norm": self.policy_step(), "value_loss": vloss.item()}
+        return vloss.item()
+
+    def update(self, batch: Batch) -> dict:
+        cfg, B = self.cfg, batch.batch_size
+        method = self.method_for(batch, self.beta_at(self.iteration))
+        rb = rollout_batch(batch)
+        ret = method.path_return(rb, batch.reward)
+        if getattr(cfg, "normalize_advantages", False):
+            ret = (ret - ret.mean()) / (ret.std() + 1e-8)
+        metrics = {}
+        if self.value_optimizer is not None:
+            metrics["value_loss"] = self.fit_baseline(batch)
+        metrics.update(method.prepare(rb, ret.detach()))
+        sums: dict[str, float] = {}
+        for _ in range(getattr(cfg, "epochs", 1)):
+            sums = {}
+            for paths in self.chunks(B):
+                out = method.losses(rb.select(paths))
+                (out["loss"] * (paths.numel() / B)).backward()
+                for name, v in out.items():
+                    sums[name] = sums.get(name, 0.0) + float(v.detach()) * paths.numel() / B
+            metrics["grad_norm"] = self.policy_step()
+        metrics.update({k: v for k, v in sums.items() if k != "loss"})  # the last epoch's, batch means
+        return metrics

@@ -133,6 +133,7 @@ class DPOKConfig(TrainConfig):
     value_epochs: int = _f(20, "value-baseline gradient steps per rollout batch")
     value_batch: int = _f(2048, "value baseline: state samples per step "
                                  "(full paths at value_batch // batch_size times)")
+    ratio_clamp: float = _f(1e-4, "per-step likelihood ratio clamped to [1 - c, 1 + c] (DPOK's 1e-4)")
     algo = "dpok"
 
 

@@ -105,16 +105,13 @@ class Method:
         ``(n, B, *event)``."""
         kern = self.kernel
         actions = self.policy_actions(batch, ks)
-        lp = torch.stack([kern.log_prob(k, batch.latents[k + 1].detach(),
-                                        kern.mean(k, batch.latents[k].detach(), actions[i]))
-                          for i, k in enumerate(ks)])
+        lp = kern.grid_log_probs(ks, batch.latents[ks].detach(), batch.latents[[k + 1 for k in ks]].detach(), actions)
         out = {"log_prob": lp, "old_log_prob": batch.log_probs[ks], "action": actions, "old_action": batch.actions[ks]}
         # on-policy parity: recomputed vs rollout log-prob (0 up to float noise before the first update)
         delta = (lp.detach() - out["old_log_prob"]).abs().max()
         self._logprob_delta = max(self._logprob_delta, float(delta))
         if batch.ref_actions is not None:
-            out["kl"] = torch.stack([kern.step_kl(k, actions[i], batch.ref_actions[k], self.kl_form)
-                                     for i, k in enumerate(ks)])
+            out["kl"] = kern.grid_step_kls(ks, actions, batch.ref_actions[ks], self.kl_form)
         else:
             out["kl"] = torch.zeros_like(lp)
         return out
