@@ -175,9 +175,11 @@ class EulerKernel(GaussianKernel):
     def __init__(self, sde, taus, quad_nodes: int = 32) -> None:
         self.sde = sde
         taus = np.asarray(taus, dtype=np.float64)
-        inside = taus.ndim == 1 and taus.size >= 2 and taus[0] >= 0 and taus[-1] <= sde.T * (1 + 1e-12)
+        # a grid from a float32 tensor may end a rounding above T (0.99 -> 0.9900000095): accepted and clamped to T
+        inside = taus.ndim == 1 and taus.size >= 2 and taus[0] >= 0 and taus[-1] <= sde.T * (1 + 1e-6)
         if not inside or np.any(np.diff(taus) <= 0):
             raise ValueError(f"EulerKernel: 'taus' must be a strictly increasing 1-d grid inside [0, T = {sde.T}]")
+        taus = np.minimum(taus, sde.T)
         self.dtaus = np.diff(taus)
 
         def ev(fn, tau):

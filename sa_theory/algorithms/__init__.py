@@ -16,7 +16,7 @@
 >>> trainer.train()
 """
 
-from .actor_critic import SAActorCritic, values_on_grid
+from .actor_critic import SAActorCritic
 from .baselines import MethodTrainer
 from .checkpoint import (
     CheckpointCorruptError,
@@ -42,6 +42,7 @@ from .config import (
     validate,
 )
 from .policies import GreedyPolicy, MLPPolicy, PiecewiseAffinePolicy, ResidualMLPPolicy, grid_means
+from .step_env import values_on_grid
 from .trainer import SOLVERS, Batch, Environment, Trainer
 
 TRAINERS = {"sa_ac": SAActorCritic, "ddpo_sf": MethodTrainer, "ddpo_is": MethodTrainer, "dpok": MethodTrainer}

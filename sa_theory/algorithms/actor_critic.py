@@ -57,29 +57,19 @@ count can be chosen freely; the path-KL trust region does not depend on ``N`` (R
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ..estimators import pathwise_costates, td_advantages, trust_region_surrogate
-from ..kl import euler_log_prob, girsanov_kl_step
+from ..estimators import pathwise_costates, td_advantages
+from ..kl import girsanov_kl_step
 from ..sde import check_finite
-from ..value import MLPValue, ResidualValue, mc_value_targets
+from ..value import mc_value_targets
 from .config import SAACConfig
+from .method_base import MethodConfig
+from .methods import make_method
 from .policies import GreedyPolicy, grid_means
+from .step_env import rollout_batch, values_on_grid
 from .trainer import Batch, Trainer, iteration_generator, lr_lambda
 
-__all__ = ["SAActorCritic", "values_on_grid"]
-
-
-def values_on_grid(value: nn.Module, taus: torch.Tensor, states: torch.Tensor, cond=None) -> torch.Tensor:
-    r""":math:`V(\tau_k, Y_k)` for every row of ``taus (n,)`` / ``states (n, B, *event)``: ``(n, B)``.
-    Differentiable in the critic's parameters and in ``states`` (one batched call for :class:`MLPValue`)."""
-    n, B = states.shape[:2]
-    if isinstance(value, MLPValue) and cond is None:
-        tau_rows = taus[:, None].expand(n, B).reshape(-1)
-        return value(tau_rows, states.reshape(n * B, *states.shape[2:])).reshape(n, B)
-    if isinstance(value, ResidualValue) and isinstance(value.net, MLPValue) and cond is None and states.dim() == 3:
-        return value.grid_values(taus, states)
-    return torch.stack([value(taus[k], states[k], cond) for k in range(n)])
+__all__ = ["SAActorCritic"]
 
 
 class SAActorCritic(Trainer):
@@ -218,33 +208,13 @@ class SAActorCritic(Trainer):
                             else beta, gain=self.env.sde.value_gain)
 
     # ------------------------------------------------------------------ 4. actor
-    def actor_loss(self, batch: Batch, idx: torch.Tensor, paths: torch.Tensor, p: torch.Tensor,
-                   values: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Minus the (rescaled) trust-region surrogate summed over ``paths``, divided by ``B``; also the
-        per-path KL to the old policy (for logging)."""
-        cfg, N, B = self.cfg, batch.taus.numel() - 1, batch.batch_size
-        taus, g2 = batch.taus[idx], self.env.sde.action_coef(batch.taus)[idx]  # g^2 at noise eta = 1
-        klw = self.env.sde.kl_weight_rate(batch.taus)[idx]
-        states = batch.states[idx][:, paths]
-        cond = None if batch.cond is None else batch.cond[paths]
-        new = grid_means(self.policy, taus, states, cond, batch.ref_actions[idx][:, paths])
-        old, ref, pk = batch.means[idx][:, paths], batch.ref_actions[idx][:, paths], p[idx][:, paths]
-        scale = N / idx.numel()
-        sur = scale * trust_region_surrogate(new, old, ref, pk, g2, batch.dtau, beta,
-                                             kl_penalty=cfg.kl_penalty, max_path_kl=cfg.max_path_kl, kl_weight=klw)
-        lr_coef = 1.0 if cfg.estimator == "likelihood_ratio" else cfg.lr_coef
-        if lr_coef:
-            adv = td_advantages(values, batch.reward, batch.kl_steps, beta)[idx][:, paths]
-            gd = self.env.sde.diffusion(batch.taus)[idx]
-            y1 = batch.states[idx + 1][:, paths]
-            logp = torch.stack([euler_log_prob(y1[i], states[i], self.env.sde.drift(taus[i], states[i], new[i]),
-                                               gd[i], batch.dtau) for i in range(idx.numel())])
-            ratio = torch.exp(logp - batch.log_probs[idx][:, paths])
-            sur = sur + lr_coef * scale * (ratio * adv).sum(0)
-        with torch.no_grad():
-            pkl = scale * 0.5 * (klw.reshape(-1, *[1] * (new.dim() - 1)) * batch.dtau * (new - old) ** 2
-                                 ).reshape(idx.numel(), paths.numel(), -1).sum((0, 2))
-        return -sur.sum() / B, pkl
+    def actor_method(self, batch: Batch, beta: float):
+        """The actor's loss: the shared ``sa_ac`` method (:class:`~.methods.SAACMethod`, the one that runs on images) on
+        the Euler kernel of this batch's grid, with this trainer's ``estimator``, ``kl_penalty``, ``max_path_kl`` and
+        ``lr_coef``; its critic is fitted here (``value_coef = 0``) and its advantages are TD errors."""
+        cfg = MethodConfig.take(self.cfg, method="sa_ac", beta=beta, kl_weighting="chain", advantage="td",
+                                adv_clip_max=0.0, value_coef=0.0)
+        return make_method(cfg, self.step_environment(batch), self.policy, self.value)
 
     def update(self, batch: Batch) -> dict:
         cfg, beta = self.cfg, self.beta_at(self.iteration)
@@ -259,21 +229,24 @@ class SAActorCritic(Trainer):
                 values = values_on_grid(self.value, batch.taus[:N], batch.states[:N], batch.cond)
         else:
             values, p = self.costates(batch)
-        if cfg.estimator == "likelihood_ratio":  # R5: no costates; the surrogate keeps the exact KL terms
-            p = torch.zeros_like(p)
-        grad_norm, pkl = 0.0, torch.zeros(B)
+        method, rb = self.actor_method(batch, beta), rollout_batch(batch)
+        rb.step_data["costate"] = p
+        if cfg.estimator == "likelihood_ratio" or cfg.lr_coef:
+            rb.step_data["adv"] = td_advantages(values, batch.reward, batch.kl_steps, beta)
+        grad_norm, pkl = 0.0, 0.0
         for _ in range(cfg.epochs):
             if cfg.tau_subset and cfg.tau_subset < N:
                 idx = torch.randperm(N, generator=batch.generator)[: cfg.tau_subset].sort().values
             else:
                 idx = torch.arange(N)
-            pkl = torch.zeros(B, dtype=torch.float64)
+            method.steps_scale = N / idx.numel()  # a random subset of grid times, rescaled (unbiased)
+            pkl = 0.0
             for paths in self.chunks(B):
-                loss, pk = self.actor_loss(batch, idx, paths, p, values, beta)
-                loss.backward()
-                pkl[paths] = pk.to(torch.float64)
+                out = method.losses(rb.select(paths), idx.tolist())
+                (out["loss"] * (paths.numel() / B)).backward()
+                pkl += float(out["kl_to_old"]) * paths.numel() / B
             grad_norm = self.policy_step()
-        return {"grad_norm": grad_norm, "value_loss": value_loss, "policy_kl_to_old": float(pkl.mean())}
+        return {"grad_norm": grad_norm, "value_loss": value_loss, "policy_kl_to_old": pkl}
 
     # ------------------------------------------------------------------ 5. final distillation
     def distill_loss(self, taus: torch.Tensor, dtau: float, states: torch.Tensor, target: torch.Tensor, cond=None,

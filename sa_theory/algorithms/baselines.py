@@ -3,7 +3,8 @@ r"""The discrete-time baselines on the toy problems (theory.md §4): DDPO-SF, DD
 
 All three treat the ``N``-step Euler-Maruyama chain as an MDP whose policy is the Gaussian transition
 :math:`\pi_\theta(Y_{k+1}|Y_k) = N(Y_k + b(\tau_k, Y_k, \mu_\theta) d\tau, \sigma_k^2 d\tau I)`, the
-:class:`~sa_theory.kernels.EulerKernel` of the environment's SDE on the trainer's grid (:class:`ToyStepEnvironment`),
+:class:`~sa_theory.kernels.EulerKernel` of the environment's SDE on the trainer's grid
+(:class:`~.step_env.ToyStepEnvironment`),
 and so need ``solver="euler"``. For a fair comparison on the same objective :math:`J`, DDPO-SF and DDPO-IS put the
 **sampled log-ratio KL** :math:`\sum_k \log\frac{\pi_\theta}{\pi_\text{pre}}(Y_{k+1}|Y_k)` into the return
 (original DDPO has no KL: set ``beta=0``), standardised over the batch (``normalize_advantages``; the toys have no
@@ -16,49 +17,14 @@ others), each the sum over ``grad_accum`` micro-batches of the method's loss ove
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ..kernels import EulerKernel
-from .actor_critic import values_on_grid
 from .method_base import MethodConfig
 from .methods import make_method
-from .policies import grid_means
-from .rl_batch import RolloutBatch
+from .step_env import rollout_batch, values_on_grid
 from .trainer import Batch, Trainer
 
-__all__ = ["MethodTrainer", "ToyStepEnvironment", "rollout_batch"]
-
-
-class ToyStepEnvironment:
-    """A toy :class:`~.environment.Environment` as a step environment (:mod:`.method_base`): the Euler kernel of its
-    SDE on ``taus``, the policy ``model(tau, y, cond)`` as the action (one batched call over the grid through
-    :func:`~.policies.grid_means`), the condition under ``text["cond"]``."""
-
-    def __init__(self, env, taus: torch.Tensor):
-        self.sde, self.taus = env.sde, taus
-        self.kernel = EulerKernel(env.sde, taus.detach().cpu().numpy().astype(np.float64))
-
-    def action(self, k, x, text, model):
-        return model(self.taus[k], x, text.get("cond"))
-
-    def grid_actions(self, ks, states, text, model, ref_actions=None):
-        return grid_means(model, self.taus[ks], states, text.get("cond"), ref_actions)
-
-    def value_cond(self, batch, k, tweedie=None):
-        return batch.text.get("cond")
-
-    def grid_values(self, value, batch):
-        K = batch.num_steps
-        return values_on_grid(value, self.taus[:K], batch.latents[:K], batch.text.get("cond"))
-
-
-def rollout_batch(batch: Batch) -> RolloutBatch:
-    """The toy trainer's :class:`~.environment.Batch` as the methods' :class:`~.rl_batch.RolloutBatch` (no copy)."""
-    cond = batch.cond if torch.is_tensor(batch.cond) else None
-    return RolloutBatch([""] * batch.batch_size, {"cond": cond}, batch.states, batch.means, batch.log_probs,
-                        batch.ref_actions, batch.kl_steps, None, ref_log_probs=batch.ref_log_probs,
-                        rewards=batch.reward)
+__all__ = ["MethodTrainer"]
 
 
 class MethodTrainer(Trainer):
@@ -68,7 +34,6 @@ class MethodTrainer(Trainer):
         if self.cfg.solver != "euler":
             raise ValueError(f"{self.cfg.algo} is a discrete-time (Euler-chain) method: use solver='euler', "
                              f"got {self.cfg.solver!r}")
-        self._step_envs: dict[bytes, ToyStepEnvironment] = {}
         self.value_optimizer = None
         if self.cfg.algo == "dpok":
             if self.value is None:
@@ -78,11 +43,8 @@ class MethodTrainer(Trainer):
     def method_for(self, batch: Batch, beta: float):
         """The shared method (:func:`~.methods.make_method`) on this batch's grid, at KL weight ``beta``; the critic is
         fitted here (``value_coef = 0``), advantages are not clamped (``adv_clip_max = 0``)."""
-        key = batch.taus.detach().cpu().numpy().tobytes()
-        if key not in self._step_envs:
-            self._step_envs[key] = ToyStepEnvironment(self.env, batch.taus)
         cfg = MethodConfig.take(self.cfg, method=self.cfg.algo, beta=beta, adv_clip_max=0.0, value_coef=0.0)
-        return make_method(cfg, self._step_envs[key], self.policy, self.value)
+        return make_method(cfg, self.step_environment(batch), self.policy, self.value)
 
     def extra_state(self) -> dict:
         return {} if self.value_optimizer is None else {"value_optimizer": self.value_optimizer.state_dict()}

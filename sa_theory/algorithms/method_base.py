@@ -39,6 +39,9 @@ class MethodConfig:
     beta: float = 0.01  # KL weight of J = E r - beta KL(P_theta || P_pre), nats per path
     kl_weighting: str = "chain"  # the regulariser's per-step KL: "chain" (exact, w_k) | "continuous" (Girsanov)
     kl_penalty: float = 1.0  # sa_ac: weight of the path KL to the old policy (trust region)
+    max_path_kl: float | None = None  # sa_ac: paths whose KL to the old policy (over one losses call) exceeds it
+    #                                   give no gradient to the KL terms (toys, all steps per call; None on images)
+    lr_coef: float = 0.0  # sa_ac value_gradient: weight of an added importance-weighted advantage term
     clip_range: float = 1e-4  # ddpo_is / flow_grpo: PPO clip range of per-step ratios
     ratio_clamp: float = 1e-4  # dpok: per-step ratio clamped to [1 - c, 1 + c]
     adv_clip_max: float = 5.0  # clamp advantages to [-c, c] (0: no clamp)
@@ -101,19 +104,22 @@ class Method:
         return torch.stack([self.env.action(k, batch.latents[k].detach(), batch.text, self.model) for k in ks])
 
     def step_terms(self, batch: RolloutBatch, ks: list[int]) -> dict[str, torch.Tensor]:
-        """At the steps ``ks``: log-prob, old log-prob, KL to the pretrained model ``(n, B)``; action, old action
-        ``(n, B, *event)``."""
+        """At the steps ``ks``: log-prob, old log-prob (``None`` if the batch has no log-probs), KL to the pretrained
+        model ``(n, B)``; action, old action ``(n, B, *event)``."""
         kern = self.kernel
         actions = self.policy_actions(batch, ks)
-        lp = kern.grid_log_probs(ks, batch.latents[ks].detach(), batch.latents[[k + 1 for k in ks]].detach(), actions)
-        out = {"log_prob": lp, "old_log_prob": batch.log_probs[ks], "action": actions, "old_action": batch.actions[ks]}
-        # on-policy parity: recomputed vs rollout log-prob (0 up to float noise before the first update)
-        delta = (lp.detach() - out["old_log_prob"]).abs().max()
-        self._logprob_delta = max(self._logprob_delta, float(delta))
+        out = {"log_prob": None, "old_log_prob": None, "action": actions, "old_action": batch.actions[ks]}
+        if batch.log_probs is not None:  # None: a rollout without transition densities (toys' Heun / torchsde)
+            out["log_prob"] = kern.grid_log_probs(ks, batch.latents[ks].detach(),
+                                                  batch.latents[[k + 1 for k in ks]].detach(), actions)
+            out["old_log_prob"] = batch.log_probs[ks]
+            # on-policy parity: recomputed vs rollout log-prob (0 up to float noise before the first update)
+            delta = (out["log_prob"].detach() - out["old_log_prob"]).abs().max()
+            self._logprob_delta = max(self._logprob_delta, float(delta))
         if batch.ref_actions is not None:
             out["kl"] = kern.grid_step_kls(ks, actions, batch.ref_actions[ks], self.kl_form)
         else:
-            out["kl"] = torch.zeros_like(lp)
+            out["kl"] = actions.new_zeros(actions.shape[:2])
         return out
 
     def weights(self, ks: list[int], like: torch.Tensor, which: str = "kl") -> torch.Tensor:
@@ -165,7 +171,8 @@ class Method:
         """``loss`` and the logged diagnostics of a ratio method: its actor loss, the KL to the pretrained model,
         the mean |ratio - 1| and (``clip``) the fraction of clipped ratios, per step of the path."""
         ratio = torch.exp(lp.detach() - old)
-        out = {"loss": loss, "actor_loss": loss.detach(), "ratio_dev": (ratio - 1).abs().mean(1).sum() / batch.num_steps,
+        out = {"loss": loss, "actor_loss": loss.detach(),
+               "ratio_dev": (ratio - 1).abs().mean(1).sum() / batch.num_steps,
                "kl_to_pretrained": self.steps_scale * terms["kl"].detach().mean(1).sum()}
         if clip is not None:
             out["clipfrac"] = ((ratio - 1).abs() > clip).float().mean(1).sum() / batch.num_steps

@@ -104,13 +104,23 @@ class SAACMethod(Method):
         if c.estimator == "value_gradient":  # R4/R8: c = lambda_k, w = the regulariser's weight, dtau = 1 (per step)
             ref = batch.ref_actions[ks] if batch.ref_actions is not None else old_a
             sur = trust_region_surrogate(a, old_a, ref, batch.step_data["costate"][ks].to(a.dtype),
-                                         self.weights(ks, a, "slope"), 1.0, c.beta, c.kl_penalty, kl_weight=w)
+                                         self.weights(ks, a, "slope"), 1.0, c.beta, c.kl_penalty,
+                                         max_path_kl=c.max_path_kl, kl_weight=w)
+            if c.lr_coef:  # importance-weighted advantages on top (critics of non-differentiable rewards)
+                ratio = torch.exp(terms["log_prob"] - terms["old_log_prob"])
+                sur = sur + c.lr_coef * (ratio * batch.step_data["adv"][ks]).sum(0)
             pkl = policy_path_kl(a, old_a, w, 1.0)
             return {**self._actor_critic_terms(-s * sur.mean(), batch, ks, terms), "kl_to_old": s * pkl.detach().mean()}
         ratio = torch.exp(terms["log_prob"] - terms["old_log_prob"])
-        sur = likelihood_ratio_surrogate(ratio, batch.step_data["adv"][ks], terms["kl"], c.beta)
         pkl = policy_path_kl(a, old_a, w, 1.0)
-        actor = s * (-sur.mean() + c.kl_penalty * pkl.mean())
+        if c.max_path_kl is None:
+            sur = likelihood_ratio_surrogate(ratio, batch.step_data["adv"][ks], terms["kl"], c.beta)
+            actor = s * (-sur.mean() + c.kl_penalty * pkl.mean())
+        else:  # the KL terms of paths beyond the trust region give no gradient (as trust_region_surrogate's clip)
+            reg = -c.beta * terms["kl"].sum(0) - c.kl_penalty * pkl
+            keep = (pkl.detach() <= c.max_path_kl).to(reg.dtype)
+            sur = likelihood_ratio_surrogate(ratio, batch.step_data["adv"][ks], torch.zeros_like(ratio), 0.0)
+            actor = -s * (sur + reg * keep + (reg * (1 - keep)).detach()).mean()
         return {**self._actor_critic_terms(actor, batch, ks, terms), "kl_to_old": s * pkl.detach().mean(),
                 "ratio_dev": (ratio.detach() - 1).abs().mean(1).sum() / batch.num_steps}
 

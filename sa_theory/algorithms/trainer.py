@@ -49,6 +49,7 @@ from .checkpoint import (
 from .config import TrainConfig, resume_changes, to_dict, validate
 from .environment import SOLVERS, Batch, Environment, solver_kwargs
 from .loop_utils import iteration_generator, jsonable, lr_lambda, read_jsonl
+from .step_env import ToyStepEnvironment
 
 __all__ = ["Environment", "Batch", "Trainer", "SOLVERS", "solver_kwargs", "iteration_generator", "lr_lambda"]
 
@@ -173,6 +174,14 @@ class Trainer:
                 logp, ref_logp = traj.log_probs, traj.extras["ref_log_probs"]
         return Batch(taus=taus, states=states, means=means, ref_actions=refs, kl_steps=kl, reward=reward,
                      cond=cond, log_probs=logp, ref_log_probs=ref_logp, generator=gen)
+
+    def step_environment(self, batch: Batch) -> ToyStepEnvironment:
+        """The environment as the methods' step environment on ``batch``'s grid (cached per grid)."""
+        key = batch.taus.detach().cpu().numpy().tobytes()
+        envs = self.__dict__.setdefault("_step_envs", {})
+        if key not in envs:
+            envs[key] = ToyStepEnvironment(self.env, batch.taus)
+        return envs[key]
 
     # ------------------------------------------------------------------ optimisation helpers
     def policy_step(self, optimizer: torch.optim.Optimizer | None = None) -> float:

@@ -1,13 +1,13 @@
-"""The image methods (:mod:`sa_theory.algorithms.methods`, the per-step losses that run on Stable Diffusion) on linear-Gaussian
-toys (VP at eta = 1, rectified flow at eta = 0.245), against the closed form (issue #14: every method variant that
-runs on images is verified on the toys).
+"""The methods (:mod:`sa_theory.algorithms.methods`: the per-step losses that run on Stable Diffusion and, since
+issue #14, on the toys) on linear-Gaussian toys (VP at eta = 1, rectified flow at eta = 0.245), against the closed
+form, driven as the image trainer drives them (one step environment, per-prompt-free returns).
 
 A toy environment implements the image environment's contract (a Gaussian step kernel, ``action(k, x, text,
 model)``, the pretrained action) with the Euler-Maruyama kernel of the toy's SDE and an affine policy whose
 parameters are the closed form's ``theta``. Rollouts go through the one sampling loop
-(:func:`sa_theory.sampling.sample_chain`) into a :class:`sa_theory.algorithms.rl_batch.RolloutBatch`; the method's ``prepare`` and
-``losses`` are the ones the image trainer calls. At the sampling policy the gradient of minus the loss must be an
-unbiased estimate of the exact gradient of the K-step chain's objective
+(:func:`sa_theory.sampling.sample_chain`) into a :class:`~sa_theory.algorithms.rl_batch.RolloutBatch`; the
+method's ``prepare`` and ``losses`` are the ones the image trainer calls. At the sampling policy the gradient of
+minus the loss must be an unbiased estimate of the exact gradient of the K-step chain's objective
 (:meth:`toy_problems.LinearGaussianProblem.discrete_gradient`): within 4.5 standard errors (batch means over 40
 groups, fixed seeds), and a wrong target (the KL forgotten) must be rejected by the same test. (Checked once by
 hand: a 30% error in the kernel's slope or KL weight inside the methods gives z = 11-28.) DPOK and Flow-GRPO are
@@ -24,12 +24,12 @@ import pytest
 import torch
 
 from sa_theory import schedules
+from sa_theory.algorithms.methods import make_method
+from sa_theory.algorithms.rl_batch import RolloutBatch
 from sa_theory.estimators import pathwise_costates
 from sa_theory.kernels import EulerKernel
 from sa_theory.sampling import sample_chain
 from t2i.config import Config, method_config
-from sa_theory.algorithms.methods import make_method
-from sa_theory.algorithms.rl_batch import RolloutBatch
 from toy_problems import LinearGaussianProblem
 from toy_problems.train import make_problem
 

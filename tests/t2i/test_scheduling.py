@@ -251,9 +251,9 @@ def test_ddpm_training_on_the_tiny_pipeline_has_a_path_kl_like_ddim_eta1(tmp_pat
 def test_rollouts_record_both_kls_and_methods_regularise_with_the_configured_one(tiny_pipe, tmp_path):
     """sample_rollout records the chain KL and the continuous-time KL per step; a method's per-step KL term (and
     its recorded KLs for the return) is the one named by train.kl_weighting."""
-    from t2i.environments import UNetEnvironment
     from sa_theory.algorithms.methods import make_method
     from t2i.config import method_config
+    from t2i.environments import UNetEnvironment
     from t2i.models import lora_parameters
     from t2i.rollout import sample_rollout
 
