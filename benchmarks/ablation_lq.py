@@ -95,7 +95,7 @@ def run_one(row: int, N: int, seed: int, quick: bool) -> dict:
     t0 = time.time()
     s = build(algo, "gauss2d", cfg)
     if exact:
-        s.trainer.costates = _exact_costates(s.trainer, s.prob, exact, s.toy.pieces)
+        s.trainer.critic.costates = _exact_costates(s.trainer, s.prob, exact, s.toy.pieces)
     s.trainer.train()
     return {"row": row, "N": N, "seed": seed, "J": float(s.evaluate()["objective"]), "seconds": time.time() - t0}
 

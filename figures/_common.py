@@ -36,7 +36,8 @@ METHOD_OVERRIDES = {
 #: epochs with a light KL-to-old penalty, residual critic that also sees Tweedie's x0_hat, decaying critic lr,
 #: and at the end 4000 steps distilling the actor onto the final critic's greedy policy (no reward queries).
 #: Costate at the left point ('critic'): on the mixture it measured closer to the tilted law than the chain-consistent
-#: 'critic_next' (small-mode weight 0.075 against 0.099, exact 0.068; sa_theory.algorithms.actor_critic docstring)
+#: 'critic_next' (small-mode weight 0.075 against 0.099, exact 0.068; benchmarks/README.md, "The actor and its
+#: critic on the mixture")
 GMM_SA_AC = {"lr": 0.01, "lr_schedule": "cosine", "epochs": 8, "kl_penalty": 0.1, "critic": "residual",
              "critic_x0_input": True, "value_lr_schedule": "cosine", "final_distill_steps": 4000,
              "costate": "critic"}

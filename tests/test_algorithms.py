@@ -142,7 +142,7 @@ def test_critic_costates_sit_at_the_step_s_next_state_or_its_left_point_and_esti
     for where in ("critic_next", "critic"):
         s = build("sa_ac", "gauss2d", {**FAST, "costate": where, "batch_size": 8, "sampler_steps": 5})
         batch = s.trainer.collect(0)
-        v, p = s.trainer.costates(batch)
+        v, p = s.trainer.critic.costates(batch)
         rows = slice(1, 6) if where == "critic_next" else slice(0, 5)
         y = batch.states[rows].clone().requires_grad_(True)
         (g,) = torch.autograd.grad(values_on_grid(s.trainer.value, batch.taus[rows], y).sum(), y)
@@ -323,7 +323,7 @@ def test_actor_with_exact_costates_reaches_the_tilted_mixture():
                          for k in range(N)])
         return torch.zeros(p.shape[:2], dtype=p.dtype), p.detach()
 
-    s.trainer.costates = exact_costates
+    s.trainer.critic.costates = exact_costates
     s.trainer.train()
     w_hat, w_ex, m_hat, m_ex, se_w, se_m, W, _ = _gmm_check(s, n=16384, steps=200)
     assert np.all(np.abs(w_hat - w_ex) < 4 * se_w), (w_hat, w_ex, se_w)
@@ -366,7 +366,7 @@ def test_full_actor_critic_on_the_mixture_reaches_the_tilted_mixture():
 
 
 def test_distill_reproduces_its_target_policy_and_validates_its_arguments():
-    """``SAActorCritic.distill(target)`` regresses the actor onto ``target`` on its own fresh paths (no reward
+    """``Trainer.distill(target)`` regresses the actor onto ``target`` on its own fresh paths (no reward
     queries): from the pretrained actor onto the exact optimal action a* of the mixture (2000 steps, 4096 paths)
     the actor's terminal law has the tilted mixture's weights and means within 4 combined SE (16384 paths, 200
     steps; measured small-mode weight 0.0694, |z| <= 1.4; the pretrained law is > 15 SE off), and the held-out
@@ -415,10 +415,10 @@ def test_log_ratio_value_targets_are_unbiased_and_nearly_deterministic_at_the_op
     def spreads(policy):
         tr.policy = Fixed(policy)
         batch = tr.collect(0)
-        cv = tr.value_targets(batch, prob.beta)
-        tr.cfg = override(tr.cfg, {"value_loss": "mc"})
-        mc = tr.value_targets(batch, prob.beta)
-        tr.cfg = override(tr.cfg, {"value_loss": "mc_cv"})
+        cv = tr.critic.value_targets(batch, prob.beta)
+        tr.critic.cfg = override(tr.cfg, {"value_loss": "mc"})
+        mc = tr.critic.value_targets(batch, prob.beta)
+        tr.critic.cfg = tr.cfg
         out = []
         for k in (0, 50):
             d = (cv[k] - mc[k]).double().numpy()

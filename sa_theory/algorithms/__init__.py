@@ -2,12 +2,13 @@
 
 * :mod:`.config` -- one typed, documented config per algorithm and ``key=value`` overrides;
 * :mod:`.environment` -- the :class:`Environment` a trainer sees, the rollout :class:`Batch`, the solvers;
-* :mod:`.trainer` -- the shared loop (rollouts, JSONL metrics, checkpoints, exact and checked resume,
-  Ctrl-C handling, evaluation); :mod:`.loop_utils` -- per-iteration generators, LR multipliers;
-* :mod:`.actor_critic` -- ``sa_ac``, the continuous-time actor-critic;
 * :mod:`.methods` -- the RL methods (``sa_ac``, ``ddpo_sf``, ``ddpo_is``, ``dpok``, ``flow_grpo``), one implementation
-  each for toys and images, on a recorded :class:`~.rl_batch.RolloutBatch` (:mod:`.method_base`: the contract);
-* :mod:`.baselines` -- :class:`MethodTrainer`: ``ddpo_sf``, ``ddpo_is``, ``dpok`` on the toys through :mod:`.methods`;
+  each for toys and images, on a recorded :class:`~.rl_batch.RolloutBatch` (:mod:`.method_base`: the contract,
+  :class:`~.method_base.MethodConfig`: the method part of every config);
+* :mod:`.trainer` -- the toy :class:`Trainer`, one class for every method (rollouts, the critic phase of
+  :mod:`.critics`, the method's actor steps, JSONL metrics, exact and checked resume (:mod:`.trainer_state`),
+  Ctrl-C handling, evaluation, :mod:`.distill`); :mod:`.step_env` -- the toys as the methods' step environment;
+  :mod:`.loop_utils` -- per-iteration generators, LR multipliers;
 * :mod:`.policies` -- residual / plain MLP and piecewise-affine policies started at the pretrained score;
 * :mod:`.checkpoint` -- checksummed atomic save/load with fallback to the previous intact checkpoint, RNG
   state, SIGINT/SIGTERM handling.
@@ -16,8 +17,6 @@
 >>> trainer.train()
 """
 
-from .actor_critic import SAActorCritic
-from .baselines import MethodTrainer
 from .checkpoint import (
     CheckpointCorruptError,
     TrainingInterrupted,
@@ -45,15 +44,13 @@ from .policies import GreedyPolicy, MLPPolicy, PiecewiseAffinePolicy, ResidualML
 from .step_env import values_on_grid
 from .trainer import SOLVERS, Batch, Environment, Trainer
 
-TRAINERS = {"sa_ac": SAActorCritic, "ddpo_sf": MethodTrainer, "ddpo_is": MethodTrainer, "dpok": MethodTrainer}
-
 
 def make_trainer(cfg: TrainConfig, env: Environment, policy, value=None, evaluator=None) -> Trainer:
-    """The trainer class for ``cfg``'s algorithm, constructed."""
-    return TRAINERS[type(cfg).algo](cfg, env, policy, value=value, evaluator=evaluator)
+    """The trainer for ``cfg``'s algorithm (one class for all; ``cfg.algo`` picks the method)."""
+    return Trainer(cfg, env, policy, value=value, evaluator=evaluator)
 
 
-__all__ = ["SAActorCritic", "MethodTrainer", "Trainer", "Environment", "Batch", "SOLVERS", "TRAINERS",
+__all__ = ["Trainer", "Environment", "Batch", "SOLVERS",
            "make_trainer", "TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
            "override", "describe", "to_dict", "from_dict", "ResidualMLPPolicy", "MLPPolicy", "GreedyPolicy",
            "PiecewiseAffinePolicy", "grid_means", "values_on_grid", "save_checkpoint", "load_checkpoint",

@@ -6,7 +6,7 @@ action at step ``k``, differentiable in ``model``'s parameters) and ``value_cond
 value model's conditioning); optionally ``grid_actions(ks, states, text, model, ref_actions)`` (the actions of
 several steps in one call, ``(n, B, *event)``) and ``grid_values(value_model, batch)`` (``(K, B)``). The image
 environments (:mod:`t2i.environments`, one network call per step, as DDP needs) and the toy problems
-(:mod:`.baselines`, one batched call over the grid) both are.
+(:mod:`.step_env`, one batched call over the grid) both are.
 
 The interface: ``path_return(batch, R)`` (the per-path quantity a trainer may normalise), ``prepare(batch, R)``
 (advantages, value targets; returns metrics) and ``losses(batch, steps) -> dict`` with ``"loss"`` to minimise.

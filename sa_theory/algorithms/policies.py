@@ -15,7 +15,7 @@ trainers use it when present.
   :class:`toy_problems.LinearGaussianProblem`'s ``theta`` (:meth:`PiecewiseAffinePolicy.theta`), so its
   exact objective and the closed-form optimum of the class are available.
 * :class:`GreedyPolicy`: the critic's policy-improvement action :math:`s_\text{pre} + \nabla_y V_\psi/\beta`
-  (no parameters of its own; :meth:`sa_theory.algorithms.SAActorCritic.greedy_policy`).
+  (no parameters of its own; :meth:`sa_theory.algorithms.Trainer.greedy_policy`).
 """
 
 from __future__ import annotations

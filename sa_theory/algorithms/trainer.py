@@ -1,15 +1,16 @@
-r"""What every trainer shares: the environment, rollouts, schedules, logging, checkpoints, evaluation.
+r"""The toy trainer: the environment, rollouts, the algorithm, schedules, logging, checkpoints, evaluation.
 
-An algorithm subclasses :class:`Trainer` and implements :meth:`Trainer.update` (one gradient phase on a
-rollout batch). The loop, top to bottom, for iteration ``i``:
+One class for every method (``cfg.algo``): the losses are the shared methods (:mod:`.methods`, the ones the image
+trainer runs) on the Euler kernel of the toy's SDE (:class:`~.step_env.ToyStepEnvironment`); what differs per method
+is the critic phase (:mod:`.critics`) and the options. The loop, top to bottom, for iteration ``i``:
 
 1. **rollout** -- ``batch_size`` paths of the current policy with ``sampler_steps`` steps of ``solver``
    (no autograd), from a generator seeded by ``(seed, i)`` alone, so iteration ``i``'s randomness does
    not depend on the history (exact resume); every path is one **reward query**;
 2. **reward** -- ``env.reward(Y_T, cond)``; a result that is not a ``(batch_size,)`` tensor raises ``ValueError``
    and a NaN/Inf ``FloatingPointError``, both naming the reward;
-3. **update** -- the algorithm (``update(batch)`` returns its metrics); after the last iteration's update,
-   ``on_train_end()`` (a final phase of the algorithm, e.g. the actor-critic's greedy distillation);
+3. **update** -- :meth:`Trainer.update`: the critic phase, then the actor steps; after the last iteration's
+   update, ``on_train_end()`` (``sa_ac``'s optional distillation onto its critic's greedy policy);
 4. **log** -- a JSONL record with ``iteration``, ``queries``, ``reward``, ``path_kl``, ``objective``
    (``reward - beta * path_kl`` on the batch), ``grad_norm``, ``lr``, ``beta`` and the algorithm's own;
 5. **checkpoint** -- atomically with a SHA-256, keeping the previous one, every ``checkpoint_every`` iterations
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -37,23 +37,21 @@ from torch import nn
 from ..kl import girsanov_kl_step, mean_se
 from ..rollout import rollout
 from ..sde import ControlledSDE, check_finite, check_reward
-from .checkpoint import (
-    GracefulInterrupt,
-    TrainingInterrupted,
-    load_newest_intact,
-    previous_path,
-    rng_state,
-    save_rotating,
-    set_rng_state,
-)
-from .config import TrainConfig, resume_changes, to_dict, validate
+from .checkpoint import GracefulInterrupt, TrainingInterrupted
+from .config import TrainConfig, validate
+from .critics import make_critic_phase
+from .distill import distill
 from .environment import SOLVERS, Batch, Environment, solver_kwargs
-from .loop_utils import iteration_generator, jsonable, lr_lambda, read_jsonl
-from .step_env import ToyStepEnvironment
+from .loop_utils import iteration_generator, jsonable, lr_lambda
+from .method_base import MethodConfig
+from .methods import make_method
+from .policies import GreedyPolicy
+from .step_env import ToyStepEnvironment, rollout_batch
+from .trainer_state import CheckpointMixin
 
 __all__ = ["Environment", "Batch", "Trainer", "SOLVERS", "solver_kwargs", "iteration_generator", "lr_lambda"]
 
-class Trainer:
+class Trainer(CheckpointMixin):
     """Base trainer: owns the policy optimiser, the loop, logging, checkpoints and evaluation.
 
     Parameters
@@ -91,25 +89,82 @@ class Trainer:
         #: how to resume, printed after a checkpoint written on SIGINT/SIGTERM (CLIs set their command line)
         self.resume_hint: str | None = None
         self._fresh_checked = False
-        self._init_extra()
+        if cfg.algo != "sa_ac" and cfg.solver != "euler":
+            raise ValueError(f"{cfg.algo} is a discrete-time (Euler-chain) method: use solver='euler', "
+                             f"got {cfg.solver!r}")
+        #: how the critic is fitted before the actor step (:mod:`.critics`; None for DDPO-SF/IS)
+        self.critic = make_critic_phase(cfg, env, self.value)
 
-    # ------------------------------------------------------------------ hooks
-    def _init_extra(self) -> None:
-        """Subclasses create critics' optimisers here."""
+    # ------------------------------------------------------------------ the algorithm
+    def method_for(self, batch: Batch, beta: float):
+        """The shared method of ``cfg.algo`` (:func:`~.methods.make_method`, the implementation images run) on the
+        Euler kernel of ``batch``'s grid at KL weight ``beta``. The critic is fitted by :attr:`critic`
+        (``value_coef = 0``), advantages are not clamped; ``sa_ac``'s advantages are TD errors."""
+        cfg = MethodConfig.take(self.cfg, method=self.cfg.algo, beta=beta, kl_weighting="chain", advantage="td",
+                                adv_clip_max=0.0, value_coef=0.0)
+        return make_method(cfg, self.step_environment(batch), self.policy, self.value)
 
-    def update(self, batch: Batch) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def update(self, batch: Batch) -> dict:
+        """One gradient phase on a rollout batch (module docstring, step 3): the critic phase, or (DDPO) the
+        method's return standardised over the batch when ``normalize_advantages``, then ``epochs`` actor steps
+        (one for DDPO-SF / DPOK), each the sum over ``grad_accum`` micro-batches of the method's loss over all grid
+        times (``tau_subset`` > 0: a random subset per epoch, rescaled); the method's diagnostics of the last
+        epoch are logged (batch means)."""
+        cfg, beta = self.cfg, self.beta_at(self.iteration)
+        N, B = batch.taus.numel() - 1, batch.batch_size
+        method, rb = self.method_for(batch, beta), rollout_batch(batch)
+        if self.critic is not None:
+            metrics = self.critic.prepare(method, rb, batch, self.policy, beta)
+        else:
+            ret = method.path_return(rb, batch.reward)
+            if getattr(cfg, "normalize_advantages", False):
+                ret = (ret - ret.mean()) / (ret.std() + 1e-8)
+            metrics = method.prepare(rb, ret.detach())
+        sums: dict[str, float] = {}
+        tau_subset = getattr(cfg, "tau_subset", 0)
+        for _ in range(getattr(cfg, "epochs", 1)):
+            if tau_subset and tau_subset < N:
+                idx = torch.randperm(N, generator=batch.generator)[:tau_subset].sort().values.tolist()
+            else:
+                idx = list(range(N))
+            method.steps_scale = N / len(idx)
+            sums = {}
+            for paths in self.chunks(B):
+                out = method.losses(rb.select(paths), idx)
+                (out["loss"] * (paths.numel() / B)).backward()
+                for name, v in out.items():
+                    sums[name] = sums.get(name, 0.0) + float(v.detach()) * paths.numel() / B
+            metrics["grad_norm"] = self.policy_step()
+        return {**metrics, **{k: v for k, v in sums.items() if k != "loss"}}
 
     def on_train_end(self) -> dict:
         """Called once, right after the last iteration's update (before its log record, evaluation and checkpoint);
-        returns metrics for that record. Subclasses add a final phase here (e.g. ``SAActorCritic.distill``)."""
+        returns metrics for that record: ``sa_ac`` with ``final_distill_steps`` > 0 distils the actor onto its
+        critic's greedy policy (:meth:`distill`)."""
+        if self.cfg.algo == "sa_ac" and self.cfg.final_distill_steps > 0:
+            return self.distill()
         return {}
+
+    def greedy_policy(self, beta: float | None = None) -> GreedyPolicy:
+        r"""The critic's greedy policy :math:`s_\text{pre} + \nabla_y V_\psi/\beta` (:class:`GreedyPolicy`; ``beta``
+        defaults to the current KL weight): where the actor still lags its critic, one exact policy-improvement
+        step. Sample or evaluate it with ``evaluate(policy=trainer.greedy_policy())``."""
+        if self.value is None:
+            raise ValueError("greedy_policy needs a critic (sa_ac's value)")
+        return GreedyPolicy(self.value, self.env.pretrained_action, self.beta_at(self.iteration) if beta is None
+                            else beta, gain=self.env.sde.value_gain)
+
+    def distill(self, target=None, steps: int | None = None, paths: int | None = None, lr: float | None = None
+                ) -> dict:
+        """Regress the actor onto ``target`` (default: :meth:`greedy_policy`); :func:`.distill.distill`."""
+        return distill(self, target, steps, paths, lr)
 
     def extra_state(self) -> dict:
-        return {}
+        return {} if self.critic is None else self.critic.state_dict()
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        if self.critic is not None:
+            self.critic.load_state_dict(state)
 
     # ------------------------------------------------------------------ schedules
     def beta_at(self, it: int) -> float:
@@ -215,27 +270,6 @@ class Trainer:
         every = self.cfg.checkpoint_every
         return max(1, self.cfg.iterations // 10) if every == 0 else every
 
-    def _check_fresh_outputs(self) -> None:
-        """Before a fresh run's first iteration: refuse to append to / replace an existing log or checkpoint
-        (naming the field and file) unless ``overwrite``; with it, remove them."""
-        self._fresh_checked = True
-        cfg = self.cfg
-        files = [("log_path", cfg.log_path)]
-        if cfg.checkpoint_path:
-            files += [("checkpoint_path", cfg.checkpoint_path), ("checkpoint_path", previous_path(cfg.checkpoint_path))]
-        for name, path in files:
-            if not path:
-                continue
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            except OSError as err:
-                raise ValueError(f"config field {name!r}: cannot create the folder of {path!r} ({err})") from err
-            if os.path.exists(path) and (name != "log_path" or os.path.getsize(path) > 0):
-                if not cfg.overwrite:
-                    raise FileExistsError(f"config field {name!r}: {path!r} already holds a previous run's data; "
-                                          f"resume that run, choose another path, or set overwrite=True to replace it")
-                os.remove(path)
-
     def train(self, until: int | None = None) -> list[dict]:
         """Run iterations ``self.iteration .. until`` (default ``cfg.iterations``); returns the metric history.
         On SIGINT/SIGTERM the current iteration finishes, a checkpoint is written (if ``checkpoint_path``) and
@@ -301,69 +335,12 @@ class Trainer:
         with open(self.cfg.log_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        state = {"config": to_dict(self.cfg), "iteration": self.iteration, "queries": self.queries,
-                 "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "history": list(self.history), "rng": rng_state(),
-                 "extra": self.extra_state(), "context": dict(self.context)}
-        if self.value is not None:
-            state["value"] = self.value.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.value is not None:
-            self.value.load_state_dict(state["value"])
-        self.iteration, self.queries = state["iteration"], state["queries"]
-        self.history = list(state["history"])
-        set_rng_state(state["rng"])
-        self.load_extra_state(state["extra"])
-
-    def save(self, path: str | None = None) -> None:
-        """Checksummed atomic checkpoint; the previous one is kept as :func:`~.checkpoint.previous_path`."""
-        save_rotating(path or self.cfg.checkpoint_path, self.state_dict())
-
-    def resume(self, path: str | None = None) -> bool:
-        """Load the newest intact checkpoint at ``path`` (default ``cfg.checkpoint_path``) or its previous one
-        (saying on stderr which file was damaged); drop JSONL records written after it. Returns ``False`` when
-        there is no checkpoint. A checkpoint made with other settings (``algo``, problem, ``lr``, ...) raises
-        ``ValueError`` naming the fields, before anything is loaded; changes of :data:`~.config.RESUME_MUTABLE`
-        fields are applied and reported; ``iterations`` below the checkpoint's iteration raises."""
-        path = path or self.cfg.checkpoint_path
-        try:
-            state, used, notes = load_newest_intact(path) if path else (None, None, [])
-        except FileNotFoundError:
-            return False
-        if state is None:
-            return False
-        saved = {"config": state["config"], **state.get("context", {})}
-        changes = resume_changes(saved, {"config": to_dict(self.cfg), **self.context})
-        if state["iteration"] > self.cfg.iterations:
-            raise ValueError(f"config field 'iterations' ({self.cfg.iterations}) is below the checkpoint's iteration "
-                             f"{state['iteration']} ({used!r})")
-        self.load_state_dict(state)
-        self._fresh_checked = True
-        for note in notes:
-            print(note, file=sys.stderr)
-        for k, (old, new) in sorted(changes.items()):
-            print(f"resume: {k} changed from {old!r} to {new!r} (applied)", file=sys.stderr)
-        if self.cfg.log_path and os.path.exists(self.cfg.log_path):
-            keep = [r for r in read_jsonl(self.cfg.log_path) if r.get("iteration", 0) <= self.iteration]
-            tmp = self.cfg.log_path + ".tmp"
-            with open(tmp, "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(tmp, self.cfg.log_path)
-        return True
-
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, n_paths: int = 4096, steps: int | None = None, solver: str = "euler", seed: int = 12345,
                  beta: float | None = None, return_samples: bool = False, policy: Callable | None = None) -> dict:
         """Monte-Carlo ``reward``, ``path_kl`` (Girsanov, on the grid), ``objective`` and their standard
         errors (``*_se``) for ``n_paths`` fresh paths (fixed ``seed``; no reward queries counted) of ``policy``
-        (default: the trained policy; e.g. :meth:`SAActorCritic.greedy_policy`)."""
+        (default: the trained policy; e.g. :meth:`greedy_policy`)."""
         steps = steps or self.cfg.sampler_steps
         beta = self.beta_at(self.iteration) if beta is None else beta
         gen = torch.Generator().manual_seed(seed)

@@ -148,7 +148,7 @@ def test_image_method_gradient_is_unbiased_for_the_chain_on_the_lq_toy(name, est
 
 
 def test_image_costates_are_the_value_models_gradient_at_the_next_state():
-    """``SAActorCritic.costates`` (value-gradient estimator): :math:`\\nabla_x V(\\tau_{k+1}, x_{k+1})`, here of the
+    """``SAACMethod.costates`` (value-gradient estimator): :math:`\\nabla_x V(\\tau_{k+1}, x_{k+1})`, here of the
     exact quadratic :math:`V^\\theta`: :math:`-U x + u`."""
     prob = make_problem("gauss2d", 1.0)
     theta = 0.3 * np.random.default_rng(2).normal(size=prob.n_params(PIECES))
