@@ -86,7 +86,8 @@ class SAACMethod(Method):
         out, K = [], batch.num_steps
         tw = batch.step_data.get("tweedie")
         for k in range(K):
-            x = batch.latents[k + 1].detach().float().requires_grad_(True)
+            x = batch.latents[k + 1].detach()
+            x = x.to(torch.promote_types(x.dtype, torch.float32)).requires_grad_(True)  # float32 or float64
             with torch.enable_grad():
                 if self.tweedie_fn is not None:  # differentiable r(x0_hat(x)): the Tweedie part of grad V
                     tweedie = self.tweedie_fn(k + 1, x, batch)
