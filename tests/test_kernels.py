@@ -120,6 +120,19 @@ class TestKernelContract:
             half = 0.5 * kernel.ct_kl_weight(k) * ((a - b) ** 2).flatten(1).sum(1)
             assert torch.allclose(kernel.step_kl(k, a, b, "continuous"), half, rtol=1e-12)
 
+    def test_grid_log_probs_and_kls_are_the_per_step_ones(self, kernel):
+        """The several-steps versions the methods call (batched in the Euler kernel) on any subset of steps."""
+        x, a, b = _state(4)
+        n = kernel.num_steps
+        for ks in (list(range(n)), [0, n - 1], [n // 2]):
+            xs, acts, refs = (torch.stack([t + 0.1 * k for k in ks]) for t in (x, a, b))
+            nxt = torch.stack([kernel.mean(k, xs[i], acts[i]) + 0.3 * b for i, k in enumerate(ks)])
+            want = torch.stack([kernel.log_prob(k, nxt[i], kernel.mean(k, xs[i], acts[i])) for i, k in enumerate(ks)])
+            assert torch.allclose(kernel.grid_log_probs(ks, xs, nxt, acts), want, rtol=1e-12, atol=1e-12)
+            for form in K.KL_FORMS:
+                want = torch.stack([kernel.step_kl(k, acts[i], refs[i], form) for i, k in enumerate(ks)])
+                assert torch.allclose(kernel.grid_step_kls(ks, acts, refs, form), want, rtol=1e-12, atol=1e-15)
+
 
 # ----------------------------------------------------------------------------------- Euler kernel
 def test_euler_weights_are_the_family_rate_frozen_and_integrated():
