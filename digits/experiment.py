@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sa_theory.algorithms.checkpoint import atomic_write_json
+
 from .data import ALL_PROMPTS
 from .evaluate import evaluate_policy
 from .pretrain import PretrainConfig, cache_root, pretrain, pretrain_info
@@ -194,13 +196,6 @@ def _strip_images(r: dict) -> dict:
     return r
 
 
-def _save_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -293,11 +288,11 @@ def run_experiment(
             f"(train {r['train_time_s']:.0f} s)",
             flush=True,
         )
-        _save_json(path, res)
+        atomic_write_json(path, res)
     if grids:
         torch.save(grids, os.path.join(out, f"grids_{part}.pt"))
     res["wall_s"] = time.time() - t0
-    _save_json(path, res)
+    atomic_write_json(path, res)
     return res
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sa_theory.algorithms.checkpoint import atomic_write_json
+
 from .experiment import QUICK, ExperimentConfig, finetune_key, make_config, prepare_assets, run_finetune
 from .pretrain_flow import QUICK_FLOW, FlowPretrainConfig, flow_pretrain_info, pretrain_flow
 
@@ -173,9 +175,7 @@ def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | Non
         print(f"[{time.time() - t0:6.0f} s] {r['model']:4s} {r['method']:9s} seed {r['seed']} K {r['K']:3d}: reward "
               f"{f['reward_mean']:.3f} +- {f['reward_se']:.3f}  chain KL {f['path_kl_mean']:.2f}  ct KL "
               f"{f['path_kl_ct_mean']:.2f}  acc {f['eval_accuracy']:.2f} ({how})", flush=True)
-        with open(path + ".tmp", "w") as fh:
-            json.dump(res, fh, indent=1)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(path, res)
     res["summary"] = summarize(res)
     with open(path, "w") as fh:
         json.dump(res, fh, indent=1)

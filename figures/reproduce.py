@@ -23,6 +23,8 @@ import time
 
 from tqdm.auto import tqdm
 
+from sa_theory.algorithms.checkpoint import atomic_write_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ESTIMATES = os.path.join(ROOT, "benchmarks", "results", "reproduce_times.json")
@@ -143,10 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"wall_s": wall, "phases": phases, "seconds": times, "workers": a.workers,
            "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "toy_results": toy_results}
     if not a.skip_digits:  # a full run: its job times are the next run's ETA weights
-        os.makedirs(os.path.dirname(ESTIMATES), exist_ok=True)
-        with open(ESTIMATES + ".tmp", "w") as fh:
-            json.dump(res, fh, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
-        os.replace(ESTIMATES + ".tmp", ESTIMATES)
+        atomic_write_json(ESTIMATES, res, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
     return res
 
 

@@ -17,7 +17,12 @@ import shutil
 
 import torch
 
-from sa_theory.algorithms.checkpoint import CheckpointCorruptError, verify_dir_checksums, write_dir_checksums
+from sa_theory.algorithms.checkpoint import (
+    CheckpointCorruptError,
+    atomic_write_text,
+    verify_dir_checksums,
+    write_dir_checksums,
+)
 from sa_theory.algorithms.config import resume_changes
 
 from .config import RESUME_MUTABLE, Config, config_to_dict
@@ -34,19 +39,10 @@ from .models import (
 )
 
 __all__ = ["resolve_checkpoint", "resolve_intact_checkpoint", "has_checkpoint", "guard_run_dir", "lora_hash",
-           "build_pipeline", "load_policy_from_checkpoint", "atomic_write", "RUN_ENTRIES", "CheckpointMixin"]
+           "build_pipeline", "load_policy_from_checkpoint", "RUN_ENTRIES", "CheckpointMixin"]
 
 #: what a run writes into its folder (all that ``log.overwrite`` removes)
 RUN_ENTRIES = ("metrics.jsonl", "summary.json", "checkpoints", "images", "tensorboard")
-
-
-def atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def lora_hash(unet) -> str:
@@ -239,7 +235,7 @@ class CheckpointMixin:
         if acc.is_main_process:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(config_to_dict(self.cfg), f, indent=1)
-            atomic_write(
+            atomic_write_text(
                 os.path.join(tmp, "trainer_state.json"),
                 json.dumps({"epoch": self.state.epoch, "global_step": self.state.global_step}),
             )
@@ -247,7 +243,7 @@ class CheckpointMixin:
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            atomic_write(os.path.join(self.ckpt_root, "latest"), name)
+            atomic_write_text(os.path.join(self.ckpt_root, "latest"), name)
             kept = sorted(d for d in os.listdir(self.ckpt_root) if d.startswith("checkpoint-"))
             for old in kept[: max(0, len(kept) - max(1, self.cfg.log.keep_last))]:
                 shutil.rmtree(os.path.join(self.ckpt_root, old), ignore_errors=True)

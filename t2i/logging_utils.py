@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from sa_theory.algorithms.loop_utils import read_jsonl
+from sa_theory.algorithms.checkpoint import rewrite_jsonl
 
 __all__ = ["RunLogger", "image_grid", "save_png"]
 
@@ -72,11 +72,7 @@ class RunLogger:
     def truncate(self, epoch: int) -> None:
         if not self.enabled or not os.path.exists(self.path):
             return
-        keep = [r for r in read_jsonl(self.path) if r.get("epoch", -1) < epoch]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, self.path)
+        rewrite_jsonl(self.path, lambda r: r.get("epoch", -1) < epoch)
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:

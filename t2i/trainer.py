@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from sa_theory.algorithms.checkpoint import GracefulInterrupt, TrainingInterrupted
+from sa_theory.algorithms.checkpoint import GracefulInterrupt, TrainingInterrupted, atomic_write_json
 from sa_theory.algorithms.loop_utils import lr_lambda
 from sa_theory.algorithms.methods import make_method
 from sa_theory.kl import mean_se
@@ -42,7 +41,6 @@ from sa_theory.sde import check_reward
 
 from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...: re-exported)
     CheckpointMixin,
-    atomic_write,
     build_pipeline,
     guard_run_dir,
     has_checkpoint,
@@ -333,5 +331,5 @@ class Trainer(CheckpointMixin):
         bar.close()
         self.logger.close()
         if acc.is_main_process:
-            atomic_write(os.path.join(cfg.log.output_dir, "summary.json"), json.dumps(self.summary(), indent=1))
+            atomic_write_json(os.path.join(cfg.log.output_dir, "summary.json"), self.summary())
         return self.history

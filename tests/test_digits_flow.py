@@ -67,8 +67,8 @@ def test_tiny_finetune_changes_only_lora_with_logprob_parity(flow_setup, tmp_pat
     lora1 = lora_state_dict(tr.pipe.transformer)
     assert any(not torch.equal(lora0[k], lora1[k]) for k in lora0), "LoRA weights did not change"
     # negative control: a recomputation that is not the sampling policy (action shifted by 0.05) fails the check
-    orig = tr.method.policy_action
-    tr.method.policy_action = lambda batch, k: orig(batch, k) + 0.05
+    orig = tr.method.policy_actions
+    tr.method.policy_actions = lambda batch, ks: orig(batch, ks) + 0.05
     assert tr.train_epoch()["logprob_parity_max"] > 1e-2
 
 

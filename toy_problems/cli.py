@@ -24,12 +24,12 @@ line; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 
 from sa_theory.algorithms import CONFIGS, describe, to_dict
+from sa_theory.algorithms.checkpoint import atomic_write_json
 from sa_theory.algorithms.config import parse_overrides as _parse_overrides
 
 __all__ = ["main", "parse_overrides", "check_out_dir", "RUN_FILES"]
@@ -72,13 +72,6 @@ def check_out_dir(out: str, resume: bool, overwrite: bool) -> None:
                          f": pass --resume to continue that run, --overwrite to replace it, or choose another --out")
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def _resume_command(argv: list[str]) -> str:
     args = [a for a in argv if a not in ("--overwrite", "--resume")]
     return shlex.join(["sa-toy", *args, "--resume"])
@@ -115,7 +108,7 @@ def _train(args, rest, argv) -> int:
                 os.remove(os.path.join(args.out, f))
     if args.out:  # only now: the config was valid and (on resume) the checkpoint accepted it
         os.makedirs(args.out, exist_ok=True)
-        _write_json(os.path.join(args.out, "config.json"), {"train": to_dict(cfg), "toy": vars(setup.toy)})
+        atomic_write_json(os.path.join(args.out, "config.json"), {"train": to_dict(cfg), "toy": vars(setup.toy)})
     try:
         trainer.train()
     except TrainingInterrupted as err:
@@ -135,7 +128,7 @@ def _train(args, rest, argv) -> int:
     print(f"  closed-form optimum {gap['optimum']:.4f}  pretrained {setup.pretrained_objective():.4f}  gap closed "
           f"{gap['fraction']:.1%} +- {gap['fraction_se']:.1%} ({how})")
     if args.out:
-        _write_json(os.path.join(args.out, "final.json"),
+        atomic_write_json(os.path.join(args.out, "final.json"),
                     {**ev, "optimum": gap["optimum"], "pretrained": setup.pretrained_objective(),
                      "gap_closed": gap})
         written = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]

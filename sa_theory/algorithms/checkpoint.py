@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import signal
@@ -24,7 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "save_rotating", "load_newest_intact", "previous_path",
+from .loop_utils import read_jsonl
+
+__all__ = ["atomic_write_text", "atomic_write_json", "rewrite_jsonl", "save_checkpoint", "load_checkpoint",
+           "save_rotating", "load_newest_intact", "previous_path",
            "CheckpointCorruptError", "write_dir_checksums", "verify_dir_checksums", "GracefulInterrupt",
            "TrainingInterrupted", "rng_state", "set_rng_state", "seed_everything"]
 
@@ -75,6 +79,22 @@ def _atomic_write_bytes(path: str, chunks: list[bytes]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file, fsync, :func:`os.replace`); creates the folder."""
+    _atomic_write_bytes(path, [text.encode()])
+
+
+def atomic_write_json(path: str, obj: Any, **dump_kw) -> None:
+    """``json.dumps(obj, indent=1, **dump_kw)`` written atomically (:func:`atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, **{"indent": 1, **dump_kw}))
+
+
+def rewrite_jsonl(path: str, keep) -> None:
+    """Atomically keep the records of the JSONL file ``path`` for which ``keep(record)`` is true (a resume drops
+    the records written after its checkpoint)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r)))
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:

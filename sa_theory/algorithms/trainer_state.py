@@ -3,13 +3,11 @@ resume with the settings check and the JSONL truncation, and the fresh-run guard
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-from .checkpoint import load_newest_intact, previous_path, rng_state, save_rotating, set_rng_state
+from .checkpoint import load_newest_intact, previous_path, rewrite_jsonl, rng_state, save_rotating, set_rng_state
 from .config import resume_changes, to_dict
-from .loop_utils import read_jsonl
 
 __all__ = ["CheckpointMixin"]
 
@@ -88,9 +86,5 @@ class CheckpointMixin:
         for k, (old, new) in sorted(changes.items()):
             print(f"resume: {k} changed from {old!r} to {new!r} (applied)", file=sys.stderr)
         if self.cfg.log_path and os.path.exists(self.cfg.log_path):
-            keep = [r for r in read_jsonl(self.cfg.log_path) if r.get("iteration", 0) <= self.iteration]
-            tmp = self.cfg.log_path + ".tmp"
-            with open(tmp, "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(tmp, self.cfg.log_path)
+            rewrite_jsonl(self.cfg.log_path, lambda r: r.get("iteration", 0) <= self.iteration)
         return True
