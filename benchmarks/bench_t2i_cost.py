@@ -1,6 +1,6 @@
 """Denoiser cost per reward query of every image method (``sa_ac``, ``ddpo_sf``, ``ddpo_is``, ``dpok``).
 
-Each method trains through the public trainer, ``t2i.trainer.Trainer(cfg).train()``, on the tiny in-process
+Each method trains through the public trainer, ``t2i.trainer.make_trainer(cfg).train()``, on the tiny in-process
 Stable Diffusion pipeline (preset ``tiny_cpu``; random weights, no download), all methods in one process and
 one run, the same config except the method (``ddpo_is`` without a value model, as in its SD preset).
 Measured per method, sampling and training together (checkpoint writing excluded):
@@ -9,7 +9,7 @@ Measured per method, sampling and training together (checkpoint writing excluded
   forward hook on the UNet that adds the number of batch rows of every call (a classifier-free-guidance call
   on the doubled batch counts 2 per image; a reference pass with the adapters disabled counts like any
   other), divided by the number of reward queries (images scored). Split into ``forwards_sampling``
-  (inside ``Trainer.sample_epoch``) and ``forwards_training`` (the rest: the update passes).
+  (inside ``ImageTask.sample_epoch``) and ``forwards_training`` (the rest: the update passes).
 * ``seconds_per_query``: wall time of ``train()`` divided by the reward queries (median over ``--repeats``,
   the methods interleaved in a rotating order; one untimed warm-up epoch first); ``cpu_seconds_per_query``
   the same with the process's CPU time (``time.process_time``), steadier than wall time on a shared CPU.
@@ -154,12 +154,12 @@ def _instrument(tr, counter: _Counter) -> list:
 
 
 def run_method(method: str, out_dir: str, quick: bool, epochs: int | None = None) -> dict:
-    from t2i.trainer import Trainer
+    from t2i.trainer import make_trainer
 
     _release_memory()
     cfg = make_config(method, out_dir, quick, epochs)
     t0 = time.perf_counter()
-    tr = Trainer(cfg)
+    tr = make_trainer(cfg)
     setup_s = time.perf_counter() - t0
     counter = _Counter()
     handles = _instrument(tr, counter)

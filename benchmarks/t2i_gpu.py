@@ -16,7 +16,7 @@ small random stand-ins of its three text encoders that give the same output shap
 (B, 333, 4096), pooled (B, 2048); the encoders run once per batch, outside the loop's cost). For each of
 ``--steps`` (10 and 40 flow steps) and each method (``sa_ac`` and ``flow_grpo``, the ``sd35m_*`` presets with the
 batch sizes below, one sampling batch per epoch) in one run: sampling images/s, one full training iteration
-(``t2i.trainer.Trainer.train_epoch``: sampling, rewards, the preset's value work, updates) in samples/s, peak
+(``Trainer.train_iteration``: sampling, rewards, the preset's value work, updates) in samples/s, peak
 memory, and MFU = counted transformer FLOPs / time / peak, where every transformer forward's batch rows are
 counted by a hook (x1 without autograd, x3 with: forward + backward, the usual convention although the frozen
 weights need no weight gradients) at the per-row FLOPs that ``torch.utils.flop_counter`` counts on one guided
@@ -81,7 +81,7 @@ def _reset(device):
 def run(args) -> dict:
     from t2i.config import apply_overrides, get_preset
     from t2i.rollout import sample_rollout
-    from t2i.trainer import Trainer
+    from t2i.trainer import make_trainer
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
@@ -118,10 +118,10 @@ def run(args) -> dict:
             },
         )
         if not args.tiny:
-            import t2i.trainer as trmod
+            import t2i.task as trmod
 
             trmod.build_pipeline = lambda cfg, dev, wd: build_sd15_random(dev, torch.bfloat16)
-        tr = Trainer(cfg)
+        tr = make_trainer(cfg)
         gen = torch.Generator().manual_seed(0)
         # warm-up
         sample_rollout(tr.env, (cfg.prompts[: args.batch] * args.batch)[: args.batch], gen)
@@ -135,7 +135,7 @@ def run(args) -> dict:
         mem_sample = _peak_gb(device)
         _reset(device)
         t0 = time.time()
-        m = tr.train_epoch()
+        m = tr.train_iteration()
         _sync(device)
         t_iter = time.time() - t0
         mem_iter = _peak_gb(device)
@@ -162,8 +162,9 @@ def run(args) -> dict:
 # --------------------------------------------------------------------------- --arch sd35m
 def sd35m_cell(args, method: str, steps: int, device) -> tuple[dict, dict]:
     """One (method, K) cell: build the trainer on the random SD3.5-M pipeline, time a rollout and one
-    ``train_epoch``; returns (row, facts about the model)."""
-    import t2i.trainer as trmod
+    ``train_iteration``; returns (row, facts about the model)."""
+    import t2i.task as trmod
+    import t2i.trainer as trainer_mod
     from sa_theory.algorithms.rl_batch import select_rows
     from t2i.environments import make_environment
     from t2i.rollout import sample_rollout
@@ -174,7 +175,7 @@ def sd35m_cell(args, method: str, steps: int, device) -> tuple[dict, dict]:
         dev, wd, tiny=args.tiny, resolution=args.resolution, num_layers=args.layers
     )
     with patched(trmod, "build_pipeline", build):  # the Trainer's one model-building call
-        tr = trmod.Trainer(cfg)
+        tr = trainer_mod.make_trainer(cfg)
     t_build = time.time() - t0
     counter = RowCounter(tr.env.model)
     try:
@@ -201,7 +202,7 @@ def sd35m_cell(args, method: str, steps: int, device) -> tuple[dict, dict]:
         _reset(device)
         counter.reset()
         t0 = time.time()
-        m = tr.train_epoch()
+        m = tr.train_iteration()
         _sync(device)
         t_iter, mem_iter = time.time() - t0, _peak_gb(device)
         flops_iter = fpr * (counter.inference + 3 * counter.grad)

@@ -11,5 +11,5 @@
 * :mod:`digits.evaluate` -- metrics of a policy on fixed prompts and noise (reward, path KL, accuracy, FD,
   diversity, other solvers), each with its standard error.
 * :mod:`digits.experiment` -- fine-tuning with ``sa_ac``, ``ddpo_sf``, ``ddpo_is`` and ``dpok`` through
-  :class:`t2i.trainer.Trainer`; metrics, figures, benchmark table. ``python -m digits.experiment [--quick]``.
+  :func:`t2i.trainer.make_trainer`; metrics, figures, benchmark table. ``python -m digits.experiment [--quick]``.
 """

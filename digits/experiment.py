@@ -6,7 +6,7 @@
    training split only (:mod:`digits.rewards`): the **reward classifier** (seed 0) and an independent
    **evaluation classifier** (seed 1) used for accuracy, diversity and the Frechet distance, so a policy that
    exploits the reward classifier is not also graded by it.
-2. Fine-tuning through :class:`t2i.trainer.Trainer` (same rollouts, kernels, reward interface, LoRA) with
+2. Fine-tuning through :func:`t2i.trainer.make_trainer` (same rollouts, kernels, reward interface, LoRA) with
    ``sa_ac``, ``ddpo_sf``, ``ddpo_is`` and ``dpok``; the ten prompts ``"a handwritten digit k"``; reward
    ``digit_prob`` (p(prompted digit)); the same reward-query budget (``epochs x samples per epoch``) and
    the same learning rate for every method; several seeds.
@@ -162,12 +162,12 @@ def finetune_key(ec: ExperimentConfig, method: str, seed: int, K: int) -> str:
 def run_finetune(
     ec: ExperimentConfig, assets: dict, method: str, seed: int, K: int, out_dir: str, evaluate: bool = True
 ) -> dict:
-    """One fine-tuning run through :class:`t2i.trainer.Trainer`; its per-epoch history and final metrics."""
-    from t2i.trainer import Trainer
+    """One fine-tuning run through :func:`t2i.trainer.make_trainer`; its per-epoch history and final metrics."""
+    from t2i.trainer import make_trainer
 
     cfg = make_config(ec, assets, method, seed, K, out_dir)
     t0 = time.time()
-    tr = Trainer(cfg)
+    tr = make_trainer(cfg)
     hist = tr.train()
     t_train = time.time() - t0
     res = {

@@ -74,14 +74,14 @@ def make_flow_config(fc: FlowExperimentConfig, assets: dict, method: str, seed: 
 
 def run_flow_finetune(fc: FlowExperimentConfig, assets: dict, method: str, seed: int, K: int, out_dir: str,
                       evaluate: bool = True) -> dict:
-    """One fine-tuning run of the flow model through :class:`t2i.trainer.Trainer`; history and final metrics."""
-    from t2i.trainer import Trainer
+    """One fine-tuning run of the flow model through :func:`t2i.trainer.make_trainer`; history and final metrics."""
+    from t2i.trainer import make_trainer
 
     from .evaluate import evaluate_policy
 
     cfg = make_flow_config(fc, assets, method, seed, K, out_dir)
     t0 = time.time()
-    tr = Trainer(cfg)
+    tr = make_trainer(cfg)
     hist = tr.train()
     res = {"model": "flow", "method": method, "seed": seed, "K": K, "train_time_s": time.time() - t0,
            "queries": [(i + 1) * fc.base.batch_size for i in range(len(hist))],

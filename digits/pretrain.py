@@ -11,7 +11,7 @@ The result is written with ``save_pretrained`` (see :func:`t2i.models.save_pixel
 ``<cache>/digits/<hash>`` where ``<cache>`` is ``$SA_CACHE`` or ``~/.cache/scores-as-actions`` and
 ``<hash>`` is the first 16 hex digits of the SHA-256 of the JSON of :class:`PretrainConfig` (plus a format
 version): a second call with the same config reuses the folder. ``model.pretrained=<folder>`` then loads it
-in :class:`t2i.trainer.Trainer` (``t2i.models.load_pipeline`` recognises the folder).
+in :func:`t2i.trainer.make_trainer` (``t2i.models.load_pipeline`` recognises the folder).
 
 **Shipped weights.** ``digits/weights/`` holds the models of the default and the ``QUICK`` configs (and the
 digit classifiers of :mod:`digits.rewards`) as safetensors, listed in ``digits/weights/manifest.json`` with

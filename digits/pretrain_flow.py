@@ -13,7 +13,7 @@ An exponential moving average of the weights is what gets saved.
 
 Saved with :func:`t2i.flow_models.save_pixel_sd3_pipeline` into ``<cache>/digits_flow/<hash>`` (``<hash>``: 16 hex
 digits of the SHA-256 of the JSON of :class:`FlowPretrainConfig` and a format version); ``model.family="sd3"``,
-``model.pretrained=<folder>`` loads it in :class:`t2i.trainer.Trainer`. Shipped weights: the default and
+``model.pretrained=<folder>`` loads it in :func:`t2i.trainer.make_trainer`. Shipped weights: the default and
 ``QUICK_FLOW`` models are in ``digits/weights/pretrain_flow/<hash>`` under the ``"pretrain_flow"`` section of
 ``digits/weights/manifest.json`` (same mechanism as :mod:`digits.pretrain`: copied on a cache miss after
 every file's SHA-256 checks). Retrain them with ``python -m digits.pretrain_flow --retrain-shipped``.

@@ -189,7 +189,7 @@ def load_policy_from_checkpoint(checkpoint: str, device="cpu", overrides: dict |
 
 
 class CheckpointMixin:
-    """The image :class:`~t2i.trainer.Trainer`'s checkpoint side: accelerate save/load hooks, checksummed
+    """The :class:`~t2i.task.ImageTask`'s checkpoint side: accelerate save/load hooks, checksummed
     checkpoint folders written by every rank, the checked resume target, and the end-of-run summary."""
 
     def _check_resume_target(self, cfg: Config) -> tuple[str | None, list[str]]:

@@ -184,9 +184,9 @@ def _train(args, overrides: dict, argv: list[str]) -> int:
 
     cfg = apply_overrides(get_preset(args.config), overrides)
     validate(cfg)  # every field and log.output_dir, before the (expensive) trainer import and model build
-    from .trainer import Trainer
+    from .trainer import make_trainer
 
-    tr = Trainer(cfg)
+    tr = make_trainer(cfg)
     cmd, i = [], 0
     while i < len(argv):  # the same command with --resume_from auto (the run folder's newest checkpoint)
         if argv[i].startswith("--resume_from"):

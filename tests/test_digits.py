@@ -3,7 +3,7 @@
 The default suite uses a very small model (``digits.experiment.QUICK()``: 150 pretraining steps; shipped in
 ``digits/weights``, so it is copied, not trained) in a temporary cache shared by the session
 (``$TMPDIR/sa_digits_test_cache``; reused by config hash), then runs
-``sa_ac`` for a few iterations through ``t2i.trainer.Trainer`` and checks that the reward rises and the path
+``sa_ac`` for a few iterations through ``t2i.trainer.make_trainer`` and checks that the reward rises and the path
 KL is finite. The full experiment is ``-m slow``.
 """
 

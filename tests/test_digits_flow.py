@@ -1,5 +1,5 @@
 """The flow-matching digits model (issue #16): cached / shipped pretraining, loading through t2i, and a tiny
-fine-tune of ``sa_ac`` and ``flow_grpo`` through :class:`t2i.trainer.Trainer` on it (finite metrics, only LoRA
+fine-tune of ``sa_ac`` and ``flow_grpo`` through :func:`t2i.trainer.make_trainer` on it (finite metrics, only LoRA
 weights change, on-policy log-prob parity). The QUICK models are shipped in ``digits/weights``, so the default
 suite copies them into a temporary cache instead of training."""
 
@@ -49,16 +49,16 @@ def test_quick_flow_model_loads_in_t2i_and_samples(flow_setup):
 def test_tiny_finetune_changes_only_lora_with_logprob_parity(flow_setup, tmp_path, method):
     from digits.flow_experiment import make_flow_config
     from t2i.models import lora_state_dict
-    from t2i.trainer import Trainer
+    from t2i.trainer import make_trainer
 
     fc, assets = flow_setup
     cfg = make_flow_config(fc, assets, method, 0, fc.base.num_steps, str(tmp_path / method))
     assert cfg.sample.sampler == "flow" and (method != "flow_grpo" or cfg.sample.group_size == 4)
-    tr = Trainer(cfg)
+    tr = make_trainer(cfg)
     frozen = {f"{n}.{k}": v.clone() for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
               for k, v in getattr(tr.pipe, n).state_dict().items() if "lora_" not in k}
     lora0 = {k: v.clone() for k, v in lora_state_dict(tr.pipe.transformer).items()}
-    m = tr.train_epoch()
+    m = tr.train_iteration()
     assert math.isfinite(m["train/loss"]) and math.isfinite(m["reward_mean"]) and math.isfinite(m["path_kl_mean"])
     assert m["logprob_parity_max"] < 1e-3, m["logprob_parity_max"]
     after = {f"{n}.{k}": v for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -69,7 +69,7 @@ def test_tiny_finetune_changes_only_lora_with_logprob_parity(flow_setup, tmp_pat
     # negative control: a recomputation that is not the sampling policy (action shifted by 0.05) fails the check
     orig = tr.method.policy_actions
     tr.method.policy_actions = lambda batch, ks: orig(batch, ks) + 0.05
-    assert tr.train_epoch()["logprob_parity_max"] > 1e-2
+    assert tr.train_iteration()["logprob_parity_max"] > 1e-2
 
 
 def test_flow_evaluation_reports_finite_metrics(flow_setup):

@@ -138,7 +138,7 @@ def test_noop_or_contradictory_t2i_settings_are_rejected_naming_the_field(key, v
 
 def test_t2i_output_paths_are_checked_before_any_model_is_built(tmp_path, capsys, monkeypatch, t2i_env):
     import t2i.checkpointing as ck
-    import t2i.trainer as trmod
+    import t2i.task as trmod
     from t2i.cli import main
 
     monkeypatch.setattr(trmod, "build_pipeline", lambda *a, **k: pytest.fail("model built before the path check"))
@@ -160,7 +160,7 @@ def test_t2i_output_paths_are_checked_before_any_model_is_built(tmp_path, capsys
 
 def test_t2i_reward_of_the_wrong_shape_is_an_error_naming_the_reward(tmp_path, t2i_env):
     from t2i.rewards import Brightness, register_reward
-    from t2i.trainer import Trainer
+    from t2i.trainer import make_trainer
 
     from .t2i.conftest import tiny_config
 
@@ -169,10 +169,10 @@ def test_t2i_reward_of_the_wrong_shape_is_an_error_naming_the_reward(tmp_path, t
             return super().__call__(images, prompts)[:, None]  # (B, 1)
 
     register_reward("column_reward", lambda **kw: Column())
-    tr = Trainer(tiny_config(tmp_path, "sa_ac", **{"sample.num_steps": 1, "sample.batch_size": 2,
+    tr = make_trainer(tiny_config(tmp_path, "sa_ac", **{"sample.num_steps": 1, "sample.batch_size": 2,
                                                     "train.batch_size": 2, "reward.name": "column_reward"}))
     with pytest.raises(ValueError, match=r"reward 'column_reward' must return a tensor of shape \(2,\).*\(2, 1\)"):
-        tr.train_epoch()
+        tr.train_iteration()
 
 
 def test_sa_t2i_config_lists_every_field_with_type_default_and_meaning(capsys):

@@ -17,7 +17,7 @@ import torch
 
 from sa_theory.algorithms import CheckpointCorruptError, TrainingInterrupted, load_checkpoint, save_checkpoint
 from sa_theory.algorithms.checkpoint import previous_path
-from sa_theory.algorithms.trainer import Trainer as ToyTrainer
+from sa_theory.algorithms.toy_task import ToyTask
 from toy_problems.cli import main as toy_main
 from toy_problems.train import build
 
@@ -42,15 +42,15 @@ def _params(trainer):
 
 def _interrupt_at(monkeypatch, iteration: int, sig=signal.SIGINT):
     """Send ourselves ``sig`` in the middle of the run, right after iteration ``iteration`` finished its update."""
-    orig = ToyTrainer._iteration
+    orig = ToyTask.record
 
-    def patched(self):
-        rec = orig(self)
+    def patched(self, *args):
+        rec = orig(self, *args)
         if self.iteration == iteration:
             os.kill(os.getpid(), sig)
         return rec
 
-    monkeypatch.setattr(ToyTrainer, "_iteration", patched)
+    monkeypatch.setattr(ToyTask, "record", patched)
 
 
 # ---------------------------------------------------------------------------------------------- checksums
@@ -112,14 +112,14 @@ def test_default_checkpoints_are_periodic_so_a_crash_loses_at_most_10_percent(tm
     ck = tmp_path / "ck.pt"
     s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 20, "checkpoint_path": str(ck)})
     assert s.trainer.checkpoint_interval == 2
-    orig = ToyTrainer.collect
+    orig = ToyTask.collect
 
     def crash(self, it):
         if it == 5:
             raise RuntimeError("power cut")
         return orig(self, it)
 
-    monkeypatch.setattr(ToyTrainer, "collect", crash)
+    monkeypatch.setattr(ToyTask, "collect", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         s.trainer.train()
     assert load_checkpoint(ck)["iteration"] == 4
@@ -244,13 +244,13 @@ T2I_FAST = {"sample.num_steps": 2, "sample.batch_size": 2, "train.batch_size": 2
 
 
 def _t2i(tmp_path, **over):
-    from t2i.trainer import Trainer
+    from t2i.trainer import make_trainer
 
     from .t2i.conftest import tiny_config
 
     cfg = tiny_config(tmp_path, "sa_ac", **{**T2I_FAST, **over})
     cfg.log.output_dir = str(tmp_path / "run")
-    return Trainer(cfg)
+    return make_trainer(cfg)
 
 
 @pytest.fixture
@@ -263,7 +263,7 @@ def t2i_env():
 
 
 def test_t2i_refuses_an_existing_run_folder_and_a_changed_resume_before_building(tmp_path, t2i_env, monkeypatch):
-    import t2i.trainer as trmod
+    import t2i.task as trmod
 
     _t2i(tmp_path).train()
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-r"""How the critic is fitted on the toys, a phase of :class:`~.trainer.Trainer`'s iteration before the actor step:
+r"""How the critic is fitted on the toys, a phase of :class:`~.toy_task.ToyTask`'s preparation before the actor step:
 :class:`ValueCritic` for ``sa_ac`` (the costates and TD advantages of the shared method), :class:`RewardBaseline`
 for ``dpok`` (its value baseline); ``ddpo_sf`` / ``ddpo_is`` have none.
 
@@ -26,7 +26,7 @@ for ``dpok`` (its value baseline); ``ddpo_sf`` / ``ddpo_is`` have none.
    ``tau_subset`` > 0 uses a random subset of grid times per epoch (rescaled, unbiased).
    ``lr_coef`` > 0 adds an importance-weighted likelihood-ratio term with TD advantages
    :math:`\delta_k = V_{k+1} - V_k - \beta\ell_k` (Euler only), for critics of non-differentiable rewards.
-5. **distillation** (``final_distill_steps`` > 0, once after the last iteration; :meth:`~.trainer.Trainer.distill`):
+5. **distillation** (``final_distill_steps`` > 0, once after the last iteration; :meth:`~.toy_task.ToyTask.distill`):
    regress the actor onto the final critic's greedy policy :math:`s + \nabla_y V_\psi/\beta` on fresh paths of
    the actor (no reward queries) -- step 4 taken to its fixed point for the final critic, without the trust
    region.

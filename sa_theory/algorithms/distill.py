@@ -1,5 +1,5 @@
 r"""The actor-critic's final phase: distil the actor onto a target policy, by default the final critic's greedy
-policy :math:`s + \nabla_y V_\psi/\beta` (``final_distill_steps`` > 0; :meth:`~.trainer.Trainer.distill`)."""
+policy :math:`s + \nabla_y V_\psi/\beta` (``final_distill_steps`` > 0; :meth:`~.toy_task.ToyTask.distill`)."""
 
 from __future__ import annotations
 

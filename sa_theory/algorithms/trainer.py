@@ -1,358 +1,174 @@
-r"""The toy trainer: the environment, rollouts, the algorithm, schedules, logging, checkpoints, evaluation.
+r"""The one trainer: the loop and the policy update that every model trains through, toy problems and images alike.
 
-One class for every method (``cfg.algo``): the losses are the shared methods (:mod:`.methods`, the ones the image
-trainer runs) on the Euler kernel of the toy's SDE (:class:`~.step_env.ToyStepEnvironment`); what differs per method
-is the critic phase (:mod:`.critics`) and the options. The loop, top to bottom, for iteration ``i``:
+A :class:`Trainer` drives a *task*, the binding of one environment to the loop, which owns the models, the
+optimiser, the counters, the checkpoints and the log. Two tasks exist: :class:`~.toy_task.ToyTask` (the toy
+problems, one process) and ``t2i.task.ImageTask`` (diffusers pipelines with LoRA, under accelerate). The methods
+(:mod:`.methods`) and the sampling loop (:func:`sa_theory.sampling.sample_chain`) are shared as well, so the
+algorithm that runs on Stable Diffusion is, line for line, the one the toy convergence tests verify.
 
-1. **rollout** -- ``batch_size`` paths of the current policy with ``sampler_steps`` steps of ``solver``
-   (no autograd), from a generator seeded by ``(seed, i)`` alone, so iteration ``i``'s randomness does
-   not depend on the history (exact resume); every path is one **reward query**;
-2. **reward** -- ``env.reward(Y_T, cond)``; a result that is not a ``(batch_size,)`` tensor raises ``ValueError``
-   and a NaN/Inf ``FloatingPointError``, both naming the reward;
-3. **update** -- :meth:`Trainer.update`: the critic phase, then the actor steps; after the last iteration's
-   update, ``on_train_end()`` (``sa_ac``'s optional distillation onto its critic's greedy policy);
-4. **log** -- a JSONL record with ``iteration``, ``queries``, ``reward``, ``path_kl``, ``objective``
-   (``reward - beta * path_kl`` on the batch), ``grad_norm``, ``lr``, ``beta`` and the algorithm's own;
-5. **checkpoint** -- atomically with a SHA-256, keeping the previous one, every ``checkpoint_every`` iterations
-   (default: every ~10%), at the end, and after the current iteration on SIGINT/SIGTERM (then
-   :class:`~.checkpoint.TrainingInterrupted` says how to resume).
+One iteration (:meth:`Trainer.train_iteration`):
 
-Kill a run, build a new trainer with the same config and ``resume()``: the remaining iterations give
-bitwise the same parameters and metrics as an uninterrupted run. ``resume`` refuses a checkpoint made with other
-settings (naming the fields; only :data:`~.config.RESUME_MUTABLE` ones such as ``iterations`` may change, and
-are reported) and falls back to the previous checkpoint if the latest is damaged. A fresh run refuses to write
-over an existing log or checkpoint unless ``overwrite`` is set.
+1. ``task.rollouts() -> (batch, generator, metrics)``: a rollout batch of the current policy sampled by the one
+   sampling loop, from a generator that depends on ``(seed, iteration[, process])`` alone (exact resume), with
+   its rewards checked (shape ``(B,)``, no NaN/Inf; errors name the reward). Every path is one reward query;
+2. ``task.prepare(batch, generator) -> (method, rollout_batch, plan, metrics)``: the method on this batch with its
+   advantages (the critic phase, a baseline, per-prompt or group normalisation) and the :class:`UpdatePlan`;
+3. :meth:`Trainer.update`: the policy update the plan describes;
+4. ``task.record(batch, metrics) -> dict``: the iteration's log record.
+
+:meth:`Trainer.train` repeats it up to ``task.total_iterations`` with ``task.end_iteration`` (counters, log,
+checkpoint) after each. On SIGINT/SIGTERM (on any process) the current iteration finishes, a checkpoint is written
+and :class:`~.checkpoint.TrainingInterrupted` says how to resume; a resumed run repeats exactly what the
+uninterrupted run would have done.
+
+The task also provides the runtime of the update: ``backward(loss)``, ``no_sync()`` (a context without gradient
+synchronisation between processes), ``autocast()``, ``optimizer_step() -> dict`` (clip, step, LR schedule, zero
+grads), ``reduce(value, op)`` (``'mean'`` / ``'max'`` over processes) and ``any_process(flag)``. Attributes the
+trainer lacks are the task's (``trainer.policy``, ``trainer.evaluate``, ``trainer.pipe``, ...); setting one sets the
+task's.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable
-from typing import Any
+import contextlib
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..kl import girsanov_kl_step, mean_se
-from ..rollout import rollout
-from ..sde import ControlledSDE, check_finite, check_reward
 from .checkpoint import GracefulInterrupt, TrainingInterrupted
-from .config import TrainConfig, validate
-from .critics import make_critic_phase
-from .distill import distill
-from .environment import SOLVERS, Batch, Environment, solver_kwargs
-from .loop_utils import iteration_generator, jsonable, lr_lambda
-from .method_base import MethodConfig
-from .methods import make_method
-from .policies import GreedyPolicy
-from .step_env import ToyStepEnvironment, rollout_batch
-from .trainer_state import CheckpointMixin
 
-__all__ = ["Environment", "Batch", "Trainer", "SOLVERS", "solver_kwargs", "iteration_generator", "lr_lambda"]
+__all__ = ["Trainer", "UpdatePlan"]
 
-class Trainer(CheckpointMixin):
-    """Base trainer: owns the policy optimiser, the loop, logging, checkpoints and evaluation.
 
-    Parameters
-    ----------
-    cfg: a :class:`~sa_theory.algorithms.config.TrainConfig` subclass.
-    env: the :class:`Environment`.
-    policy: ``nn.Module`` action mean ``(tau, y, cond) -> a`` (see :mod:`.policies`).
-    value: optional critic / baseline ``nn.Module`` ``(tau, y, cond) -> (B,)``.
-    evaluator: optional ``evaluator(trainer) -> dict`` called every ``eval_every`` iterations; its
-        entries are logged with an ``eval/`` prefix.
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How :meth:`Trainer.update` passes over one rollout batch.
+
+    inner_epochs: passes over the batch.
+    minibatch_size: paths per minibatch; the batch is split in order, or in a fresh random order per pass with
+        ``shuffle``.
+    grad_accum: minibatches per optimizer update (each minibatch's loss is divided by the group's size, so an
+        update's gradient is the mean over its minibatches).
+    live_steps: the trainable steps (the stochastic ones: a deterministic step has no log-prob and no KL).
+    steps_per_minibatch: how many of them each minibatch trains on, a random subset drawn per minibatch (the draw
+        is made even when all are used, so the random stream does not depend on the fraction); the loss is the
+        method's sum over the subset times ``steps_scale = len(live_steps) / steps_per_minibatch`` (unbiased).
+    steps_per_backward: steps per backward pass (1: one denoiser forward per backward, as DDP needs; 0: all of a
+        minibatch's steps in one batched evaluation, the toys' choice).
+    early_stop_path_kl: > 0: stop the iteration's updates once an update's mean ``kl_to_old`` diagnostic (over
+        processes) exceeds it (``sa_ac``'s trust region as an early stop).
     """
 
-    def __init__(self, cfg: TrainConfig, env: Environment, policy: nn.Module, value: nn.Module | None = None,
-                 evaluator: Callable[[Trainer], dict] | None = None):
-        if cfg.solver not in SOLVERS or SOLVERS[cfg.solver][2]:
-            raise ValueError(f"training solver must be one of {[k for k, v in SOLVERS.items() if not v[2]]}, "
-                             f"got {cfg.solver!r} (the ODE is for evaluation)")
-        validate(cfg)
-        if cfg.batch_size % cfg.grad_accum:
-            raise ValueError(f"'batch_size' ({cfg.batch_size}) must be divisible by 'grad_accum' ({cfg.grad_accum})")
-        self.cfg, self.env, self.policy, self.value, self.evaluator = cfg, env, policy, value, evaluator
-        self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-        self.policy.to(self.dtype)
-        if self.value is not None:
-            self.value.to(self.dtype)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.lr_schedule, cfg.iterations, cfg.lr_warmup))
-        self.iteration = 0
-        self.queries = 0
-        self.history: list[dict] = []
-        #: what else defines the run (e.g. the toy problem), saved with checkpoints and checked on resume
-        self.context: dict = {}
-        #: how to resume, printed after a checkpoint written on SIGINT/SIGTERM (CLIs set their command line)
-        self.resume_hint: str | None = None
-        self._fresh_checked = False
-        if cfg.algo != "sa_ac" and cfg.solver != "euler":
-            raise ValueError(f"{cfg.algo} is a discrete-time (Euler-chain) method: use solver='euler', "
-                             f"got {cfg.solver!r}")
-        #: how the critic is fitted before the actor step (:mod:`.critics`; None for DDPO-SF/IS)
-        self.critic = make_critic_phase(cfg, env, self.value)
+    inner_epochs: int
+    minibatch_size: int
+    grad_accum: int
+    live_steps: tuple[int, ...]
+    steps_per_minibatch: int
+    steps_per_backward: int = 0
+    shuffle: bool = False
+    early_stop_path_kl: float = 0.0
 
-    # ------------------------------------------------------------------ the algorithm
-    def method_for(self, batch: Batch, beta: float):
-        """The shared method of ``cfg.algo`` (:func:`~.methods.make_method`, the implementation images run) on the
-        Euler kernel of ``batch``'s grid at KL weight ``beta``. The critic is fitted by :attr:`critic`
-        (``value_coef = 0``), advantages are not clamped; ``sa_ac``'s advantages are TD errors."""
-        cfg = MethodConfig.take(self.cfg, method=self.cfg.algo, beta=beta, kl_weighting="chain", advantage="td",
-                                adv_clip_max=0.0, value_coef=0.0)
-        return make_method(cfg, self.step_environment(batch), self.policy, self.value)
 
-    def update(self, batch: Batch) -> dict:
-        """One gradient phase on a rollout batch (module docstring, step 3): the critic phase, or (DDPO) the
-        method's return standardised over the batch when ``normalize_advantages``, then ``epochs`` actor steps
-        (one for DDPO-SF / DPOK), each the sum over ``grad_accum`` micro-batches of the method's loss over all grid
-        times (``tau_subset`` > 0: a random subset per epoch, rescaled); the method's diagnostics of the last
-        epoch are logged (batch means)."""
-        cfg, beta = self.cfg, self.beta_at(self.iteration)
-        N, B = batch.taus.numel() - 1, batch.batch_size
-        method, rb = self.method_for(batch, beta), rollout_batch(batch)
-        if self.critic is not None:
-            metrics = self.critic.prepare(method, rb, batch, self.policy, beta)
-        else:
-            ret = method.path_return(rb, batch.reward)
-            if getattr(cfg, "normalize_advantages", False):
-                ret = (ret - ret.mean()) / (ret.std() + 1e-8)
-            metrics = method.prepare(rb, ret.detach())
+class Trainer:
+    """The one training loop (module docstring). ``Trainer(task).train()``; tasks are built by
+    :func:`sa_theory.algorithms.make_trainer` (toys) and ``t2i.trainer.make_trainer`` (images)."""
+
+    def __init__(self, task):
+        object.__setattr__(self, "task", task)
+
+    def __getattr__(self, name):  # only called when the trainer itself lacks ``name``
+        if name == "task":
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.task, name, value)
+
+    def __repr__(self) -> str:
+        return f"Trainer({type(self.task).__name__}, iteration {self.task.iteration}/{self.task.total_iterations})"
+
+    # ------------------------------------------------------------------ one iteration
+    def train_iteration(self) -> dict:
+        """Collect, prepare, update (module docstring, steps 1-4); returns the record (counters are advanced by
+        :meth:`train`'s ``task.end_iteration``)."""
+        task = self.task
+        batch, generator, metrics = task.rollouts()
+        method, rb, plan, prepared = task.prepare(batch, generator)
+        updated = self.update(method, rb, plan, generator)
+        return task.record(batch, {**metrics, **prepared}, updated)
+
+    def update(self, method, batch, plan: UpdatePlan, generator: torch.Generator) -> dict:
+        """The policy update of ``plan`` on the :class:`~.rl_batch.RolloutBatch` ``batch`` with ``method``'s losses.
+
+        Returns the means over optimizer updates of the method's diagnostics and of ``task.optimizer_step``'s
+        (e.g. ``grad_norm``), ``updates``, ``early_stopped`` and ``logprob_parity_max`` (the largest
+        ``|log pi_theta - log pi_old|`` while theta is still the sampling policy; float noise if sampling and
+        training agree)."""
+        task = self.task
+        live, n = list(plan.live_steps), plan.steps_per_minibatch
+        if not 1 <= n <= len(live):
+            raise ValueError(f"steps_per_minibatch ({n}) must be in 1..{len(live)} (the trainable steps)")
+        method.steps_scale = len(live) / n
+        B = batch.batch_size
         sums: dict[str, float] = {}
-        tau_subset = getattr(cfg, "tau_subset", 0)
-        for _ in range(getattr(cfg, "epochs", 1)):
-            if tau_subset and tau_subset < N:
-                idx = torch.randperm(N, generator=batch.generator)[:tau_subset].sort().values.tolist()
-            else:
-                idx = list(range(N))
-            method.steps_scale = N / len(idx)
-            sums = {}
-            for paths in self.chunks(B):
-                out = method.losses(rb.select(paths), idx)
-                (out["loss"] * (paths.numel() / B)).backward()
-                for name, v in out.items():
-                    sums[name] = sums.get(name, 0.0) + float(v.detach()) * paths.numel() / B
-            metrics["grad_norm"] = self.policy_step()
-        return {**metrics, **{k: v for k, v in sums.items() if k != "loss"}}
+        n_updates, stopped, parity = 0, False, 0.0
+        for epoch in range(plan.inner_epochs):
+            order = torch.randperm(B, generator=generator) if plan.shuffle else torch.arange(B)
+            minibatches = list(order.split(plan.minibatch_size))
+            for u in range(0, len(minibatches), plan.grad_accum):
+                group = minibatches[u:u + plan.grad_accum]
+                steps = [sorted(live[j] for j in torch.randperm(len(live), generator=generator)[:n].tolist())
+                         for _ in group]
+                per = plan.steps_per_backward or n
+                n_back = sum(-(-len(ks) // per) for ks in steps)
+                i_back, upd = 0, {}
+                for idx, ks in zip(group, steps):
+                    sub = batch.select(idx)
+                    for i in range(0, len(ks), per):
+                        i_back += 1
+                        with contextlib.nullcontext() if i_back == n_back else task.no_sync():
+                            with task.autocast():
+                                out = method.losses(sub, ks[i:i + per])
+                            if n_updates == 0 and epoch == 0:  # still the sampling policy
+                                parity = max(parity, method.logprob_delta())
+                            task.backward(out["loss"] / len(group))
+                        for name, v in out.items():
+                            upd[name] = upd.get(name, 0.0) + float(v.detach()) / len(group)
+                upd.update(task.optimizer_step())
+                n_updates += 1
+                for name, v in upd.items():
+                    sums[name] = sums.get(name, 0.0) + v
+                if plan.early_stop_path_kl > 0 and task.reduce(upd.get("kl_to_old", 0.0), "mean") \
+                        > plan.early_stop_path_kl:
+                    stopped = True
+                    break
+            if stopped:
+                break
+        out = {name: v / max(1, n_updates) for name, v in sums.items()}
+        return {**out, "updates": n_updates, "early_stopped": stopped,
+                "logprob_parity_max": task.reduce(parity, "max")}
 
-    def on_train_end(self) -> dict:
-        """Called once, right after the last iteration's update (before its log record, evaluation and checkpoint);
-        returns metrics for that record: ``sa_ac`` with ``final_distill_steps`` > 0 distils the actor onto its
-        critic's greedy policy (:meth:`distill`)."""
-        if self.cfg.algo == "sa_ac" and self.cfg.final_distill_steps > 0:
-            return self.distill()
-        return {}
-
-    def greedy_policy(self, beta: float | None = None) -> GreedyPolicy:
-        r"""The critic's greedy policy :math:`s_\text{pre} + \nabla_y V_\psi/\beta` (:class:`GreedyPolicy`; ``beta``
-        defaults to the current KL weight): where the actor still lags its critic, one exact policy-improvement
-        step. Sample or evaluate it with ``evaluate(policy=trainer.greedy_policy())``."""
-        if self.value is None:
-            raise ValueError("greedy_policy needs a critic (sa_ac's value)")
-        return GreedyPolicy(self.value, self.env.pretrained_action, self.beta_at(self.iteration) if beta is None
-                            else beta, gain=self.env.sde.value_gain)
-
-    def distill(self, target=None, steps: int | None = None, paths: int | None = None, lr: float | None = None
-                ) -> dict:
-        """Regress the actor onto ``target`` (default: :meth:`greedy_policy`); :func:`.distill.distill`."""
-        return distill(self, target, steps, paths, lr)
-
-    def extra_state(self) -> dict:
-        return {} if self.critic is None else self.critic.state_dict()
-
-    def load_extra_state(self, state: dict) -> None:
-        if self.critic is not None:
-            self.critic.load_state_dict(state)
-
-    # ------------------------------------------------------------------ schedules
-    def beta_at(self, it: int) -> float:
-        cfg = self.cfg
-        if cfg.beta_schedule == "constant" or cfg.beta_warmup <= 0:
-            if cfg.beta_schedule not in ("constant", "linear"):
-                raise ValueError(f"unknown beta_schedule {cfg.beta_schedule!r}; choose 'constant' or 'linear'")
-            return float(cfg.beta)
-        if cfg.beta_schedule != "linear":
-            raise ValueError(f"unknown beta_schedule {cfg.beta_schedule!r}; choose 'constant' or 'linear'")
-        frac = min(1.0, it / cfg.beta_warmup)
-        return float(cfg.beta_start + frac * (cfg.beta - cfg.beta_start))
-
-    # ------------------------------------------------------------------ rollouts
-    def _sde_for(self, solver: str) -> ControlledSDE:
-        _, _, ode = solver_kwargs(solver)
-        return ControlledSDE(self.env.sde.schedule, ode=True) if ode else self.env.sde  # keeps the env's noise eta
-
-    def sample_paths(self, n: int, steps: int, solver: str, generator: torch.Generator, seed: int,
-                     record: bool = True, policy: Callable | None = None):
-        """Roll out ``n`` paths of ``policy`` (default: the trained one; no autograd): ``(trajectory, cond)``."""
-        backend, method, _ = solver_kwargs(solver)
-        sde = self._sde_for(solver)
-        y0 = self.env.initial_sample(n, generator, self.dtype)
-        cond = self.env.cond_sample(n, generator) if self.env.cond_sample is not None else None
-        policy = self.policy if policy is None else policy
-        with torch.no_grad():
-            traj = rollout(sde, policy, y0, steps=steps, cond=cond, reference=self.env.pretrained_action,
-                           backend=backend, method=method, generator=generator if backend == "native" else None,
-                           seed=seed, save_every=1 if record else None)
-        return traj, cond
-
-    def reward(self, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        """``env.reward(x, cond)`` checked: a ``(B,)`` tensor (``ValueError`` otherwise) without NaN/Inf
-        (``FloatingPointError``), both naming the reward."""
-        return check_reward(self.env.reward(x, cond), x.shape[0], f"reward of environment {self.env.name!r}",
-                            dtype=self.dtype)
-
-    def collect(self, it: int) -> Batch:
-        """Step 1-2 of the loop: the rollout batch of iteration ``it`` with rewards and log-densities."""
-        cfg = self.cfg
-        gen = iteration_generator(cfg.seed, it, 0)
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        traj, cond = self.sample_paths(cfg.batch_size, cfg.sampler_steps, cfg.solver, gen, seed)
-        taus, states = traj.taus, traj.states
-        N = traj.steps
-        with torch.no_grad():
-            means = traj.means
-            if means is None:  # torchsde: evaluate on the recorded grid
-                means = torch.stack([self.policy(taus[k], states[k], cond) for k in range(N)])
-            refs = traj.ref_actions
-            if refs is None:
-                refs = torch.stack([self.env.pretrained_action(taus[k], states[k], cond) for k in range(N)])
-            if cfg.solver == "euler":  # recorded by the Euler chain (sampling.sample_chain)
-                kl = traj.kl_steps
-            else:  # the Girsanov step KLs at the grid points (left-point rule) for the other solvers
-                g2 = self.env.sde.kl_weight_rate(taus)  # KL weight rate, g^2 at noise eta = 1
-                kl = torch.stack([girsanov_kl_step(g2[k], traj.dtau, means[k], refs[k]) for k in range(N)])
-            reward = self.reward(traj.final, cond)
-            logp = ref_logp = None
-            if cfg.solver == "euler":
-                logp, ref_logp = traj.log_probs, traj.extras["ref_log_probs"]
-        return Batch(taus=taus, states=states, means=means, ref_actions=refs, kl_steps=kl, reward=reward,
-                     cond=cond, log_probs=logp, ref_log_probs=ref_logp, generator=gen)
-
-    def step_environment(self, batch: Batch) -> ToyStepEnvironment:
-        """The environment as the methods' step environment on ``batch``'s grid (cached per grid)."""
-        key = batch.taus.detach().cpu().numpy().tobytes()
-        envs = self.__dict__.setdefault("_step_envs", {})
-        if key not in envs:
-            envs[key] = ToyStepEnvironment(self.env, batch.taus)
-        return envs[key]
-
-    # ------------------------------------------------------------------ optimisation helpers
-    def policy_step(self, optimizer: torch.optim.Optimizer | None = None) -> float:
-        """Clip the policy's gradient norm to ``max_grad_norm``, step ``optimizer`` (default: the policy optimiser),
-        zero grads; returns the pre-clip norm (a NaN/Inf norm raises ``FloatingPointError``)."""
-        optimizer = self.optimizer if optimizer is None else optimizer
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        check_finite("policy gradient norm", norm.reshape(1))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def progress_bar(self, total: int, desc: str, initial: int = 0):
-        """A tqdm bar when ``cfg.progress`` is set, else ``None``."""
-        if not self.cfg.progress:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
-
-    def chunks(self, B: int) -> list[torch.Tensor]:
-        """Path indices of the ``grad_accum`` micro-batches."""
-        return list(torch.arange(B).chunk(self.cfg.grad_accum))
-
-    # ------------------------------------------------------------------ loop
-    @property
-    def checkpoint_interval(self) -> int:
-        """Iterations between periodic checkpoints (``checkpoint_every``; 0: ~10% of the run; -1: none)."""
-        every = self.cfg.checkpoint_every
-        return max(1, self.cfg.iterations // 10) if every == 0 else every
-
+    # ------------------------------------------------------------------ the loop
     def train(self, until: int | None = None) -> list[dict]:
-        """Run iterations ``self.iteration .. until`` (default ``cfg.iterations``); returns the metric history.
-        On SIGINT/SIGTERM the current iteration finishes, a checkpoint is written (if ``checkpoint_path``) and
-        :class:`~.checkpoint.TrainingInterrupted` is raised saying how to resume."""
-        cfg = self.cfg
-        if self.iteration == 0 and not self._fresh_checked:
-            self._check_fresh_outputs()
-        stop = cfg.iterations if until is None else min(until, cfg.iterations)
-        bar = self.progress_bar(stop, type(self).__name__, initial=self.iteration)
-        every = self.checkpoint_interval
+        """Run iterations ``task.iteration .. until`` (default: all); returns the task's metric history. On
+        SIGINT/SIGTERM the current iteration finishes, every process writes the checkpoint and
+        :class:`~.checkpoint.TrainingInterrupted` says how to resume."""
+        task = self.task
+        stop_at = task.begin_train(until)
+        bar = task.progress_bar(stop_at, initial=task.iteration)
         with GracefulInterrupt() as interrupt:
-            while self.iteration < stop:
-                rec = self._iteration()
-                last = self.iteration == stop or interrupt.requested
-                if self.iteration % cfg.log_every == 0 or last:
-                    self.history.append(rec)
-                    if cfg.log_path:
-                        self._append_log(rec)
-                if cfg.checkpoint_path and ((every > 0 and self.iteration % every == 0) or last):
-                    self.save(cfg.checkpoint_path)
+            while task.iteration < stop_at:
+                rec = self.train_iteration()
+                stop = task.any_process(interrupt.requested)
+                where = task.end_iteration(rec, stop_at, stop)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(J=f"{rec['objective']:.3f}", r=f"{rec['reward']:.3f}", kl=f"{rec['path_kl']:.3f}")
-                if interrupt.requested and self.iteration < stop:
+                    bar.set_postfix(task.postfix(rec))
+                if stop and task.iteration < stop_at:
                     if bar is not None:
                         bar.close()
-                    raise TrainingInterrupted(self._interrupt_message(interrupt.signame))
+                    task.end_train(interrupted=True)
+                    raise TrainingInterrupted(task.interrupt_message(interrupt.signame, where))
         if bar is not None:
             bar.close()
-        return self.history
-
-    def _iteration(self) -> dict:
-        cfg, it = self.cfg, self.iteration
-        beta = self.beta_at(it)
-        batch = self.collect(it)
-        self.policy.train()
-        metrics = self.update(batch)
-        self.scheduler.step()
-        self.iteration += 1
-        self.queries += batch.batch_size
-        if self.iteration == cfg.iterations:
-            metrics = {**metrics, **self.on_train_end()}
-        rec = {"iteration": self.iteration, "queries": self.queries,
-               "reward": float(batch.reward.mean()), "path_kl": float(batch.path_kl.mean()),
-               "objective": float((batch.reward - beta * batch.path_kl).mean()),
-               "beta": beta, "lr": self.optimizer.param_groups[0]["lr"], **metrics}
-        if cfg.eval_every > 0 and self.evaluator is not None and (
-                self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
-            rec.update({f"eval/{k}": v for k, v in self.evaluator(self).items()})
-        return {k: jsonable(v) for k, v in rec.items()}
-
-    def _interrupt_message(self, signame: str | None) -> str:
-        where = (f"checkpoint written to {self.cfg.checkpoint_path!r}" if self.cfg.checkpoint_path
-                 else "no checkpoint_path is set, so nothing was saved")
-        hint = self.resume_hint or "build the trainer with the same config and call resume()"
-        return f"{signame or 'interrupt'}: stopped after iteration {self.iteration}/{self.cfg.iterations}; {where}. " \
-               f"To continue: {hint}"
-
-    def _append_log(self, rec: dict) -> None:
-        d = os.path.dirname(self.cfg.log_path)
-        if d:
-            os.makedirs(d, exist_ok=True)
-        with open(self.cfg.log_path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, n_paths: int = 4096, steps: int | None = None, solver: str = "euler", seed: int = 12345,
-                 beta: float | None = None, return_samples: bool = False, policy: Callable | None = None) -> dict:
-        """Monte-Carlo ``reward``, ``path_kl`` (Girsanov, on the grid), ``objective`` and their standard
-        errors (``*_se``) for ``n_paths`` fresh paths (fixed ``seed``; no reward queries counted) of ``policy``
-        (default: the trained policy; e.g. :meth:`greedy_policy`)."""
-        steps = steps or self.cfg.sampler_steps
-        beta = self.beta_at(self.iteration) if beta is None else beta
-        gen = torch.Generator().manual_seed(seed)
-        self.policy.eval()
-        traj, cond = self.sample_paths(n_paths, steps, solver, gen, seed, record=False, policy=policy)
-        r = self.reward(traj.final, cond).to(torch.float64)
-        kl = traj.path_kl.to(torch.float64)
-        j = r - beta * kl
-        out = {}
-        for name, x in (("reward", r), ("path_kl", kl), ("objective", j)):
-            out[name], out[f"{name}_se"] = mean_se(x)
-        if return_samples:
-            out["final"] = traj.final
-        return out
-
+        return task.end_train()

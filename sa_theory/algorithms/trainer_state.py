@@ -1,4 +1,4 @@
-"""Checkpoints of the toy :class:`~.trainer.Trainer`: the state, atomic checksummed saves keeping the previous one,
+"""Checkpoints of the :class:`~.toy_task.ToyTask`: the state, atomic checksummed saves keeping the previous one,
 resume with the settings check and the JSONL truncation, and the fresh-run guard against overwriting a run."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ __all__ = ["CheckpointMixin"]
 
 
 class CheckpointMixin:
-    """The :class:`~.trainer.Trainer`'s checkpoint methods (its module docstring: exact resume)."""
+    """The :class:`~.toy_task.ToyTask`'s checkpoint methods (its module docstring: exact resume)."""
 
     def _check_fresh_outputs(self) -> None:
         """Before a fresh run's first iteration: refuse to append to / replace an existing log or checkpoint

@@ -10,7 +10,7 @@ torch.set_num_threads(1)
 
 from t2i.config import apply_overrides, get_preset  # noqa: E402
 from t2i.models import denoiser  # noqa: E402
-from t2i.trainer import Trainer, lora_hash  # noqa: E402
+from t2i.trainer import lora_hash, make_trainer  # noqa: E402
 
 
 def main(out_dir: str, phase: str, preset: str = "tiny_cpu") -> None:
@@ -31,7 +31,7 @@ def main(out_dir: str, phase: str, preset: str = "tiny_cpu") -> None:
     )
     if phase == "b":
         cfg.resume_from = "auto"
-    tr = Trainer(cfg)
+    tr = make_trainer(cfg)
     tr.train()
     rank = tr.acc.process_index
     with open(os.path.join(out_dir, f"hash_{phase}_{rank}.json"), "w") as f:

@@ -14,7 +14,7 @@ from t2i.models import denoiser, lora_state_dict, pretrained
 from t2i.reward_stats import group_normalize
 from t2i.rewards import Brightness
 from t2i.rollout import sample_rollout
-from t2i.trainer import Trainer, lora_hash
+from t2i.trainer import lora_hash, make_trainer
 
 FAST = {"sample.num_steps": 3, "sample.batch_size": 4, "train.batch_size": 2, "train.num_epochs": 1,
         "log.tensorboard": False, "log.image_every": 0}
@@ -41,10 +41,10 @@ def _frozen(tr):
 
 @pytest.mark.parametrize("method", ["sa_ac", "ddpo_sf", "ddpo_is", "dpok", "flow_grpo"])
 def test_one_iteration_changes_only_lora_and_log_probs_match_the_rollout(tmp_path, method):
-    tr = Trainer(flow_config(tmp_path, method))
+    tr = make_trainer(flow_config(tmp_path, method))
     frozen = _frozen(tr)
     lora0 = {k: v.clone() for k, v in lora_state_dict(tr.pipe.transformer).items()}
-    m = tr.train_epoch()
+    m = tr.train_iteration()
     assert m["updates"] == 2 and math.isfinite(m["train/loss"])
     # on-policy parity: the training recomputation of every step's log-prob equals the rollout's (float32)
     assert m["logprob_parity_max"] < 1e-3, m["logprob_parity_max"]
@@ -69,7 +69,7 @@ def test_sa_ac_raises_brightness_on_the_pixel_space_tiny_sd3(tmp_path):
             "sample.guidance_scale": 1.0, "train.batch_size": 8, "train.num_epochs": 24, "train.learning_rate": 1e-2,
             "train.beta": 1e-3, "train.kl_penalty": 0.1, "train.per_prompt_norm": True, "value.kind": "residual",
             "log.save_every": 0}
-    tr = Trainer(flow_config(tmp_path, "sa_ac", **over))
+    tr = make_trainer(flow_config(tmp_path, "sa_ac", **over))
 
     def rewards():
         g = torch.Generator().manual_seed(999)
@@ -89,12 +89,12 @@ def test_flow_kill_resume_is_bitwise_and_lora_loads_into_diffusers(tmp_path):
     from t2i.flow_models import build_tiny_sd3_pipeline
 
     over = {"train.num_epochs": 2, "value.kind": "residual"}
-    full = Trainer(flow_config(tmp_path / "a", "sa_ac", **over))
+    full = make_trainer(flow_config(tmp_path / "a", "sa_ac", **over))
     full.train()
-    half = Trainer(flow_config(tmp_path / "b", "sa_ac", **{**over, "train.num_epochs": 1}))
+    half = make_trainer(flow_config(tmp_path / "b", "sa_ac", **{**over, "train.num_epochs": 1}))
     half.train()
     del half
-    resumed = Trainer(flow_config(tmp_path / "b", "sa_ac", **{**over, "resume_from": "auto"}))
+    resumed = make_trainer(flow_config(tmp_path / "b", "sa_ac", **{**over, "resume_from": "auto"}))
     assert resumed.state.epoch == 1
     resumed.train()
     assert lora_hash(resumed.pipe.transformer) == lora_hash(full.pipe.transformer)

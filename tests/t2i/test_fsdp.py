@@ -36,7 +36,7 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
         save_lora_files,
     )
     from t2i.models import denoiser, lora_parameters
-    from t2i.trainer import Trainer
+    from t2i.trainer import make_trainer
 
     cfg = get_preset(preset)
     apply_overrides(cfg, {
@@ -47,7 +47,7 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
     if phase == "b":
         cfg.resume_from = "auto"  # continues phase a's run
 
-    tr = Trainer(cfg)  # the trainer's own accelerator: FSDP2 under the FSDP launch config
+    tr = make_trainer(cfg)  # the trainer's own accelerator: FSDP2 under the FSDP launch config
     net, rank = denoiser(tr.pipe), tr.acc.process_index
     lora_init = full_lora_hash(net)  # collective (as every gather below)
     tr.train()

@@ -28,7 +28,7 @@ import torch
 from t2i.models import lora_state_dict, pretrained
 from t2i.rewards import Brightness
 from t2i.rollout import sample_rollout
-from t2i.trainer import Trainer
+from t2i.trainer import make_trainer
 
 from .conftest import tiny_config
 from .test_training import FAST, _frozen_state
@@ -64,7 +64,7 @@ def test_few_sa_ac_iterations_raise_brightness_by_several_standard_errors(tmp_pa
         "log.save_every": 0,
         "prompts": "|".join(ALL_PROMPTS),
     }
-    tr = Trainer(tiny_config(tmp_path, "sa_ac", **over))
+    tr = make_trainer(tiny_config(tmp_path, "sa_ac", **over))
     with pretrained(tr.pipe.unet):
         r0, _ = _rewards(tr)
     tr.train()
@@ -78,10 +78,10 @@ def test_few_sa_ac_iterations_raise_brightness_by_several_standard_errors(tmp_pa
 
 @pytest.mark.parametrize("method", ["ddpo_sf"])
 def test_ddpo_sf_one_iteration_changes_only_lora_weights(tmp_path, method):
-    tr = Trainer(tiny_config(tmp_path, method, **{**FAST, "value.kind": "none"}))
+    tr = make_trainer(tiny_config(tmp_path, method, **{**FAST, "value.kind": "none"}))
     frozen = _frozen_state(tr)
     lora0 = {k: v.clone() for k, v in lora_state_dict(tr.pipe.unet).items()}
-    m = tr.train_epoch()
+    m = tr.train_iteration()
     assert m["updates"] == 1 and torch.isfinite(torch.tensor(m["train/loss"]))
     after = _frozen_state(tr)
     for k in frozen:

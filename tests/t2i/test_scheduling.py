@@ -231,7 +231,7 @@ def test_every_training_sampler_on_sd15_has_finite_sane_kl_weights_for_every_ste
 def test_ddpm_training_on_the_tiny_pipeline_has_a_path_kl_like_ddim_eta1(tmp_path):
     """The issue: DDPM training logged a path KL of 7e12 nats (the last step's weight 2.9e14). Now two epochs
     of sa_ac with DDPM and with DDIM (eta = 1) on the tiny pipeline give finite path KLs of the same order."""
-    from t2i.trainer import Trainer
+    from t2i.trainer import make_trainer
 
     from .conftest import tiny_config
 
@@ -239,7 +239,7 @@ def test_ddpm_training_on_the_tiny_pipeline_has_a_path_kl_like_ddim_eta1(tmp_pat
     for sampler in ("ddpm", "ddim"):
         over = {"sample.sampler": sampler, "train.num_epochs": 2, "sample.num_steps": 3, "sample.batch_size": 2}
         cfg = tiny_config(tmp_path / sampler, "sa_ac", **over)
-        hist = Trainer(cfg).train()
+        hist = make_trainer(cfg).train()
         out[sampler] = hist[-1]
         for h in hist:
             assert math.isfinite(h["train/loss"]) and abs(h["train/loss"]) < 1e3

@@ -10,7 +10,7 @@ import torch
 from t2i.config import apply_overrides, get_preset, validate
 from t2i.models import lora_state_dict
 from t2i.rewards import Brightness, register_reward
-from t2i.trainer import Trainer, lora_hash
+from t2i.trainer import lora_hash, make_trainer
 
 from .conftest import tiny_config
 
@@ -27,10 +27,10 @@ def _frozen_state(trainer):
 
 @pytest.mark.parametrize("method", ["sa_ac", "ddpo_is", "dpok"])
 def test_one_iteration_changes_only_lora_weights(tmp_path, method):
-    tr = Trainer(tiny_config(tmp_path, method, **FAST))
+    tr = make_trainer(tiny_config(tmp_path, method, **FAST))
     frozen = _frozen_state(tr)
     lora0 = {k: v.clone() for k, v in lora_state_dict(tr.pipe.unet).items()}
-    m = tr.train_epoch()
+    m = tr.train_iteration()
     assert m["updates"] == 1 and torch.isfinite(torch.tensor(m["train/loss"]))
     after = _frozen_state(tr)
     assert after.keys() == frozen.keys()
@@ -51,10 +51,10 @@ def _strip(records):
 
 def test_checkpoint_kill_resume_gives_identical_next_steps(tmp_path):
     over = {**FAST, "train.num_epochs": 2, "value.kind": "residual"}
-    full = Trainer(tiny_config(tmp_path / "a", "sa_ac", **over))
+    full = make_trainer(tiny_config(tmp_path / "a", "sa_ac", **over))
     hist_full = full.train()
     # interrupted: one epoch, checkpoint, "kill" (drop the object), fresh object resumes from `latest`
-    half = Trainer(tiny_config(tmp_path / "b", "sa_ac", **{**over, "train.num_epochs": 1}))
+    half = make_trainer(tiny_config(tmp_path / "b", "sa_ac", **{**over, "train.num_epochs": 1}))
     half.train()
     run_dir = half.cfg.log.output_dir
     assert open(os.path.join(run_dir, "checkpoints", "latest")).read().strip() == "checkpoint-000001"
@@ -62,7 +62,7 @@ def test_checkpoint_kill_resume_gives_identical_next_steps(tmp_path):
         os.path.join(run_dir, "checkpoints", "checkpoint-000001", "pytorch_lora_weights.safetensors")
     )
     del half
-    resumed = Trainer(tiny_config(tmp_path / "b", "sa_ac", **{**over, "resume_from": "auto"}))
+    resumed = make_trainer(tiny_config(tmp_path / "b", "sa_ac", **{**over, "resume_from": "auto"}))
     assert resumed.state.epoch == 1 and resumed.state.global_step == 1
     hist_res = resumed.train()
     assert lora_hash(resumed.pipe.unet) == lora_hash(full.pipe.unet)
@@ -77,7 +77,7 @@ def test_checkpoint_kill_resume_gives_identical_next_steps(tmp_path):
 def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tmp_path):
     from t2i.models import build_tiny_pipeline
 
-    tr = Trainer(tiny_config(tmp_path, "ddpo_is", **FAST))
+    tr = make_trainer(tiny_config(tmp_path, "ddpo_is", **FAST))
     tr.train()
     ckpt = os.path.join(tr.cfg.log.output_dir, "checkpoints", "checkpoint-000001")
     pipe = build_tiny_pipeline(0)
@@ -143,11 +143,11 @@ class NaNReward(Brightness):
 
 def test_nan_reward_raises_floating_point_error_naming_the_reward(tmp_path):
     register_reward("nan_reward", lambda **kw: NaNReward())
-    tr = Trainer(
+    tr = make_trainer(
         tiny_config(tmp_path, "sa_ac", **{**FAST, "reward.name": "nan_reward", "sample.num_steps": 1})
     )
     with pytest.raises(FloatingPointError, match="nan_reward"):
-        tr.train_epoch()
+        tr.train_iteration()
 
 
 def test_bf16_mixed_precision_and_gradient_checkpointing_train_fp32_lora_on_cpu(tmp_path):
@@ -159,7 +159,7 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_train_fp32_lora_on_cpu(
             "value.kind": "none", "log.save_every": 0}
     AcceleratorState._reset_state(True)  # the process-wide accelerate state was set by earlier tests
     try:
-        _check_bf16_trainer(Trainer(tiny_config(tmp_path, "sa_ac", **over)))
+        _check_bf16_trainer(make_trainer(tiny_config(tmp_path, "sa_ac", **over)))
     finally:
         AcceleratorState._reset_state(True)
 
@@ -173,7 +173,7 @@ def _check_bf16_trainer(tr):
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
     before = {n: p.detach().clone() for n, p in lora.items()}
     frozen0 = [p.detach().clone() for p in frozen]
-    m = tr.train_epoch()
+    m = tr.train_iteration()
     assert math.isfinite(m["train/loss"])
     assert any(not torch.equal(before[n], p) for n, p in lora.items())
     assert all(torch.equal(a, p) for a, p in zip(frozen0, frozen))
@@ -184,19 +184,19 @@ def test_ddpo_return_and_reference_recording_follow_beta_as_on_the_toys(tmp_path
     reward with beta = 0; with ``log.reference_kl false`` a beta = 0 DDPO run skips the reference pass (no
     pretrained actions recorded, no path-KL metrics) and still trains; sa_ac always records it."""
     over = {**FAST, "log.reference_kl": "false"}
-    tr = Trainer(tiny_config(tmp_path / "a", "ddpo_is", **over, **{"train.beta": 0.0}))
+    tr = make_trainer(tiny_config(tmp_path / "a", "ddpo_is", **over, **{"train.beta": 0.0}))
     assert not tr.method.needs_reference
     b = tr.sample_epoch(torch.Generator().manual_seed(0))
     assert b.ref_actions is None and b.sampled_log_ratio is None
     assert torch.equal(tr.method.path_return(b, b.rewards), b.rewards)
-    m = tr.train_epoch()
+    m = tr.train_iteration()
     assert "path_kl_mean" not in m and m["updates"] == 1
-    tr = Trainer(tiny_config(tmp_path / "b", "ddpo_is", **over, **{"train.beta": 0.5}))
+    tr = make_trainer(tiny_config(tmp_path / "b", "ddpo_is", **over, **{"train.beta": 0.5}))
     assert tr.method.needs_reference
     b = tr.sample_epoch(torch.Generator().manual_seed(0))
     lam = (b.log_probs - b.ref_log_probs).sum(0)
     torch.testing.assert_close(tr.method.path_return(b, b.rewards), b.rewards - 0.5 * lam)
-    assert Trainer(tiny_config(tmp_path / "c", "sa_ac", **over)).method.needs_reference
+    assert make_trainer(tiny_config(tmp_path / "c", "sa_ac", **over)).method.needs_reference
 
 
 def test_renamed_field_loads_from_old_configs_and_the_cli_names_the_new_one():
@@ -212,7 +212,7 @@ def test_renamed_field_loads_from_old_configs_and_the_cli_names_the_new_one():
 def test_lr_warms_up_linearly_over_optimizer_updates(tmp_path):
     """``train.lr_warmup_steps`` = 3: the LR after update u is ``lr * min(1, (u + 1) / 3)`` (the toy trainers'
     ``lr_lambda``); one update per epoch here."""
-    tr = Trainer(tiny_config(tmp_path, "ddpo_is", **{**FAST, "train.num_epochs": 4, "train.lr_warmup_steps": 3}))
+    tr = make_trainer(tiny_config(tmp_path, "ddpo_is", **{**FAST, "train.num_epochs": 4, "train.lr_warmup_steps": 3}))
     lr = tr.cfg.train.learning_rate
     assert tr.opt.param_groups[0]["lr"] == pytest.approx(lr / 3)  # before the first update
     hist = tr.train()

@@ -8,7 +8,7 @@ import torch
 
 from t2i.config import apply_overrides, get_preset
 from t2i.models import denoiser, lora_parameters, pretrained
-from t2i.trainer import Trainer
+from t2i.trainer import make_trainer
 from t2i.values import tweedie_rewards
 
 
@@ -19,7 +19,7 @@ def test_value_gradient_surrogate_gradient_is_the_r4_formula(tmp_path, preset):
         "sample.batch_size": "4", "train.batch_size": "2", "train.num_epochs": "1", "train.beta": "0.01",
         "train.kl_penalty": "2.0", "log.output_dir": str(tmp_path / "run"), "log.tensorboard": "false",
         "log.image_every": "0"})
-    tr = Trainer(cfg)
+    tr = make_trainer(cfg)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a policy away from the pretrained model and a critic with a non-zero gradient
         for p in lora_parameters(denoiser(tr.pipe)):
@@ -60,10 +60,10 @@ def test_tweedie_term_of_the_residual_critic_is_differentiated_for_a_differentia
         "train.estimator": "value_gradient", "value.kind": "residual", "sample.num_steps": "3",
         "sample.batch_size": "2", "train.batch_size": "2", "train.num_epochs": "1",
         "log.output_dir": str(tmp_path / "run"), "log.tensorboard": "false", "log.image_every": "0"})
-    tr = Trainer(cfg)
+    tr = make_trainer(cfg)
     assert tr.method.tweedie_fn is not None  # brightness is differentiable
     batch = tr.sample_epoch(torch.Generator().manual_seed(0))
-    # the trainer's Tweedie inputs of the recorded states (train_epoch does this before prepare)
+    # the trainer's Tweedie inputs of the recorded states (ImageTask.prepare does this before the method's prepare)
     batch.step_data["tweedie"] = tweedie_rewards(tr.env, batch.latents, batch.ref_actions, tr.reward, batch.prompts)
     tr.method.prepare(batch, batch.rewards)
     p = batch.step_data["costate"]
