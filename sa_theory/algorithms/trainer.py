@@ -68,6 +68,16 @@ class UpdatePlan:
     shuffle: bool = False
     early_stop_path_kl: float = 0.0
 
+    def __post_init__(self):
+        for name in ("inner_epochs", "minibatch_size", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"UpdatePlan.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.live_steps:
+            raise ValueError("UpdatePlan.live_steps is empty: no step is stochastic, so nothing can be trained")
+        if self.steps_per_backward < 0:
+            raise ValueError(f"UpdatePlan.steps_per_backward must be >= 0 (0: all at once), got "
+                             f"{self.steps_per_backward!r}")
+
 
 class Trainer:
     """The one training loop (module docstring). ``Trainer(task).train()``; tasks are built by
