@@ -44,15 +44,15 @@ ROWS = [
      None),
     ("random grid times (tau_subset N/5)", "sa_ac", {"critic": "residual", "tau_subset": -5}, None),
     ("trust region 10x looser (kl_penalty 0.1)", "sa_ac", {"critic": "residual", "kl_penalty": 0.1}, None),
-    ("learning rate 3x (0.03)", "sa_ac", {"critic": "residual", "lr": 0.03}, None),
+    ("learning rate 3x (0.03)", "sa_ac", {"critic": "residual", "learning_rate": 0.03}, None),
     ("4x budget (240 iterations)", "sa_ac", {"critic": "residual", "iterations": 240}, None),
     ("DDPO-IS (tuned: lr 0.01, clip 0.1)", "ddpo_is", {}, None),
     # the baseline's tuning, same effort as the sa_ac rows above (5 settings around its defaults)
-    ("DDPO-IS lr 0.003", "ddpo_is", {"lr": 0.003}, None),
-    ("DDPO-IS lr 0.03", "ddpo_is", {"lr": 0.03}, None),
+    ("DDPO-IS lr 0.003", "ddpo_is", {"learning_rate": 0.003}, None),
+    ("DDPO-IS lr 0.03", "ddpo_is", {"learning_rate": 0.03}, None),
     ("DDPO-IS clip 0.05", "ddpo_is", {"clip_range": 0.05}, None),
     ("DDPO-IS clip 0.2", "ddpo_is", {"clip_range": 0.2}, None),
-    ("DDPO-IS 8 PPO epochs", "ddpo_is", {"epochs": 8}, None),
+    ("DDPO-IS 8 PPO epochs", "ddpo_is", {"num_inner_epochs": 8}, None),
 ]
 
 

@@ -26,10 +26,10 @@ COLORS = {"sa_ac": "C0", "ddpo_sf": "C1", "ddpo_is": "C2", "dpok": "C3"}
 #: actor-critic's critic and the baselines' settings come from one tuning grid of equal size per method on the LQ
 #: toy (benchmarks/ablation_lq.py): sa_ac's residual critic seeing x0_hat; DDPO-IS's defaults were best of its grid
 METHOD_OVERRIDES = {
-    "sa_ac": {"lr": 0.01, "lr_schedule": "cosine", "critic": "residual", "critic_x0_input": True},
-    "ddpo_sf": {"lr": 0.01, "lr_schedule": "cosine"},
-    "ddpo_is": {"lr": 0.01, "lr_schedule": "cosine", "clip_range": 0.1},
-    "dpok": {"lr": 0.01, "lr_schedule": "cosine"},
+    "sa_ac": {"learning_rate": 0.01, "lr_schedule": "cosine", "critic": "residual", "critic_x0_input": True},
+    "ddpo_sf": {"learning_rate": 0.01, "lr_schedule": "cosine"},
+    "ddpo_is": {"learning_rate": 0.01, "lr_schedule": "cosine", "clip_range": 0.1},
+    "dpok": {"learning_rate": 0.01, "lr_schedule": "cosine"},
 }
 
 #: the continuous-time AC on the Gaussian mixture (figure 6, bench_queries): residual MLP policy, 8 actor
@@ -38,7 +38,8 @@ METHOD_OVERRIDES = {
 #: Costate at the left point ('critic'): on the mixture it measured closer to the tilted law than the chain-consistent
 #: 'critic_next' (small-mode weight 0.075 against 0.099, exact 0.068; benchmarks/README.md, "The actor and its
 #: critic on the mixture")
-GMM_SA_AC = {"lr": 0.01, "lr_schedule": "cosine", "epochs": 8, "kl_penalty": 0.1, "critic": "residual",
+GMM_SA_AC = {"learning_rate": 0.01, "lr_schedule": "cosine", "num_inner_epochs": 8, "kl_penalty": 0.1,
+             "critic": "residual",
              "critic_x0_input": True, "value_lr_schedule": "cosine", "final_distill_steps": 4000,
              "costate": "critic"}
 #: GMM_SA_AC at the reduced size of the figure tests (``quick``): a token distillation

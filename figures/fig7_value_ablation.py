@@ -41,7 +41,8 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
     res = {}
     for critic in CRITICS:
         s = build("sa_ac", "gauss2d", {"progress": False, "policy": "affine", "pieces": 4, "iterations": its,
-                                       "batch_size": B, "lr": 0.01, "lr_schedule": "cosine", "critic": critic})
+                                       "batch_size": B, "learning_rate": 0.01, "lr_schedule": "cosine",
+                                       "critic": critic})
         q, J, err = [], [], []
         for i in range(evals):
             s.trainer.train(until=int(round(its * (i + 1) / evals)))

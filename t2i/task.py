@@ -239,8 +239,8 @@ class ImageTask(CheckpointMixin):
         # trainable steps: the stochastic ones (a deterministic step, e.g. a flow model's ODE step from t = 1,
         # has no log-prob and no KL); the sum over them is kept unbiased by steps_scale
         live = tuple(k for k in range(batch.num_steps) if self.kernel.stochastic[k])
-        plan = UpdatePlan(inner_epochs=t.num_inner_epochs, minibatch_size=t.batch_size,
-                          grad_accum=t.gradient_accumulation_steps, live_steps=live,
+        plan = UpdatePlan(num_inner_epochs=t.num_inner_epochs, minibatch_size=t.batch_size,
+                          gradient_accumulation_steps=t.gradient_accumulation_steps, live_steps=live,
                           steps_per_minibatch=max(1, int(round(len(live) * t.timestep_fraction))),
                           steps_per_backward=1, shuffle=True,
                           early_stop_path_kl=t.early_stop_path_kl if t.method == "sa_ac" else 0.0)

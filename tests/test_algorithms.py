@@ -36,12 +36,28 @@ def _params(trainer):
 
 
 # ------------------------------------------------------------------------------------------ configs / CLI
+def test_renamed_config_fields_are_refused_naming_the_image_name_and_load_from_old_dicts():
+    from sa_theory.algorithms.config import RENAMED
+
+    for old, new in RENAMED.items():
+        with pytest.raises(KeyError, match=f"{old!r} was renamed to {new!r}"):
+            override(SAACConfig(), {old: "2"})
+    cfg = from_dict({"algo": "sa_ac", "lr": 0.5, "epochs": 3, "grad_accum": 2, "adam_eps": 1e-6})
+    assert (cfg.learning_rate, cfg.num_inner_epochs, cfg.gradient_accumulation_steps, cfg.adam_epsilon) == \
+        (0.5, 3, 2, 1e-6)
+    from t2i.config import Config  # the image names are the same fields' names
+
+    train = {f.name for f in dataclasses.fields(type(Config().train))}
+    assert set(RENAMED.values()) <= train
+
+
 def test_config_override_converts_types_and_names_unknown_fields():
-    cfg = override(SAACConfig(), {"lr": "3e-3", "sampler_steps": "25", "progress": "false", "max_path_kl": "0.5"})
-    assert (cfg.lr, cfg.sampler_steps, cfg.progress, cfg.max_path_kl) == (3e-3, 25, False, 0.5)
+    cfg = override(SAACConfig(), {"learning_rate": "3e-3", "sampler_steps": "25", "progress": "false",
+                                  "max_path_kl": "0.5"})
+    assert (cfg.learning_rate, cfg.sampler_steps, cfg.progress, cfg.max_path_kl) == (3e-3, 25, False, 0.5)
     assert override(cfg, {"max_path_kl": "none"}).max_path_kl is None
-    with pytest.raises(KeyError, match="'learning_rate'"):
-        override(SAACConfig(), {"learning_rate": 1.0})
+    with pytest.raises(KeyError, match="'learning_rte'"):
+        override(SAACConfig(), {"learning_rte": 1.0})
     with pytest.raises(ValueError, match="'sampler_steps'"):
         override(SAACConfig(), {"sampler_steps": "2.5"})
     with pytest.raises(ValueError, match="'progress'"):
@@ -174,7 +190,8 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 @pytest.mark.parametrize("algo,extra", [
     ("sa_ac", {"tau_subset": 4, "lr_schedule": "cosine", "beta_schedule": "linear", "beta_warmup": 3,
-               "grad_accum": 2, "critic": "residual", "critic_x0_input": True, "value_lr_schedule": "cosine",
+               "gradient_accumulation_steps": 2, "critic": "residual", "critic_x0_input": True,
+               "value_lr_schedule": "cosine",
                "final_distill_steps": 5, "final_distill_paths": 40}),
     ("ddpo_is", {"lr_warmup": 2}),
     ("dpok", {}),
@@ -227,7 +244,7 @@ def lg_problem():
 
 def _train_lg(iterations, pieces, batch_size=128, lr=0.02, seed=0, problem="gauss2d"):
     s = build("sa_ac", problem, {**FAST, "policy": "affine", "pieces": pieces, "iterations": iterations,
-                                 "batch_size": batch_size, "lr": lr, "lr_schedule": "cosine", "seed": seed})
+                                 "batch_size": batch_size, "learning_rate": lr, "lr_schedule": "cosine", "seed": seed})
     s.trainer.train()
     return s
 
@@ -294,7 +311,7 @@ def _gmm_check(s, n=8192, steps=None, policy=None):
 
 @pytest.mark.slow
 def test_residual_mlp_policy_reaches_the_unrestricted_optimum_on_a_2d_gaussian():
-    s = build("sa_ac", "gauss2d", {**FAST, "iterations": 300, "batch_size": 256, "lr": 3e-3,
+    s = build("sa_ac", "gauss2d", {**FAST, "iterations": 300, "batch_size": 256, "learning_rate": 3e-3,
                                    "lr_schedule": "cosine", "sampler_steps": 50})
     s.trainer.train()
     ev = s.evaluate(steps=200, n_paths=16384)
@@ -312,8 +329,9 @@ def test_actor_with_exact_costates_reaches_the_tilted_mixture():
     test) but the actor network lags it (small-mode weight 0.073-0.080 over seeds and critic settings) until it is
     distilled onto that greedy policy at the end (``final_distill_steps``); with
     the sampled pathwise costates (``costate='pathwise'``, the N-step chain's gradient) 0.092-0.098."""
-    s = build("sa_ac", "gmm2d", {**FAST, "iterations": 300, "batch_size": 256, "sampler_steps": 20, "lr": 1e-2,
-                                 "lr_schedule": "cosine", "epochs": 8, "kl_penalty": 0.1, "critic": "tweedie"})
+    s = build("sa_ac", "gmm2d", {**FAST, "iterations": 300, "batch_size": 256, "sampler_steps": 20,
+                                 "learning_rate": 1e-2, "lr_schedule": "cosine", "num_inner_epochs": 8,
+                                 "kl_penalty": 0.1, "critic": "tweedie"})
     prob = s.prob
     pre, opt = prob.action_fns()
 

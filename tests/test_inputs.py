@@ -48,11 +48,12 @@ def test_toy_reward_with_inf_is_an_error_naming_the_reward():
 
 # ---------------------------------------------------------------------------------------------- toy configs
 @pytest.mark.parametrize("algo,field,value", [
-    ("sa_ac", "epochs", 0), ("sa_ac", "iterations", 0), ("sa_ac", "max_path_kl", -1.0), ("sa_ac", "max_path_kl", 0.0),
-    ("sa_ac", "batch_size", 0), ("sa_ac", "lr", 0.0), ("sa_ac", "lr", float("nan")), ("sa_ac", "beta", -1.0),
+    ("sa_ac", "num_inner_epochs", 0), ("sa_ac", "iterations", 0), ("sa_ac", "max_path_kl", -1.0),
+    ("sa_ac", "max_path_kl", 0.0), ("sa_ac", "batch_size", 0), ("sa_ac", "learning_rate", 0.0),
+    ("sa_ac", "learning_rate", float("nan")), ("sa_ac", "beta", -1.0),
     ("sa_ac", "log_every", 0), ("sa_ac", "checkpoint_every", -2), ("sa_ac", "value_epochs", 0),
     ("sa_ac", "tau_subset", 6), ("sa_ac", "kl_penalty", float("inf")), ("sa_ac", "beta_schedule", "cosine"),
-    ("sa_ac", "dtype", "float16"), ("ddpo_is", "clip_range", 0.0), ("ddpo_is", "epochs", 0),
+    ("sa_ac", "dtype", "float16"), ("ddpo_is", "clip_range", 0.0), ("ddpo_is", "num_inner_epochs", 0),
     ("dpok", "value_lr", -1e-3), ("sa_ac", "eval_paths", 1), ("sa_ac", "pieces", 0), ("sa_ac", "problem", "gauss3d"),
 ])
 def test_noop_or_contradictory_toy_settings_are_rejected_naming_the_field(algo, field, value):
@@ -61,14 +62,17 @@ def test_noop_or_contradictory_toy_settings_are_rejected_naming_the_field(algo, 
 
 
 def test_sa_toy_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
-    for args, needle in ((["--epochs", "0"], "'epochs'"), (["--max_path_kl", "-1"], "'max_path_kl'"),
-                         (["--no_such_knob", "1"], "no_such_knob"), (["--lr", "fast"], "'lr'"),
-                         (["stray"], "stray"), (["--set", "lr"], "--set")):
+    for args, needle in ((["--num_inner_epochs", "0"], "'num_inner_epochs'"),
+                         (["--max_path_kl", "-1"], "'max_path_kl'"),
+                         (["--no_such_knob", "1"], "no_such_knob"), (["--learning_rate", "fast"], "'learning_rate'"),
+                         (["stray"], "stray"), (["--set", "learning_rate"], "--set")):
         assert toy_main(["train", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1 and "Traceback" not in err
-    with pytest.raises(ValueError, match="'epochs'"):
-        toy_main(["train", "--epochs", "0", "--debug"])
+    with pytest.raises(ValueError, match="'num_inner_epochs'"):
+        toy_main(["train", "--num_inner_epochs", "0", "--debug"])
+    assert toy_main(["train", "--epochs", "2"]) == 2  # the old toy name: refused, naming the new one
+    assert "'epochs' was renamed to 'num_inner_epochs'" in capsys.readouterr().err
 
 
 def test_sa_toy_out_that_is_a_file_fails_before_anything_is_built(tmp_path, capsys, monkeypatch):
@@ -103,7 +107,7 @@ def test_gap_closed_of_an_untrained_policy_is_zero_comparing_like_with_like(prob
 
 
 def test_gap_closed_after_training_has_a_standard_error_and_moves_towards_one():
-    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 20, "lr": 0.01, "eval_paths": 1024})
+    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 20, "learning_rate": 0.01, "eval_paths": 1024})
     s.trainer.train()
     gap = s.gap_closed()
     assert 0 < gap["fraction_se"] < 0.1

@@ -198,7 +198,8 @@ def test_sa_toy_resume_refuses_other_settings_naming_them_and_reports_allowed_ch
     assert toy_main([*base, "--problem", "gauss2d", "--steps", "2"]) == 0
     before = snapshot(out)
     capsys.readouterr()
-    for extra, field in ((["--problem", "gmm2d"], "toy.problem"), (["--problem", "gauss2d", "--lr", "0.5"], "lr"),
+    for extra, field in ((["--problem", "gmm2d"], "toy.problem"),
+                         (["--problem", "gauss2d", "--learning_rate", "0.5"], "learning_rate"),
                          (["--problem", "gauss2d", "--policy", "affine"], "toy.policy")):
         assert toy_main([*base, *extra, "--steps", "3", "--resume"]) == 2
         err = capsys.readouterr().err

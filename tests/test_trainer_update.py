@@ -10,7 +10,12 @@ import itertools
 import pytest
 import torch
 
-from sa_theory.algorithms import Trainer, UpdatePlan
+from sa_theory.algorithms import Trainer
+from sa_theory.algorithms import UpdatePlan as _Plan
+
+
+def UpdatePlan(accum=1, **kw):  # noqa: N802  (the plan, with a short name for gradient_accumulation_steps)
+    return _Plan(gradient_accumulation_steps=accum, **kw)
 
 C = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.25], dtype=torch.float64)  # per-step coefficients c_k
 
@@ -79,7 +84,7 @@ def _run(plan, B=8, kl=0.0, seed=0):
 
 
 def test_each_update_is_the_mean_over_its_minibatches_of_the_full_step_sum():
-    plan = UpdatePlan(inner_epochs=2, minibatch_size=2, grad_accum=2, live_steps=tuple(range(5)),
+    plan = UpdatePlan(num_inner_epochs=2, minibatch_size=2, accum=2, live_steps=tuple(range(5)),
                       steps_per_minibatch=5, steps_per_backward=1)
     task, method, out, x = _run(plan)
     assert out["updates"] == 4 and not out["early_stopped"] and len(task.grads) == 4
@@ -94,7 +99,7 @@ def test_each_update_is_the_mean_over_its_minibatches_of_the_full_step_sum():
 
 
 def test_all_steps_in_one_backward_give_the_same_gradient():
-    kw = dict(inner_epochs=1, minibatch_size=4, grad_accum=2, live_steps=tuple(range(5)), steps_per_minibatch=5)
+    kw = dict(num_inner_epochs=1, minibatch_size=4, accum=2, live_steps=tuple(range(5)), steps_per_minibatch=5)
     one = _run(UpdatePlan(**kw, steps_per_backward=1))[0].grads
     task, method, _, _ = _run(UpdatePlan(**kw, steps_per_backward=0))
     assert task.grads == pytest.approx(one, rel=1e-14)
@@ -103,7 +108,7 @@ def test_all_steps_in_one_backward_give_the_same_gradient():
 
 def test_step_subsets_are_random_sorted_and_rescaled_so_the_update_is_unbiased():
     live = (0, 2, 3, 4)  # step 1 deterministic
-    plan = UpdatePlan(inner_epochs=1, minibatch_size=1, grad_accum=1, live_steps=live, steps_per_minibatch=2)
+    plan = UpdatePlan(num_inner_epochs=1, minibatch_size=1, accum=1, live_steps=live, steps_per_minibatch=2)
     task, method, _, x = _run(plan, B=600)
     assert method.steps_scale == 2.0
     subsets = [tuple(ks) for _, ks in method.calls]
@@ -120,7 +125,7 @@ def test_step_subsets_are_random_sorted_and_rescaled_so_the_update_is_unbiased()
 
 
 def test_shuffled_passes_cover_every_path_once():
-    plan = UpdatePlan(inner_epochs=3, minibatch_size=3, grad_accum=1, live_steps=(0,), steps_per_minibatch=1,
+    plan = UpdatePlan(num_inner_epochs=3, minibatch_size=3, accum=1, live_steps=(0,), steps_per_minibatch=1,
                       shuffle=True)
     _, method, out, x = _run(plan, B=9)
     seen = [sub for sub, _ in method.calls]
@@ -130,7 +135,7 @@ def test_shuffled_passes_cover_every_path_once():
 
 
 def test_early_stop_on_the_path_kl_to_the_old_policy():
-    kw = dict(inner_epochs=2, minibatch_size=2, grad_accum=1, live_steps=(0, 1), steps_per_minibatch=2)
+    kw = dict(num_inner_epochs=2, minibatch_size=2, accum=1, live_steps=(0, 1), steps_per_minibatch=2)
     _, _, out, _ = _run(UpdatePlan(**kw, early_stop_path_kl=0.5), kl=1.0)
     assert out["updates"] == 1 and out["early_stopped"]
     _, _, out, _ = _run(UpdatePlan(**kw, early_stop_path_kl=0.5), kl=0.1)
@@ -140,14 +145,15 @@ def test_early_stop_on_the_path_kl_to_the_old_policy():
 def test_a_step_count_outside_the_trainable_steps_is_refused():
     for n in (0, 3):
         with pytest.raises(ValueError, match="steps_per_minibatch"):
-            _run(UpdatePlan(inner_epochs=1, minibatch_size=2, grad_accum=1, live_steps=(0, 1),
+            _run(UpdatePlan(num_inner_epochs=1, minibatch_size=2, accum=1, live_steps=(0, 1),
                             steps_per_minibatch=n))
 
 
 def test_a_bad_plan_is_refused_naming_the_field():
-    ok = dict(inner_epochs=1, minibatch_size=2, grad_accum=1, live_steps=(0,), steps_per_minibatch=1)
-    for field, bad in (("inner_epochs", 0), ("minibatch_size", 0), ("grad_accum", -1), ("steps_per_backward", -1)):
-        with pytest.raises(ValueError, match=f"UpdatePlan.{field}"):
+    ok = dict(num_inner_epochs=1, minibatch_size=2, accum=1, live_steps=(0,), steps_per_minibatch=1)
+    for field, bad in (("num_inner_epochs", 0), ("minibatch_size", 0), ("accum", -1), ("steps_per_backward", -1)):
+        name = "gradient_accumulation_steps" if field == "accum" else field
+        with pytest.raises(ValueError, match=f"UpdatePlan.{name}"):
             UpdatePlan(**{**ok, field: bad})
     with pytest.raises(ValueError, match="live_steps"):
         UpdatePlan(**{**ok, "live_steps": ()})

@@ -1,6 +1,6 @@
 """``sa-toy``: train and evaluate on the toy problems from the command line.
 
-    sa-toy train --algo sa_ac --problem gauss2d --iterations 50 --lr 3e-3 --out runs/ac
+    sa-toy train --algo sa_ac --problem gauss2d --iterations 50 --learning_rate 3e-3 --out runs/ac
     sa-toy train --algo ddpo_is --problem gmm2d --set clip_range=0.05 --set sampler_steps=25
     sa-toy train --algo sa_ac --out runs/ac --resume          # continue a killed / interrupted run exactly
     sa-toy train --algo sa_ac --out runs/ac --overwrite       # replace the run in runs/ac
@@ -40,7 +40,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.p
 
 
 def parse_overrides(rest: list[str]) -> dict[str, str]:
-    """``["--lr", "1e-3", "--set", "beta=2", "--progress=false"]`` -> ``{"lr": "1e-3", "beta": "2", ...}``."""
+    """``["--learning_rate", "1e-3", "--set", "beta=2", "--progress=false"]``
+    -> ``{"learning_rate": "1e-3", "beta": "2", ...}``."""
     return _parse_overrides(rest, aliases=_ALIASES)
 
 

@@ -36,7 +36,7 @@ from sa_theory.algorithms import (
     seed_everything,
     validate,
 )
-from sa_theory.algorithms.config import _f
+from sa_theory.algorithms.config import RENAMED, _f
 from sa_theory.schedules import ConstantOU, VPLinear
 from sa_theory.sde import ControlledSDE
 from sa_theory.value import MLPValue, ResidualValue, TweedieValue
@@ -115,7 +115,7 @@ def split_overrides(algo: str, overrides: dict[str, Any]) -> tuple[TrainConfig, 
     a, t = {}, {}
     for k, v in overrides.items():
         kk = k.replace("-", "_")
-        if kk in cfg_names:
+        if kk in cfg_names or kk in RENAMED:  # a renamed field: override() names its new name
             a[kk] = v
         elif kk in toy_names:
             t[kk] = v

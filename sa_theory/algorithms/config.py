@@ -1,12 +1,12 @@
 r"""Typed, documented training configs (ddpo-pytorch ergonomics) and ``key=value`` overrides.
 
 Every field of every config carries a one-line ``help`` in its metadata; :func:`describe` prints them.
-Overrides come from a command line (``--lr 1e-3``, ``--set lr=1e-3``) or a dict; an unknown key raises
-``KeyError`` naming it, and values are converted to the field's declared type (``"none"`` gives
+Overrides come from a command line (``--learning_rate 1e-3``, ``--set learning_rate=1e-3``) or a dict; an unknown
+key raises ``KeyError`` naming it, and values are converted to the field's declared type (``"none"`` gives
 ``None`` for optional fields, booleans accept ``true/false/1/0/yes/no``).
 
->>> cfg = override(SAACConfig(), {"lr": "3e-3", "sampler_steps": "25"})
->>> cfg.lr, cfg.sampler_steps
+>>> cfg = override(SAACConfig(), {"learning_rate": "3e-3", "sampler_steps": "25"})
+>>> cfg.learning_rate, cfg.sampler_steps
 (0.003, 25)
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 __all__ = ["TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
            "override", "describe", "to_dict", "from_dict", "convert_value", "validate", "parse_overrides",
-           "resume_changes", "RESUME_MUTABLE"]
+           "resume_changes", "RESUME_MUTABLE", "RENAMED"]
 
 
 def _f(default: Any, help: str, **kw):
@@ -37,7 +37,8 @@ class TrainConfig:
     seed: int = _f(0, "seed of every random draw (rollouts, subsets, initialisation); same seed = same run")
     iterations: int = _f(200, "training iterations; each rolls out batch_size paths (= batch_size reward queries)")
     batch_size: int = _f(256, "paths rolled out per iteration (reward queries per iteration)")
-    grad_accum: int = _f(1, "split each gradient step's paths into this many micro-batches (gradient accumulation)")
+    gradient_accumulation_steps: int = _f(1, "minibatches per optimizer update: each update's batch_size paths are "
+                                             "split into this many (as train.gradient_accumulation_steps on images)")
     # -- sampler ---------------------------------------------------------------------------------
     sampler_steps: int = _f(50, "number N of sampler steps of each training rollout (uniform grid on [0, T])")
     solver: str = _f("euler", "training solver: native 'euler' | 'heun', or torchsde 'tsde_euler' | 'milstein' | 'srk'")
@@ -47,10 +48,10 @@ class TrainConfig:
     beta_start: float = _f(0.0, "beta at iteration 0 when beta_schedule='linear'")
     beta_warmup: int = _f(0, "iterations of the linear beta ramp")
     # -- optimisation ----------------------------------------------------------------------------
-    lr: float = _f(1e-3, "Adam learning rate of the policy")
+    learning_rate: float = _f(1e-3, "Adam learning rate of the policy")
     lr_schedule: str = _f("constant", "learning-rate schedule: 'constant' | 'linear' (decay to 0) | 'cosine'")
     lr_warmup: int = _f(0, "iterations of linear learning-rate warm-up")
-    adam_eps: float = _f(1e-8, "Adam epsilon")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon")
     max_grad_norm: float = _f(10.0, "clip the policy gradient's global norm to this (<= 0: no clipping)")
     # -- logging / evaluation / checkpoints ------------------------------------------------------
     log_every: int = _f(1, "write a JSONL metrics record every this many iterations")
@@ -72,7 +73,7 @@ class TrainConfig:
 class SAACConfig(TrainConfig):
     """Continuous-time actor-critic ('sa_ac'): value learning + trust-region Hamiltonian surrogate (R4, R7-R9)."""
 
-    epochs: int = _f(4, "actor epochs (gradient steps) per rollout batch on the trust-region surrogate")
+    num_inner_epochs: int = _f(4, "passes (optimizer updates) over each rollout batch on the trust-region surrogate")
     kl_penalty: float = _f(1.0, "weight of the path KL(P^theta' || P^theta_old) penalty in the surrogate (R8)")
     max_path_kl: float | None = _f(None, "clip: paths whose KL to the old policy exceeds this give no gradient")
     tau_subset: int = _f(0, "actor: use a random subset of this many grid times per epoch (0: the full grid)")
@@ -111,7 +112,6 @@ class DDPOSFConfig(TrainConfig):
     algorithm optimises the same J (DDPO itself has no KL: set beta=0 for the original)."""
 
     normalize_advantages: bool = _f(True, "standardise the per-path returns over the batch (DDPO's normalisation)")
-    lr: float = _f(1e-3, "Adam learning rate of the policy")
     algo = "ddpo_sf"
 
 
@@ -119,7 +119,7 @@ class DDPOSFConfig(TrainConfig):
 class DDPOISConfig(TrainConfig):
     """DDPO-IS: PPO-clip on per-step likelihood ratios with a fixed clip range (KL in the return, see SF)."""
 
-    epochs: int = _f(4, "PPO epochs (gradient steps) per rollout batch")
+    num_inner_epochs: int = _f(4, "PPO passes (optimizer updates) over each rollout batch")
     clip_range: float = _f(0.1, "fixed per-step ratio clip range (an N-dependent trust region, theory.md R8)")
     normalize_advantages: bool = _f(True, "standardise the per-path returns over the batch")
     algo = "ddpo_is"
@@ -182,10 +182,17 @@ def convert_value(name: str, typ: Any, value: Any) -> Any:
     return value
 
 
+#: renamed fields, old name -> new name: the names the image configs use for the same quantities (``t2i.config``'s
+#: ``train.*``); old checkpoints load under the new names, an override with an old name is refused naming the new one
+RENAMED = {"lr": "learning_rate", "adam_eps": "adam_epsilon", "grad_accum": "gradient_accumulation_steps",
+           "epochs": "num_inner_epochs"}
+
+
 def override(cfg, updates: dict[str, Any] | None = None, **kw):
     """A copy of ``cfg`` with fields replaced (values converted to the declared types).
 
-    Unknown keys raise ``KeyError`` naming them and listing the valid fields.
+    Unknown keys raise ``KeyError`` naming them and listing the valid fields; a renamed one (:data:`RENAMED`)
+    raises ``KeyError`` naming its new name.
     """
     updates = {**(updates or {}), **kw}
     types_ = _field_types(type(cfg))
@@ -193,6 +200,8 @@ def override(cfg, updates: dict[str, Any] | None = None, **kw):
     new = {}
     for key, value in updates.items():
         k = key.replace("-", "_")
+        if k in RENAMED:
+            raise KeyError(f"config field {key!r} was renamed to {RENAMED[k]!r} (the name image configs use)")
         if k not in names:
             raise KeyError(f"unknown config field {key!r} for {type(cfg).__name__}; valid fields: {sorted(names)}")
         new[k] = convert_value(k, types_[k], value)
@@ -205,8 +214,8 @@ def to_dict(cfg) -> dict[str, Any]:
 
 
 def from_dict(d: dict[str, Any]):
-    """Inverse of :func:`to_dict`."""
-    d = dict(d)
+    """Inverse of :func:`to_dict` (a dict with old names, :data:`RENAMED`, loads under the new ones)."""
+    d = {RENAMED.get(k, k): v for k, v in d.items()}
     cls = CONFIGS[d.pop("algo")]
     return override(cls(), d)
 
@@ -239,20 +248,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, name)
         return v is not None and math.isfinite(v)
 
-    for name in ("iterations", "batch_size", "sampler_steps", "grad_accum", "log_every"):
+    for name in ("iterations", "batch_size", "sampler_steps", "gradient_accumulation_steps", "log_every"):
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
     for name in ("eval_every", "beta_warmup", "lr_warmup"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
     need(cfg.checkpoint_every >= -1, "checkpoint_every", "must be >= 1, 0 (auto) or -1 (only at the end)")
     for name in ("beta", "beta_start"):
         need(finite(name) and getattr(cfg, name) >= 0, name, "must be finite and >= 0")
-    for name in ("lr", "adam_eps"):
+    for name in ("learning_rate", "adam_epsilon"):
         need(finite(name) and getattr(cfg, name) > 0, name, "must be finite and > 0")
     need(finite("max_grad_norm"), "max_grad_norm", "must be finite (<= 0: no clipping)")
     need(cfg.beta_schedule in ("constant", "linear"), "beta_schedule", "must be 'constant' or 'linear'")
     need(cfg.dtype in ("float32", "float64"), "dtype", "must be 'float32' or 'float64'")
     names = {f.name for f in dataclasses.fields(cfg)}
-    for name in ("epochs", "value_epochs", "value_batch"):
+    for name in ("num_inner_epochs", "value_epochs", "value_batch"):
         if name in names:
             need(getattr(cfg, name) >= 1, name, "must be >= 1 (0 makes the update a no-op)")
     for name in ("kl_penalty", "lr_coef"):

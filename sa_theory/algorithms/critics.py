@@ -17,7 +17,7 @@ for ``dpok`` (its value baseline); ``ddpo_sf`` / ``ddpo_is`` have none.
    Tweedie, residual, R10). ``value_lr_schedule`` decays the critic's step size.
 3. **costate**: :math:`p_k = \nabla_y V_\psi(\tau_k, Y_k)` by autograd through the critic, on the OLD
    states (detached from here on).
-4. **actor** (``epochs`` steps, R8): maximise the trust-region surrogate
+4. **actor** (``num_inner_epochs`` steps, R8): maximise the trust-region surrogate
    :math:`\sum_k d\tau\,[H(\tau_k, Y_k, \mu_\theta, p_k) - H(\tau_k, Y_k, \mu_{\theta_\text{old}}, p_k)]
    - c\,KL(P^\theta\|P^{\theta_\text{old}})` with
    :math:`H(a) = g^2 a\cdot p - \frac{\beta g^2}{2}|a - s|^2 + \ldots`

@@ -78,7 +78,7 @@ def distill(trainer, target=None, steps: int | None = None, paths: int | None = 
     with torch.no_grad():
         before = float(distill_loss(trainer, *held_out).mean())
     trainer.policy.train()
-    opt = torch.optim.Adam([p for p in trainer.policy.parameters() if p.requires_grad], lr=lr, eps=cfg.adam_eps)
+    opt = torch.optim.Adam([p for p in trainer.policy.parameters() if p.requires_grad], lr=lr, eps=cfg.adam_epsilon)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", steps))
     bar = trainer.progress_bar(steps, "distil actor -> greedy")
     for _ in range(steps):

@@ -11,10 +11,10 @@ is the critic phase (:mod:`.critics`) and the options. An iteration ``i`` of the
 2. **reward** -- ``env.reward(Y_T, cond)``; a result that is not a ``(batch_size,)`` tensor raises ``ValueError``
    and a NaN/Inf ``FloatingPointError``, both naming the reward;
 3. **update** -- :meth:`ToyTask.prepare`: the critic phase (or DDPO's normalised return); then the trainer's
-   :meth:`~.trainer.Trainer.update`: ``epochs`` actor steps (one optimizer update each, the sum over ``grad_accum``
-   micro-batches in order, all grid times in one batched evaluation; ``tau_subset`` > 0: a random subset per
-   micro-batch, rescaled); after the last iteration's update, ``on_train_end()`` (``sa_ac``'s optional distillation
-   onto its critic's greedy policy);
+   :meth:`~.trainer.Trainer.update`: ``num_inner_epochs`` actor steps (one optimizer update each, the mean over
+   ``gradient_accumulation_steps`` minibatches in order, all grid times in one batched evaluation; ``tau_subset``
+   > 0: a random subset per minibatch, rescaled); after the last iteration's update, ``on_train_end()``
+   (``sa_ac``'s optional distillation onto its critic's greedy policy);
 4. **log** -- a JSONL record with ``iteration``, ``queries``, ``reward``, ``path_kl``, ``objective``
    (``reward - beta * path_kl`` on the batch), ``grad_norm``, ``lr``, ``beta`` and the algorithm's own;
 5. **checkpoint** -- atomically with a SHA-256, keeping the previous one, every ``checkpoint_every`` iterations
@@ -77,15 +77,16 @@ class ToyTask(CheckpointMixin):
             raise ValueError(f"training solver must be one of {[k for k, v in SOLVERS.items() if not v[2]]}, "
                              f"got {cfg.solver!r} (the ODE is for evaluation)")
         validate(cfg)
-        if cfg.batch_size % cfg.grad_accum:
-            raise ValueError(f"'batch_size' ({cfg.batch_size}) must be divisible by 'grad_accum' ({cfg.grad_accum})")
+        if cfg.batch_size % cfg.gradient_accumulation_steps:
+            raise ValueError(f"'batch_size' ({cfg.batch_size}) must be divisible by 'gradient_accumulation_steps' "
+                             f"({cfg.gradient_accumulation_steps})")
         self.cfg, self.env, self.policy, self.value, self.evaluator = cfg, env, policy, value, evaluator
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         self.policy.to(self.dtype)
         if self.value is not None:
             self.value.to(self.dtype)
         params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+        self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_schedule, cfg.iterations, cfg.lr_warmup))
         self.iteration = 0
@@ -114,7 +115,8 @@ class ToyTask(CheckpointMixin):
     def prepare(self, batch: Batch, generator: torch.Generator):
         """Step 3's first half (module docstring): the method on ``batch``, the critic phase or (DDPO) the method's
         return standardised over the batch when ``normalize_advantages``, and the trainer's :class:`UpdatePlan`:
-        ``epochs`` updates (one for DDPO-SF / DPOK) of ``grad_accum`` micro-batches in order, all grid times at once
+        ``num_inner_epochs`` updates (one for DDPO-SF / DPOK) of ``gradient_accumulation_steps`` minibatches in order,
+        all grid times at once
         (``tau_subset`` of them when > 0)."""
         cfg, beta = self.cfg, self.beta_at(self.iteration)
         N, B = batch.taus.numel() - 1, batch.batch_size
@@ -128,8 +130,9 @@ class ToyTask(CheckpointMixin):
                 ret = (ret - ret.mean()) / (ret.std() + 1e-8)
             metrics = method.prepare(rb, ret.detach())
         tau_subset = getattr(cfg, "tau_subset", 0)
-        plan = UpdatePlan(inner_epochs=getattr(cfg, "epochs", 1), minibatch_size=B // cfg.grad_accum,
-                          grad_accum=cfg.grad_accum, live_steps=tuple(range(N)),
+        plan = UpdatePlan(num_inner_epochs=getattr(cfg, "num_inner_epochs", 1),
+                          minibatch_size=B // cfg.gradient_accumulation_steps,
+                          gradient_accumulation_steps=cfg.gradient_accumulation_steps, live_steps=tuple(range(N)),
                           steps_per_minibatch=tau_subset if 0 < tau_subset < N else N)
         return method, rb, plan, metrics
 

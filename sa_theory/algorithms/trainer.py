@@ -44,11 +44,11 @@ __all__ = ["Trainer", "UpdatePlan"]
 class UpdatePlan:
     """How :meth:`Trainer.update` passes over one rollout batch.
 
-    inner_epochs: passes over the batch.
+    num_inner_epochs: passes over the batch.
     minibatch_size: paths per minibatch; the batch is split in order, or in a fresh random order per pass with
         ``shuffle``.
-    grad_accum: minibatches per optimizer update (each minibatch's loss is divided by the group's size, so an
-        update's gradient is the mean over its minibatches).
+    gradient_accumulation_steps: minibatches per optimizer update (each minibatch's loss is divided by the group's
+        size, so an update's gradient is the mean over its minibatches).
     live_steps: the trainable steps (the stochastic ones: a deterministic step has no log-prob and no KL).
     steps_per_minibatch: how many of them each minibatch trains on, a random subset drawn per minibatch (the draw
         is made even when all are used, so the random stream does not depend on the fraction); the loss is the
@@ -59,9 +59,9 @@ class UpdatePlan:
         processes) exceeds it (``sa_ac``'s trust region as an early stop).
     """
 
-    inner_epochs: int
+    num_inner_epochs: int
     minibatch_size: int
-    grad_accum: int
+    gradient_accumulation_steps: int
     live_steps: tuple[int, ...]
     steps_per_minibatch: int
     steps_per_backward: int = 0
@@ -69,7 +69,7 @@ class UpdatePlan:
     early_stop_path_kl: float = 0.0
 
     def __post_init__(self):
-        for name in ("inner_epochs", "minibatch_size", "grad_accum"):
+        for name in ("num_inner_epochs", "minibatch_size", "gradient_accumulation_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"UpdatePlan.{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.live_steps:
@@ -122,11 +122,11 @@ class Trainer:
         B = batch.batch_size
         sums: dict[str, float] = {}
         n_updates, stopped, parity = 0, False, 0.0
-        for epoch in range(plan.inner_epochs):
+        for epoch in range(plan.num_inner_epochs):
             order = torch.randperm(B, generator=generator) if plan.shuffle else torch.arange(B)
             minibatches = list(order.split(plan.minibatch_size))
-            for u in range(0, len(minibatches), plan.grad_accum):
-                group = minibatches[u:u + plan.grad_accum]
+            for u in range(0, len(minibatches), plan.gradient_accumulation_steps):
+                group = minibatches[u:u + plan.gradient_accumulation_steps]
                 steps = [sorted(live[j] for j in torch.randperm(len(live), generator=generator)[:n].tolist())
                          for _ in group]
                 per = plan.steps_per_backward or n

@@ -7,7 +7,7 @@ import os
 import sys
 
 from .checkpoint import load_newest_intact, previous_path, rewrite_jsonl, rng_state, save_rotating, set_rng_state
-from .config import resume_changes, to_dict
+from .config import RENAMED, resume_changes, to_dict
 
 __all__ = ["CheckpointMixin"]
 
@@ -74,7 +74,8 @@ class CheckpointMixin:
             return False
         if state is None:
             return False
-        saved = {"config": state["config"], **state.get("context", {})}
+        saved = {"config": {RENAMED.get(k, k): v for k, v in state["config"].items()},  # older names
+                 **state.get("context", {})}
         changes = resume_changes(saved, {"config": to_dict(self.cfg), **self.context})
         if state["iteration"] > self.cfg.iterations:
             raise ValueError(f"config field 'iterations' ({self.cfg.iterations}) is below the checkpoint's iteration "
