@@ -113,7 +113,8 @@ class TrainConfig:
     logprob_units: str = _f("sum", 'flow_grpo: "sum" (log-probs summed over dims, exact KL; ours) or "mean" '
                                    "(Flow-GRPO's per-dimension means and KL without 1/dt)")
     early_stop_path_kl: float = _f(0.0, "sa_ac: stop the epoch's updates once the mean path KL to the old policy "
-                                        "exceeds this (0 = off); the toys' max_path_kl is a per-path gradient mask")
+                                        "exceeds this (0 = off; the toys' early_stop_path_kl; their max_path_kl is "
+                                        "a per-path gradient mask)")
     clip_range: float = _f(1e-4, "ddpo_is: PPO clip range on per-step ratios of SUMMED log-probs")
     ratio_clamp: float = _f(1e-4, "dpok: per-step ratio clamped to [1 - c, 1 + c] (DPOK's 1e-4)")
     adv_clip_max: float = _f(5.0, "clamp advantages to [-c, c]")

@@ -451,3 +451,15 @@ def test_log_ratio_value_targets_are_unbiased_and_nearly_deterministic_at_the_op
     assert np.all(bad > 0.5), bad
     with pytest.raises(ValueError, match="mc_cv"):
         build("sa_ac", "gauss2d", {**FAST, "value_loss": "mc_cv", "solver": "heun"})
+
+
+def test_toy_early_stop_on_the_path_kl_to_the_old_policy_cuts_the_actor_updates():
+    """``early_stop_path_kl`` (the images' trust-region early stop) on a toy: the first update of an iteration is at
+    the sampling policy (KL to old 0), so with a tiny threshold every iteration stops after its second of four."""
+    over = {**FAST, "iterations": 2, "num_inner_epochs": 4, "batch_size": 16, "sampler_steps": 5}
+    hist = build("sa_ac", "gauss2d", {**over, "early_stop_path_kl": 1e-12}).trainer.train()
+    assert [(h["updates"], h["early_stopped"]) for h in hist] == [(2, True), (2, True)]
+    hist = build("sa_ac", "gauss2d", over).trainer.train()
+    assert [(h["updates"], h["early_stopped"]) for h in hist] == [(4, False), (4, False)]
+    with pytest.raises(ValueError, match="early_stop_path_kl"):
+        build("sa_ac", "gauss2d", {**over, "early_stop_path_kl": -1.0})

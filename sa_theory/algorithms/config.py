@@ -76,6 +76,8 @@ class SAACConfig(TrainConfig):
     num_inner_epochs: int = _f(4, "passes (optimizer updates) over each rollout batch on the trust-region surrogate")
     kl_penalty: float = _f(1.0, "weight of the path KL(P^theta' || P^theta_old) penalty in the surrogate (R8)")
     max_path_kl: float | None = _f(None, "clip: paths whose KL to the old policy exceeds this give no gradient")
+    early_stop_path_kl: float = _f(0.0, "stop the iteration's actor updates once an update's mean path KL to the old "
+                                        "policy exceeds this (0: off; as train.early_stop_path_kl on images)")
     tau_subset: int = _f(0, "actor: use a random subset of this many grid times per epoch (0: the full grid)")
     value_loss: str = _f("mc", "critic loss: 'mc' (regression on R - beta sum_{j>=k} l_j) | 'mc_cv' (on R - beta "
                                "sum_{j>=k} log(pi/pi_pre)(Y_{j+1}|Y_j): same mean, less variance near the optimum; "
@@ -270,6 +272,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("value_lr", "clip_range"):
         if name in names:
             need(finite(name) and getattr(cfg, name) > 0, name, "must be finite and > 0")
+    if "early_stop_path_kl" in names:
+        need(finite("early_stop_path_kl") and cfg.early_stop_path_kl >= 0, "early_stop_path_kl",
+             "must be finite and >= 0 (0: off)")
     if "max_path_kl" in names and cfg.max_path_kl is not None:
         need(finite("max_path_kl") and cfg.max_path_kl > 0, "max_path_kl", "must be > 0 (or none: no clip)")
     if "tau_subset" in names:

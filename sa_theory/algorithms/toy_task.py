@@ -133,7 +133,8 @@ class ToyTask(CheckpointMixin):
         plan = UpdatePlan(num_inner_epochs=getattr(cfg, "num_inner_epochs", 1),
                           minibatch_size=B // cfg.gradient_accumulation_steps,
                           gradient_accumulation_steps=cfg.gradient_accumulation_steps, live_steps=tuple(range(N)),
-                          steps_per_minibatch=tau_subset if 0 < tau_subset < N else N)
+                          steps_per_minibatch=tau_subset if 0 < tau_subset < N else N,
+                          early_stop_path_kl=getattr(cfg, "early_stop_path_kl", 0.0))
         return method, rb, plan, metrics
 
     # ------------------------------------------------------------------ the runtime of the update (one process)
@@ -310,7 +311,7 @@ class ToyTask(CheckpointMixin):
         self.scheduler.step()
         self.iteration += 1
         self.queries += batch.batch_size
-        metrics = {**metrics, **{k: v for k, v in updated.items() if k not in ("loss", "updates", "early_stopped")}}
+        metrics = {**metrics, **{k: v for k, v in updated.items() if k != "loss"}}
         if self.iteration == cfg.iterations:
             metrics = {**metrics, **self.on_train_end()}
         rec = {"iteration": self.iteration, "queries": self.queries,
