@@ -317,9 +317,11 @@ def trust_region_surrogate(new_means: torch.Tensor, old_means: torch.Tensor, ref
     if kl_weight is not None and torch.equal(kl_weight, g2):
         kl_weight = None  # equal weights (eta = 1): the section-1 form, bit for bit
     kw = g2 if kl_weight is None else kl_weight
-    gap = torch.stack([hamiltonian_gap(new_means[k], old_means[k], ref_actions[k], value_grads[k], g2[k], beta,
-                                       kl_weight=None if kl_weight is None else kw[k])
-                       for k in range(N)]).sum(0) * dtau
+    B = new_means.shape[1]
+    gap = hamiltonian_gap(_steps_as_rows(new_means), _steps_as_rows(old_means), _steps_as_rows(ref_actions),
+                          _steps_as_rows(value_grads), _step_weights_as_rows(g2, N, B), beta,
+                          kl_weight=None if kl_weight is None else _step_weights_as_rows(kw, N, B))
+    gap = gap.reshape(N, B).sum(0) * dtau
     pkl = policy_path_kl(new_means, old_means, kw, dtau)
     out = gap - kl_penalty * pkl
     if max_path_kl is not None:
@@ -331,8 +333,23 @@ def trust_region_surrogate(new_means: torch.Tensor, old_means: torch.Tensor, ref
 def policy_path_kl(new_means: torch.Tensor, old_means: torch.Tensor, g2: torch.Tensor, dtau: float) -> torch.Tensor:
     """Girsanov KL between two policies on the same states, :math:`\\sum_k\\frac{w_k d\\tau}{2}|\\mu'_k - \\mu_k|^2`,
     ``(B,)`` nats per path (old means detached); ``g2`` is the KL weight rate :math:`w` (``sde.kl_weight_rate``)."""
-    N = new_means.shape[0]
-    return torch.stack([girsanov_kl_step(g2[k], dtau, new_means[k], old_means[k].detach()) for k in range(N)]).sum(0)
+    N, B = new_means.shape[:2]
+    kl = girsanov_kl_step(_step_weights_as_rows(g2, N, B), dtau, _steps_as_rows(new_means),
+                          _steps_as_rows(old_means.detach()))
+    return kl.reshape(N, B).sum(0)
+
+
+def _steps_as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, B, *event) -> (N*B, *event)``: every (step, path) pair one row of the per-step formulas."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _step_weights_as_rows(w, N: int, B: int):
+    """Per-step weights ``(N,)`` repeated for the ``B`` paths of each step (rows of :func:`_steps_as_rows`); a
+    scalar stays a scalar."""
+    if not torch.is_tensor(w) or w.dim() == 0:
+        return w
+    return w.reshape(N).repeat_interleave(B)
 
 
 def advantage_rate(action: torch.Tensor, mean: torch.Tensor, ref_action: torch.Tensor, value_grad_: torch.Tensor,
