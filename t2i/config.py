@@ -136,7 +136,12 @@ class ValueConfig:
     learning_rate: float = _f(1e-4, "critic learning rate")
     width: int = _f(64, "critic channel width")
     loss: str = _f("mc", '"mc" (regress on R - beta * KL-to-go) or "td" (TD(0) targets from the pre-update critic)')
-    coef: float = _f(1.0, "weight of the critic loss in the summed loss (separate parameters)")
+    coef: float = _f(1.0, 'fit="joint": weight of the critic loss in the summed loss (separate parameters)')
+    fit: str = _f("joint", 'how the critic is fitted: "joint" (its loss, times coef, added to every actor backward; '
+                           'one optimizer) or "separate" (a phase of value.epochs passes over the epoch\'s samples '
+                           "with its own optimizer before the advantages are computed, as the toys' default)")
+    epochs: int = _f(1, 'fit="separate": passes of critic updates over each epoch\'s samples (minibatches of '
+                        "train.batch_size x gradient_accumulation_steps, every stochastic step)")
 
 
 @dataclass
@@ -336,4 +341,5 @@ from .presets import PRESETS, get_preset  # noqa: E402  (presets build Config ob
 
 def method_config(cfg: Config) -> MethodConfig:
     """The method part of an image config (``train.*`` fields of the same names, ``value.loss`` / ``value.coef``)."""
-    return MethodConfig.take(cfg.train, value_loss=cfg.value.loss, value_coef=cfg.value.coef)
+    coef = cfg.value.coef if cfg.value.fit == "joint" else 0.0  # "separate": fitted by the task's critic phase
+    return MethodConfig.take(cfg.train, value_loss=cfg.value.loss, value_coef=coef)

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from sa_theory.algorithms.checkpoint import atomic_write_json
 from sa_theory.algorithms.loop_utils import lr_lambda
+from sa_theory.algorithms.method_base import ValueFitting
 from sa_theory.algorithms.methods import make_method
-from sa_theory.algorithms.trainer import UpdatePlan
+from sa_theory.algorithms.trainer import Trainer, UpdatePlan
 from sa_theory.kl import mean_se
 from sa_theory.sde import check_reward
 
@@ -123,16 +124,22 @@ class ImageTask(CheckpointMixin):
         value = make_value_model(cfg.value.kind, unet.config.in_channels, text_dim, cfg.value.width)
         learned = value is not None and any(True for _ in value.parameters())
         groups = [{"params": lora_parameters(unet), "lr": cfg.train.learning_rate}]
+        separate = learned and cfg.value.fit == "separate"  # the critic's own optimizer and phase (_fit_value)
         if learned:
             value.to(acc.device)
-            groups.append({"params": list(value.parameters()), "lr": cfg.value.learning_rate})
+            if not separate:
+                groups.append({"params": list(value.parameters()), "lr": cfg.value.learning_rate})
         t = cfg.train
-        opt = torch.optim.AdamW(
-            groups, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon
-        )
+        adamw = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        opt = torch.optim.AdamW(groups, **adamw)
         # the toy trainers' LR multiplier: linear warm-up over lr_warmup_steps updates, then constant
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", 1, t.lr_warmup_steps))
-        if learned:
+        self.value_opt = None
+        if separate:
+            vopt = torch.optim.AdamW(value.parameters(), lr=cfg.value.learning_rate, **adamw)
+            self.unet_ddp, self.value_ddp, self.opt, self.lr_sched, self.value_opt = acc.prepare(
+                unet, value, opt, sched, vopt)
+        elif learned:
             self.unet_ddp, self.value_ddp, self.opt, self.lr_sched = acc.prepare(unet, value, opt, sched)
         else:
             self.unet_ddp, self.opt, self.lr_sched = acc.prepare(unet, opt, sched)
@@ -234,17 +241,31 @@ class ImageTask(CheckpointMixin):
                 batch.step_data["tweedie"] = tweedie_rewards(
                     self.env, batch.latents, ref, self.reward, batch.prompts
                 )
-        metrics = self.method.prepare(batch, rewards)
-        denoiser(self.pipe).train()
         # trainable steps: the stochastic ones (a deterministic step, e.g. a flow model's ODE step from t = 1,
         # has no log-prob and no KL); the sum over them is kept unbiased by steps_scale
         live = tuple(k for k in range(batch.num_steps) if self.kernel.stochastic[k])
+        if self.value_opt is not None:  # value.fit = "separate": the method calls the phase once it has targets
+            self.method.value_fitter = lambda method, b: self._fit_value(method, b, gen, live)
+        metrics = self.method.prepare(batch, rewards)
+        denoiser(self.pipe).train()
         plan = UpdatePlan(num_inner_epochs=t.num_inner_epochs, minibatch_size=t.batch_size,
                           gradient_accumulation_steps=t.gradient_accumulation_steps, live_steps=live,
                           steps_per_minibatch=max(1, int(round(len(live) * t.timestep_fraction))),
                           steps_per_backward=1, shuffle=True,
                           early_stop_path_kl=t.early_stop_path_kl if t.method == "sa_ac" else 0.0)
         return self.method, batch, plan, metrics
+
+    def _fit_value(self, method, batch: RolloutBatch, gen: torch.Generator, live: tuple[int, ...]) -> dict:
+        """``value.fit = "separate"``: ``value.epochs`` passes of critic updates over the epoch's samples before the
+        advantages, through the one trainer's update (:class:`~sa_theory.algorithms.method_base.ValueFitting`:
+        shuffled minibatches of ``train.batch_size``, ``gradient_accumulation_steps`` per update, every stochastic
+        step, one value-model forward per backward) with the critic's own optimizer."""
+        t = self.cfg.train
+        plan = UpdatePlan(num_inner_epochs=self.cfg.value.epochs, minibatch_size=t.batch_size,
+                          gradient_accumulation_steps=t.gradient_accumulation_steps, live_steps=live,
+                          steps_per_minibatch=len(live), steps_per_backward=1, shuffle=True)
+        out = Trainer(_ValueRuntime(self)).update(ValueFitting(method), batch, plan, gen)
+        return {"value_loss": out["value_loss"], "value_updates": out["updates"]}
 
     # ------------------------------------------------------------------ the runtime of the update (accelerate)
     def backward(self, loss: torch.Tensor) -> None:
@@ -342,3 +363,32 @@ class ImageTask(CheckpointMixin):
         hint = self.resume_hint or f"resume_from='auto' with log.output_dir={cfg.log.output_dir!r}"
         return (f"{signame or 'signal on another rank'}: stopped after epoch {self.state.epoch}/"
                 f"{cfg.train.num_epochs}; checkpoint written to {where!r}. To continue: {hint}")
+
+
+class _ValueRuntime:
+    """The runtime of the separate critic phase: the task's, with the value model's own optimizer (clipped to
+    ``train.max_grad_norm``) and gradient sync."""
+
+    def __init__(self, task: ImageTask):
+        self.task = task
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.task.acc.backward(loss)
+
+    def no_sync(self):
+        return self.task.acc.no_sync(self.task.value_ddp)
+
+    def autocast(self):
+        return self.task.acc.autocast()
+
+    def optimizer_step(self) -> dict:
+        task, out = self.task, {}
+        if task.cfg.train.max_grad_norm > 0:
+            out["value_grad_norm"] = float(task.acc.clip_grad_norm_(task.value.parameters(),
+                                                                    task.cfg.train.max_grad_norm))
+        task.value_opt.step()
+        task.value_opt.zero_grad(set_to_none=True)
+        return out
+
+    def reduce(self, value: float, op: str) -> float:
+        return self.task.reduce(value, op)

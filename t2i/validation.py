@@ -155,6 +155,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     check_output_dir(cfg)
     need(v.kind in VALUE_KINDS, f"value.kind: unknown value design {v.kind!r}; choose one of {VALUE_KINDS}")
     need(v.loss in ("mc", "td"), f"value.loss: {v.loss!r} must be 'mc' or 'td'")
+    need(v.fit in ("joint", "separate"), f"value.fit: {v.fit!r} must be 'joint' or 'separate'")
+    need(v.epochs >= 1, f"value.epochs: must be >= 1 (got {v.epochs})")
     need(
         t.method != "dpok" or v.kind in ("critic", "residual"),
         f"value.kind: dpok needs a learned value baseline ('critic' or 'residual'), got {v.kind!r}",

@@ -272,6 +272,36 @@ def test_actor_critic_reaches_the_affine_class_optimum_on_a_2d_gaussian(lg_probl
     _check_lg_convergence(lg_problem, _train_lg(60, pieces=1), 1, rel_tol=0.02, law_tol=0.05)
 
 
+def test_actor_critic_with_the_joint_critic_loss_reaches_the_affine_class_optimum(lg_problem):
+    """``value_fit='joint'`` (the image default): the critic is fitted only by its regression loss inside each actor
+    update (4 Adam steps per iteration instead of the separate phase's 20, hence value_lr 1e-2), and the actor still
+    reaches the class optimum within 2% (measured 1.35%, gap closed 96.9%; MC targets; TD(0) 1.1%). Negative
+    control: leaving the critic loss out of the update (the critic stays at its initialisation) closes 3% of the gap
+    (measured), far outside the tolerance."""
+    s = build("sa_ac", "gauss2d", {**FAST, "policy": "affine", "pieces": 1, "iterations": 60, "batch_size": 128,
+                                   "learning_rate": 0.02, "lr_schedule": "cosine", "seed": 0, "value_fit": "joint",
+                                   "value_lr": 1e-2})
+    assert s.trainer.joint_value and len(s.trainer.optimizer.param_groups) == 2
+    v0 = [p.detach().clone() for p in s.trainer.value.parameters()]
+    s.trainer.train()
+    assert "value_loss" not in s.trainer.history[-1] and s.trainer.history[-1]["critic_loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(v0, s.trainer.value.parameters()))
+    _check_lg_convergence(lg_problem, s, 1, rel_tol=0.02, law_tol=0.05)
+
+
+def test_joint_critic_fit_is_validated_and_trains_the_dpok_baseline():
+    with pytest.raises(ValueError, match="'value_fit'"):
+        build("sa_ac", "gauss2d", {**FAST, "value_fit": "both"})
+    with pytest.raises(ValueError, match="'value_fit'.*value_grad_coef"):
+        build("sa_ac", "gmm2d", {**FAST, "value_fit": "joint", "value_grad_coef": 1.0})
+    s = build("dpok", "gauss2d", {**FAST, "value_fit": "joint", "iterations": 3, "batch_size": 16,
+                                  "sampler_steps": 6})
+    v0 = [p.detach().clone() for p in s.trainer.value.parameters()]
+    hist = s.trainer.train()
+    assert all(np.isfinite(h["critic_loss"]) and h["critic_loss"] > 0 for h in hist)
+    assert any(not torch.equal(a, b) for a, b in zip(v0, s.trainer.value.parameters()))
+
+
 @pytest.mark.slow
 def test_actor_critic_reaches_the_4_piece_class_optimum_and_the_fixed_init_optimal_law(lg_problem):
     s = _train_lg(150, pieces=4, batch_size=256, lr=0.01)

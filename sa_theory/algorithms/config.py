@@ -85,6 +85,10 @@ class SAACConfig(TrainConfig):
     value_lr: float = _f(3e-3, "Adam learning rate of the critic")
     value_lr_schedule: str = _f("constant", "critic learning-rate schedule over the iterations: 'constant' | 'linear' "
                                             "| 'cosine' (decaying it averages out the critic's batch noise)")
+    value_fit: str = _f("separate", "how the critic is fitted: 'separate' (value_epochs Adam steps on each rollout "
+                                    "batch before the actor update) | 'joint' (its regression loss on the batch's "
+                                    "targets added to every actor minibatch's loss, one optimizer with value_lr for "
+                                    "its parameters; as value.fit='joint' on images)")
     value_epochs: int = _f(20, "critic gradient steps per rollout batch")
     value_batch: int = _f(2048, "critic: state samples per step (full paths at value_batch // batch_size grid times)")
     lr_coef: float = _f(0.0, "weight of an added likelihood-ratio (TD-advantage, importance-weighted) term; "
@@ -131,6 +135,10 @@ class DDPOISConfig(TrainConfig):
 class DPOKConfig(TrainConfig):
     """DPOK: policy gradient with a learned value baseline and a per-step KL regulariser."""
 
+    value_fit: str = _f("separate", "how the value baseline is fitted: 'separate' (value_epochs Adam steps on each "
+                                    "rollout batch before the actor update) | 'joint' (its regression loss on R added "
+                                    "to the actor's loss, one optimizer with value_lr for its parameters; as "
+                                    "value.fit='joint' on images)")
     value_lr: float = _f(3e-3, "Adam learning rate of the value baseline")
     value_epochs: int = _f(20, "value-baseline gradient steps per rollout batch")
     value_batch: int = _f(2048, "value baseline: state samples per step "
@@ -277,6 +285,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "must be finite and >= 0 (0: off)")
     if "max_path_kl" in names and cfg.max_path_kl is not None:
         need(finite("max_path_kl") and cfg.max_path_kl > 0, "max_path_kl", "must be > 0 (or none: no clip)")
+    if "value_fit" in names:
+        need(cfg.value_fit in ("separate", "joint"), "value_fit", "must be 'separate' or 'joint'")
+        need(cfg.value_fit == "separate" or getattr(cfg, "value_grad_coef", 0.0) == 0, "value_fit",
+             "must be 'separate' with value_grad_coef > 0 (the Sobolev term is fitted in the critic phase)")
     if "tau_subset" in names:
         need(0 <= cfg.tau_subset <= cfg.sampler_steps, "tau_subset", "must be in [0, sampler_steps]")
     return cfg

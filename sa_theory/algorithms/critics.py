@@ -121,7 +121,11 @@ class ValueCritic:
         ``lr_coef``, the TD advantages) into ``rb.step_data`` for the shared method."""
         N = batch.taus.numel() - 1
         P = self.pathwise_costates(batch, policy, beta) if self.needs_pathwise_costates else None
-        value_loss = self.fit_critic(batch, beta, P)
+        if self.cfg.value_fit == "joint":  # fitted by the method's loss during the actor update
+            rb.step_data["v_target"] = self.joint_targets(batch, beta)
+            value_loss = None
+        else:
+            value_loss = self.fit_critic(batch, beta, P)
         if self.cfg.costate == "pathwise":
             # step k's action moves Y_{k+1}: its costate is P_{k+1} (then the surrogate's gradient at theta_old
             # is exactly the pathwise gradient R6 of the N-step chain; P_k itself would add an O(dtau) bias)
@@ -133,7 +137,18 @@ class ValueCritic:
         rb.step_data["costate"] = p
         if self.cfg.estimator == "likelihood_ratio" or self.cfg.lr_coef:
             rb.step_data["adv"] = td_advantages(values, batch.reward, batch.kl_steps, beta)
-        return {"value_loss": value_loss}
+        return {} if value_loss is None else {"value_loss": value_loss}
+
+    def joint_targets(self, batch: Batch, beta: float) -> torch.Tensor:
+        r"""``value_fit = "joint"``: the targets of :meth:`~.method_base.Method.critic_loss` at ``k < N``, ``(N, B)``:
+        :meth:`value_targets` (``'mc'`` / ``'mc_cv'``) or the TD(0) targets
+        :math:`V_\psi(	au_{k+1}, Y_{k+1}) - eta\ell_k` (:math:`V(T, Y_N) = R`) of the critic before the update."""
+        N = batch.taus.numel() - 1
+        if self.cfg.value_loss != "td":
+            return self.value_targets(batch, beta)[:N]
+        with torch.no_grad():
+            v_next = values_on_grid(self.value, batch.taus[1:N], batch.states[1:N], batch.cond)
+        return torch.cat([v_next, batch.reward[None]], 0) - beta * batch.kl_steps
 
     def value_targets(self, batch: Batch, beta: float) -> torch.Tensor:
         r"""Monte-Carlo critic targets for :math:`V(\tau_k, Y_k)`, ``k = 0..N``, ``(N+1, B)`` (reward units; the
@@ -222,6 +237,8 @@ class RewardBaseline:
 
     def prepare(self, method, rb, batch: Batch, policy, beta: float) -> dict:
         N, B = batch.taus.numel() - 1, batch.batch_size
+        if self.cfg.value_fit == "joint":  # fitted by the method's loss (targets R, set by its prepare)
+            return method.prepare(rb, method.path_return(rb, batch.reward))
         vloss = torch.zeros(())
         n_t = min(N, max(1, self.cfg.value_batch // B))
         for _ in range(self.cfg.value_epochs):

@@ -27,7 +27,7 @@ import torch
 from ..value import value_regression_loss
 from .rl_batch import RolloutBatch
 
-__all__ = ["MethodConfig", "Method"]
+__all__ = ["MethodConfig", "Method", "ValueFitting"]
 
 
 @dataclass
@@ -84,6 +84,11 @@ class Method:
         self.steps_scale = 1.0
         self._logprob_delta = 0.0
         self.tweedie_fn = None  # (k, x, batch) -> r(decode(x0_hat_k(x))), differentiable in x (value_gradient)
+        #: the critic's separate fitting phase, ``fit(method, batch) -> metrics`` (set by a task whose critic is
+        #: fitted "separate"ly; None: "joint", the critic loss inside "loss" with weight ``value_coef``): ``prepare``
+        #: calls it once the targets are in ``batch.step_data["v_target"]`` and computes the advantages and
+        #: costates from the fitted critic
+        self.value_fitter = None
 
     @property
     def needs_reference(self) -> bool:
@@ -149,12 +154,19 @@ class Method:
             return grid(self.value_model, batch)
         return torch.stack([self.values(batch, k).float() for k in range(batch.num_steps)])
 
-    def critic_loss(self, batch: RolloutBatch, k: int) -> torch.Tensor:
-        if self.cfg.value_coef == 0 or self.value_model is None or not any(
+    def critic_loss(self, batch: RolloutBatch, k: int, coef: float | None = None) -> torch.Tensor:
+        """``coef`` (default ``value_coef``) times the mean over paths of :math:`(V(\tau_k, x_k) - y_k)^2` with the
+        targets ``y = batch.step_data["v_target"]`` (reward units squared; 0 without a trainable value model)."""
+        coef = self.cfg.value_coef if coef is None else coef
+        if coef == 0 or self.value_model is None or not any(
                 p.requires_grad for p in self.value_model.parameters()):
             return torch.zeros((), device=batch.latents.device)
         v = self.values(batch, k)
-        return value_regression_loss(v[None], batch.step_data["v_target"][k][None]) * self.cfg.value_coef
+        return value_regression_loss(v[None], batch.step_data["v_target"][k][None]) * coef
+
+    def fit_values(self, batch: RolloutBatch) -> dict[str, float]:
+        """The separate critic phase, if a task set :attr:`value_fitter` (else nothing)."""
+        return {} if self.value_fitter is None else self.value_fitter(self, batch)
 
     def _clip_adv(self, adv: torch.Tensor) -> torch.Tensor:
         c = self.cfg.adv_clip_max
@@ -199,3 +211,23 @@ class Method:
         """max |recomputed - rollout log-prob| (nats, summed over dims) over the steps of the last :meth:`losses`
         call: the log-prob parity check, 0 up to float noise while the policy equals the sampling policy."""
         return self._logprob_delta
+
+
+class ValueFitting:
+    r"""A method's critic regression as the "method" of :meth:`~.trainer.Trainer.update`: the separate critic phase
+    (``value.fit = "separate"``) is an update pass of the one trainer whose loss is the critic's alone.
+
+    ``losses(batch, steps)["loss"]`` = ``steps_scale`` x :math:`\sum_{k \in steps}` :meth:`Method.critic_loss`
+    (weight 1) / K, so the calls over a minibatch's steps add up to the mean over steps of the per-step mean squared
+    error (the joint loss's critic term with ``value_coef = 1``); also logged as ``value_loss``."""
+
+    def __init__(self, method: Method):
+        self.method, self.steps_scale = method, 1.0
+
+    def losses(self, batch: RolloutBatch, steps: Sequence[int]) -> dict[str, torch.Tensor]:
+        loss = sum(self.steps_scale * self.method.critic_loss(batch, int(k), coef=1.0) / batch.num_steps
+                   for k in steps)
+        return {"loss": loss, "value_loss": loss.detach()}
+
+    def logprob_delta(self) -> float:
+        return 0.0

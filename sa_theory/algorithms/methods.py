@@ -61,7 +61,16 @@ class SAACMethod(Method):
     def prepare(self, batch, rewards):
         c, beta = self.cfg, self.cfg.beta
         kl = self.kl_steps(batch)
-        V = self.all_values(batch) if self.value_model is not None else None
+        V, metrics = None, {}
+        if self.value_model is not None:
+            V = self.all_values(batch)
+            if c.value_loss == "td":  # TD(0) targets from the critic before this batch's fit
+                batch.step_data["v_target"] = torch.cat([V[1:], rewards[None]], 0) - beta * kl
+            else:
+                batch.step_data["v_target"] = mc_value_targets(rewards, kl, beta)
+            if self.value_fitter is not None:  # the separate critic phase, then its values
+                metrics = self.fit_values(batch)
+                V = self.all_values(batch)
         if c.advantage == "td":
             adv = td_advantages(V, rewards, kl, beta)
         else:
@@ -69,14 +78,9 @@ class SAACMethod(Method):
             if V is not None:
                 adv = adv - V
         batch.step_data["adv"] = self._clip_adv(adv)
-        if self.value_model is not None:
-            if c.value_loss == "td":
-                batch.step_data["v_target"] = torch.cat([V[1:], rewards[None]], 0) - beta * kl
-            else:
-                batch.step_data["v_target"] = mc_value_targets(rewards, kl, beta)
         if c.estimator == "value_gradient":
             batch.step_data["costate"] = self.costates(batch, rewards)
-        return {"adv_abs_mean": float(adv.abs().mean())}
+        return {**metrics, "adv_abs_mean": float(adv.abs().mean())}
 
     def costates(self, batch, rewards) -> torch.Tensor:
         r""":math:`p_k = \nabla_x V_\psi(\tau_{k+1}, x_{k+1})` on the recorded next states, ``(K, B, ...)``, detached:
@@ -171,9 +175,10 @@ class DPOKMethod(Method):
 
     def prepare(self, batch, rewards):
         batch.path_data["R"] = rewards
-        batch.step_data["V"] = self.all_values(batch)
         batch.step_data["v_target"] = mc_value_targets(rewards, torch.zeros_like(batch.log_probs), 0.0)
-        return {}
+        metrics = self.fit_values(batch)  # the separate phase, if any
+        batch.step_data["V"] = self.all_values(batch)
+        return metrics
 
     def step_loss(self, batch, ks, terms):
         c, s = self.cfg, self.steps_scale

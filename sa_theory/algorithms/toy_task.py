@@ -86,9 +86,21 @@ class ToyTask(CheckpointMixin):
         if self.value is not None:
             self.value.to(self.dtype)
         params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.lr_schedule, cfg.iterations, cfg.lr_warmup))
+        policy_lr = lr_lambda(cfg.lr_schedule, cfg.iterations, cfg.lr_warmup)
+        #: value_fit = "joint": the critic is a second parameter group of the policy optimiser (its loss is part of
+        #: the method's; the policy's gradient alone is clipped); "separate": the critic phase owns its optimiser
+        self.joint_value = getattr(cfg, "value_fit", "separate") == "joint" and value is not None and any(
+            p.requires_grad for p in value.parameters())
+        if self.joint_value:
+            vparams = [p for p in value.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.Adam([{"params": params, "lr": cfg.learning_rate},
+                                               {"params": vparams, "lr": cfg.value_lr}], eps=cfg.adam_epsilon)
+            value_lr = lr_lambda(getattr(cfg, "value_lr_schedule", "constant"), cfg.iterations,
+                                 name="value_lr_schedule")
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [policy_lr, value_lr])
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, policy_lr)
         self.iteration = 0
         self.queries = 0
         self.history: list[dict] = []
@@ -107,9 +119,10 @@ class ToyTask(CheckpointMixin):
     def method_for(self, batch: Batch, beta: float):
         """The shared method of ``cfg.algo`` (:func:`~.methods.make_method`, the implementation images run) on the
         Euler kernel of ``batch``'s grid at KL weight ``beta``. The critic is fitted by :attr:`critic`
-        (``value_coef = 0``), advantages are not clamped; ``sa_ac``'s advantages are TD errors."""
+        (``value_coef = 0``) or, with ``value_fit = "joint"``, by the method's loss (``value_coef = 1``); advantages
+        are not clamped; ``sa_ac``'s advantages are TD errors."""
         cfg = MethodConfig.take(self.cfg, method=self.cfg.algo, beta=beta, kl_weighting="chain", advantage="td",
-                                adv_clip_max=0.0, value_coef=0.0)
+                                adv_clip_max=0.0, value_coef=1.0 if self.joint_value else 0.0)
         return make_method(cfg, self.step_environment(batch), self.policy, self.value)
 
     def prepare(self, batch: Batch, generator: torch.Generator):

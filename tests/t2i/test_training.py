@@ -49,8 +49,9 @@ def _strip(records):
     ]
 
 
-def test_checkpoint_kill_resume_gives_identical_next_steps(tmp_path):
-    over = {**FAST, "train.num_epochs": 2, "value.kind": "residual"}
+@pytest.mark.parametrize("fit", ["joint", "separate"])
+def test_checkpoint_kill_resume_gives_identical_next_steps(tmp_path, fit):
+    over = {**FAST, "train.num_epochs": 2, "value.kind": "residual", "value.fit": fit, "value.epochs": 2}
     full = make_trainer(tiny_config(tmp_path / "a", "sa_ac", **over))
     hist_full = full.train()
     # interrupted: one epoch, checkpoint, "kill" (drop the object), fresh object resumes from `latest`
@@ -218,3 +219,37 @@ def test_lr_warms_up_linearly_over_optimizer_updates(tmp_path):
     hist = tr.train()
     assert [h["updates"] for h in hist] == [1, 1, 1, 1]
     assert [h["lr"] for h in hist] == pytest.approx([lr * min(1.0, (u + 2) / 3) for u in range(4)])
+
+
+def test_separate_critic_phase_fits_the_value_model_before_the_advantages(tmp_path):
+    """``value.fit='separate'``: before the advantages, ``value.epochs`` critic updates with the critic's own
+    optimizer lower its regression loss on the epoch's targets and leave the LoRA alone; the advantages are then
+    the reward-to-go minus the *fitted* critic's values, and the actor's loss carries no critic term."""
+    from sa_theory.estimators import reward_to_go
+
+    over = {**FAST, "value.kind": "critic", "value.fit": "separate", "value.epochs": 4,
+            "value.learning_rate": 1e-2}
+    tr = make_trainer(tiny_config(tmp_path, "sa_ac", **over))
+    assert tr.method.cfg.value_coef == 0 and len(tr.opt.param_groups) == 1
+    v0 = {k: v.clone() for k, v in tr.value.state_dict().items()}
+    lora0 = lora_hash(tr.pipe.unet)
+    batch, gen, _ = tr.rollouts()
+    method, rb, plan, metrics = tr.prepare(batch, gen)
+    assert metrics["value_updates"] == 4 and lora_hash(tr.pipe.unet) == lora0
+
+    def critic_mse():
+        with torch.no_grad():
+            return sum(float(method.critic_loss(rb, k, coef=1.0)) for k in range(rb.num_steps)) / rb.num_steps
+
+    fitted = {k: v.clone() for k, v in tr.value.state_dict().items()}
+    after = critic_mse()
+    with torch.no_grad():
+        V = method.all_values(rb)
+        expected = reward_to_go(rb.rewards, method.kl_steps(rb), method.cfg.beta) - V
+    torch.testing.assert_close(rb.step_data["adv"], method._clip_adv(expected), rtol=0, atol=1e-6)
+    tr.value.load_state_dict(v0)
+    before = critic_mse()
+    tr.value.load_state_dict(fitted)
+    assert after < 0.5 * before, (before, after)  # measured 0.229 -> 0.042
+    rec = tr.record(batch, metrics, tr.update(method, rb, plan, gen))
+    assert rec["train/critic_loss"] == 0.0 and rec["value_loss"] > 0
