@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from sa_theory.algorithms.checkpoint import atomic_write_json
-from sa_theory.algorithms.loop_utils import lr_lambda
+from sa_theory.algorithms.loop_utils import lr_lambda, rollout_metrics
 from sa_theory.algorithms.method_base import ValueFitting
 from sa_theory.algorithms.methods import make_method
 from sa_theory.algorithms.trainer import Trainer, UpdatePlan
-from sa_theory.kl import mean_se
 from sa_theory.sde import check_reward
 
 from .checkpointing import (  # noqa: F401  (lora_hash, resolve_checkpoint, ...: re-exported)
@@ -196,9 +195,8 @@ class ImageTask(CheckpointMixin):
             batches.append(b)
         return RolloutBatch.concat(batches)
 
-    def _gather_stats(self, x: torch.Tensor) -> tuple[float, float]:
-        g = self.acc.gather(x.detach().float().contiguous())
-        return mean_se(g)
+    def _gather(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else self.acc.gather(x.detach().float().contiguous())
 
     def rollouts(self):
         """The trainer's step 1: the epoch's rollouts from the generator of ``(train.seed, epoch, process)`` and
@@ -207,11 +205,13 @@ class ImageTask(CheckpointMixin):
         self._t0 = time.time()
         gen = torch.Generator().manual_seed(_epoch_seed(t.seed, self.state.epoch, acc.process_index))
         batch = self.sample_epoch(gen)
-        metrics: dict = {"epoch": self.state.epoch, "time_sample_s": time.time() - self._t0}
-        metrics["reward_mean"], metrics["reward_se"] = self._gather_stats(batch.rewards)
-        if batch.path_kl is not None:  # not recorded: log.reference_kl false and a method that does not need it
-            metrics["path_kl_mean"], metrics["path_kl_se"] = self._gather_stats(batch.path_kl)
-            metrics["path_kl_ct_mean"], metrics["path_kl_ct_se"] = self._gather_stats(batch.path_kl_ct)
+        samples = len(batch.prompts) * acc.num_processes
+        metrics: dict = {"epoch": self.state.epoch, "queries": (self.state.epoch + 1) * samples,
+                         "time_sample_s": time.time() - self._t0}
+        # every process's paths; no KL entries when not recorded (log.reference_kl false, a method without need)
+        metrics.update(rollout_metrics(self._gather(batch.rewards), self._gather(batch.path_kl), t.beta,
+                                       self._gather(batch.path_kl_ct)))
+        metrics["beta"] = t.beta
         feats = F.interpolate(batch.images, size=(32, 32), mode="area").flatten(1)
         div, _ = diversity(feats, batch.prompts)
         metrics["diversity_pixels"] = float(acc.gather(torch.tensor([div], device=acc.device)).nanmean())
@@ -307,9 +307,7 @@ class ImageTask(CheckpointMixin):
         """The epoch's record: the rollout statistics, the method's ``prepare`` metrics, the update's means under
         ``train/``, counters and times."""
         cfg = self.cfg
-        counts = ("updates", "early_stopped", "logprob_parity_max")
-        metrics.update({f"train/{k}": v for k, v in updated.items() if k not in counts})
-        metrics.update({k: updated[k] for k in counts})
+        metrics.update(updated)
         metrics.update({"global_step": self.state.global_step, "lr": self.lr_sched.get_last_lr()[0],
                         "time_epoch_s": time.time() - self._t0})
         if cfg.log.image_every and self.state.epoch % cfg.log.image_every == 0:

@@ -83,11 +83,11 @@ def test_cli_train_writes_jsonl_checkpoint_and_resumes(tmp_path, capsys):
     args = ["train", "--algo", "sa_ac", "--problem", "gauss2d", "--steps", "3", *common]
     assert cli_main(args) == 0
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["iteration"] for r in recs] == [1, 2, 3]
+    assert [r["epoch"] for r in recs] == [0, 1, 2]
     assert "closed-form optimum" in capsys.readouterr().out
     assert cli_main(["train", "--algo", "sa_ac", "--problem", "gauss2d", "--steps", "5", *common, "--resume"]) == 0
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["iteration"] for r in recs] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in recs] == [0, 1, 2, 3, 4]
 
 
 def test_cli_unknown_field_is_an_error_naming_it(capsys):
@@ -97,17 +97,23 @@ def test_cli_unknown_field_is_an_error_naming_it(capsys):
 
 # ------------------------------------------------------------------------------------------ logging / errors
 @pytest.mark.parametrize("algo", ["sa_ac", "ddpo_sf", "ddpo_is", "dpok"])
-def test_jsonl_log_has_the_promised_metrics(tmp_path, algo):
+def test_jsonl_log_has_the_promised_metrics_in_the_image_namespace(tmp_path, algo):
     log = tmp_path / "m.jsonl"
     s = build(algo, "gauss2d", {**FAST, "iterations": 2, "batch_size": 16, "sampler_steps": 8, "log_path": str(log)})
     s.trainer.train()
     recs = [json.loads(line) for line in open(log)]
     assert len(recs) == 2
-    for key in ("reward", "path_kl", "objective", "grad_norm", "queries", "iteration", "lr", "beta"):
+    for key in ("reward_mean", "reward_se", "path_kl_mean", "path_kl_se", "objective_mean", "objective_se",
+                "train/grad_norm", "train/actor_loss", "queries", "epoch", "lr", "beta", "updates",
+                "logprob_parity_max"):
         assert key in recs[-1], key
         assert np.isfinite(recs[-1][key])
     assert [r["queries"] for r in recs] == [16, 32]  # one reward query per path
-    assert recs[-1]["objective"] == pytest.approx(recs[-1]["reward"] - recs[-1]["beta"] * recs[-1]["path_kl"])
+    assert [r["epoch"] for r in recs] == [0, 1]
+    r = recs[-1]
+    assert r["objective_mean"] == pytest.approx(r["reward_mean"] - r["beta"] * r["path_kl_mean"])
+    # the same names as an image record (t2i.task.ImageTask.record) for the same quantities
+    assert not {"reward", "path_kl", "objective", "iteration", "grad_norm"} & set(r)
 
 
 def test_nan_reward_raises_floating_point_error_naming_the_reward():
@@ -140,7 +146,7 @@ def test_pathwise_costate_options_are_validated_and_run():
     for ov in ({"costate": "pathwise"}, {"value_grad_coef": 1.0}):
         s = build("sa_ac", "gmm2d", {**FAST, **ov, "iterations": 2, "batch_size": 16, "sampler_steps": 6})
         hist = s.trainer.train()
-        assert len(hist) == 2 and np.isfinite(hist[-1]["objective"]) and np.isfinite(hist[-1]["value_loss"])
+        assert len(hist) == 2 and np.isfinite(hist[-1]["objective_mean"]) and np.isfinite(hist[-1]["value_loss"])
 
 
 def test_critic_costates_sit_at_the_step_s_next_state_or_its_left_point_and_estimator_is_validated():
@@ -169,7 +175,7 @@ def test_critic_costates_sit_at_the_step_s_next_state_or_its_left_point_and_esti
     s = build("sa_ac", "gauss2d", {**FAST, "estimator": "likelihood_ratio", "iterations": 2, "batch_size": 16,
                                    "sampler_steps": 6})
     hist = s.trainer.train()
-    assert len(hist) == 2 and np.isfinite(hist[-1]["objective"]) and hist[-1]["grad_norm"] > 0
+    assert len(hist) == 2 and np.isfinite(hist[-1]["objective_mean"]) and hist[-1]["train/grad_norm"] > 0
 
 
 def test_baselines_require_euler_transition_densities():
@@ -230,10 +236,10 @@ def test_resume_drops_log_records_written_after_the_checkpoint(tmp_path):
     state = load_checkpoint(ck)
     s.trainer.train(until=3)  # iteration 3 is logged, then the run dies before the next checkpoint
     save_checkpoint(ck, state)  # (the end-of-call checkpoint at 3 is undone to simulate that)
-    assert [json.loads(line)["iteration"] for line in open(log)] == [1, 2, 3]
+    assert [json.loads(line)["epoch"] for line in open(log)] == [0, 1, 2]
     s2 = build("sa_ac", "gauss2d", ov)
     assert s2.trainer.resume() and s2.trainer.iteration == 2
-    assert [json.loads(line)["iteration"] for line in open(log)] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in open(log)] == [0, 1]
 
 
 # ------------------------------------------------------------------------------------------ convergence
@@ -284,7 +290,7 @@ def test_actor_critic_with_the_joint_critic_loss_reaches_the_affine_class_optimu
     assert s.trainer.joint_value and len(s.trainer.optimizer.param_groups) == 2
     v0 = [p.detach().clone() for p in s.trainer.value.parameters()]
     s.trainer.train()
-    assert "value_loss" not in s.trainer.history[-1] and s.trainer.history[-1]["critic_loss"] > 0
+    assert "value_loss" not in s.trainer.history[-1] and s.trainer.history[-1]["train/critic_loss"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(v0, s.trainer.value.parameters()))
     _check_lg_convergence(lg_problem, s, 1, rel_tol=0.02, law_tol=0.05)
 
@@ -298,7 +304,7 @@ def test_joint_critic_fit_is_validated_and_trains_the_dpok_baseline():
                                   "sampler_steps": 6})
     v0 = [p.detach().clone() for p in s.trainer.value.parameters()]
     hist = s.trainer.train()
-    assert all(np.isfinite(h["critic_loss"]) and h["critic_loss"] > 0 for h in hist)
+    assert all(np.isfinite(h["train/critic_loss"]) and h["train/critic_loss"] > 0 for h in hist)
     assert any(not torch.equal(a, b) for a, b in zip(v0, s.trainer.value.parameters()))
 
 

@@ -36,7 +36,7 @@ def test_toy_integer_reward_is_accepted_as_numbers():
     s = build("ddpo_sf", "gauss2d", {**SMALL, "iterations": 1})
     s.env.reward = lambda x, cond=None: (x[:, 0] > 0).long()  # success indicator
     hist = s.trainer.train()
-    assert 0 <= hist[-1]["reward"] <= 1
+    assert 0 <= hist[-1]["reward_mean"] <= 1
 
 
 def test_toy_reward_with_inf_is_an_error_naming_the_reward():

@@ -105,7 +105,7 @@ def test_fresh_toy_run_refuses_to_append_to_an_existing_log_unless_overwrite(tmp
     assert log.read_text() == '{"iteration": 1}\n'
     s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 1, "log_path": str(log), "overwrite": True})
     s.trainer.train()
-    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1]
+    assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0]
 
 
 def test_default_checkpoints_are_periodic_so_a_crash_loses_at_most_10_percent(tmp_path, monkeypatch):
@@ -138,7 +138,7 @@ def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_
         run.trainer.train()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
     assert load_checkpoint(ck)["iteration"] == 2  # only the end-of-run checkpoint was configured
-    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1, 2]
+    assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0, 1]
     monkeypatch.undo()
     again = build("ddpo_is", "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(log)})
     assert again.trainer.resume()
@@ -163,7 +163,7 @@ def test_resume_after_a_kill_mid_log_write_and_with_too_few_iterations(tmp_path,
     assert s.trainer.resume() and s.trainer.iteration == 2
     assert "m.jsonl" in capsys.readouterr().err
     s.trainer.train()
-    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- sa-toy
@@ -189,7 +189,7 @@ def test_sa_toy_refuses_a_non_empty_out_and_resume_without_checkpoint_losing_not
     assert "contradict" in capsys.readouterr().err and snapshot(out) == before
     # the explicit flag replaces the run
     assert toy_main([*args, "--steps", "3", "--overwrite"]) == 0
-    assert [json.loads(x)["iteration"] for x in open(out / "metrics.jsonl")] == [1, 2, 3]
+    assert [json.loads(x)["epoch"] for x in open(out / "metrics.jsonl")] == [0, 1, 2]
 
 
 def test_sa_toy_resume_refuses_other_settings_naming_them_and_reports_allowed_changes(tmp_path, capsys):
@@ -211,7 +211,7 @@ def test_sa_toy_resume_refuses_other_settings_naming_them_and_reports_allowed_ch
     assert toy_main([*base, "--problem", "gauss2d", "--steps", "3", "--resume"]) == 0
     assert "iterations changed from 2 to 3 (applied)" in capsys.readouterr().err
     assert json.load(open(out / "config.json"))["train"]["iterations"] == 3
-    assert [json.loads(x)["iteration"] for x in open(out / "metrics.jsonl")] == [1, 2, 3]
+    assert [json.loads(x)["epoch"] for x in open(out / "metrics.jsonl")] == [0, 1, 2]
 
 
 def test_sa_toy_ctrl_c_saves_and_prints_a_resume_command_that_works(tmp_path, capsys, monkeypatch):
@@ -225,7 +225,7 @@ def test_sa_toy_ctrl_c_saves_and_prints_a_resume_command_that_works(tmp_path, ca
     assert cmd[0] == "sa-toy" and cmd[-1] == "--resume"
     monkeypatch.undo()
     assert toy_main(cmd[1:]) == 0
-    assert [json.loads(x)["iteration"] for x in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [json.loads(x)["epoch"] for x in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------------------------------------- figures

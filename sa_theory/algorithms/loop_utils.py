@@ -10,7 +10,32 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["iteration_generator", "lr_lambda", "jsonable", "read_jsonl"]
+__all__ = ["iteration_generator", "lr_lambda", "jsonable", "read_jsonl", "rollout_metrics", "COUNTS"]
+
+#: the update's counters, logged under their own names; its other diagnostics are logged under ``train/``
+COUNTS = ("updates", "early_stopped", "logprob_parity_max")
+
+
+def rollout_metrics(reward: torch.Tensor, path_kl: torch.Tensor | None, beta: float,
+                    path_kl_ct: torch.Tensor | None = None) -> dict[str, float]:
+    r"""The rollout part of every training record, one namespace for toys and images (pass every process's paths):
+    ``reward_mean`` / ``reward_se`` (reward units, per path); ``path_kl_mean`` / ``path_kl_se``, the recorded KL of
+    the sampled chain to the pretrained one (nats per path); ``objective_mean`` / ``objective_se``, the per-path
+    :math:`r - eta\,KL` at the current ``beta``; ``path_kl_ct_*``, the continuous-time (Girsanov) KL where it is
+    recorded apart. Standard errors: :func:`sa_theory.kl.mean_se` (NaN for one path); KL entries are left out when
+    ``path_kl`` is None (not recorded)."""
+    from ..kl import mean_se
+
+    out: dict[str, float] = {}
+    reward = reward.detach().to(torch.float64)
+    out["reward_mean"], out["reward_se"] = mean_se(reward)
+    if path_kl is not None:
+        kl = path_kl.detach().to(torch.float64)
+        out["path_kl_mean"], out["path_kl_se"] = mean_se(kl)
+        out["objective_mean"], out["objective_se"] = mean_se(reward - beta * kl)
+    if path_kl_ct is not None:
+        out["path_kl_ct_mean"], out["path_kl_ct_se"] = mean_se(path_kl_ct.detach().to(torch.float64))
+    return out
 
 
 def iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:

@@ -46,7 +46,7 @@ from .config import TrainConfig, validate
 from .critics import make_critic_phase
 from .distill import distill
 from .environment import SOLVERS, Batch, Environment, solver_kwargs
-from .loop_utils import iteration_generator, jsonable, lr_lambda
+from .loop_utils import iteration_generator, jsonable, lr_lambda, rollout_metrics
 from .method_base import MethodConfig
 from .methods import make_method
 from .policies import GreedyPolicy
@@ -315,21 +315,21 @@ class ToyTask(CheckpointMixin):
         return self.cfg.iterations if until is None else min(until, self.cfg.iterations)
 
     def postfix(self, rec: dict) -> dict:
-        return {"J": f"{rec['objective']:.3f}", "r": f"{rec['reward']:.3f}", "kl": f"{rec['path_kl']:.3f}"}
+        return {"J": f"{rec['objective_mean']:.3f}", "r": f"{rec['reward_mean']:.3f}",
+                "kl": f"{rec['path_kl_mean']:.3f}"}
 
     def record(self, batch: Batch, metrics: dict, updated: dict) -> dict:
-        """Step 4: advance the counters, ``on_train_end`` after the last iteration, the JSONL record (the update's
-        means but its loss and counts), evaluation every ``eval_every`` iterations."""
+        """Step 4: advance the counters, ``on_train_end`` after the last iteration, the JSONL record (the one
+        namespace, :mod:`.trainer`), evaluation every ``eval_every`` iterations (under ``eval/``)."""
         cfg, beta = self.cfg, self.beta_at(self.iteration)
         self.scheduler.step()
         self.iteration += 1
         self.queries += batch.batch_size
-        metrics = {**metrics, **{k: v for k, v in updated.items() if k != "loss"}}
+        metrics = {**metrics, **updated}
         if self.iteration == cfg.iterations:
             metrics = {**metrics, **self.on_train_end()}
-        rec = {"iteration": self.iteration, "queries": self.queries,
-               "reward": float(batch.reward.mean()), "path_kl": float(batch.path_kl.mean()),
-               "objective": float((batch.reward - beta * batch.path_kl).mean()),
+        rec = {"epoch": self.iteration - 1, "queries": self.queries,
+               **rollout_metrics(batch.reward, batch.path_kl, beta),
                "beta": beta, "lr": self.optimizer.param_groups[0]["lr"], **metrics}
         if cfg.eval_every > 0 and self.evaluator is not None and (
                 self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):

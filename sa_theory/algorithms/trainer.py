@@ -14,7 +14,12 @@ One iteration (:meth:`Trainer.train_iteration`):
 2. ``task.prepare(batch, generator) -> (method, rollout_batch, plan, metrics)``: the method on this batch with its
    advantages (the critic phase, a baseline, per-prompt or group normalisation) and the :class:`UpdatePlan`;
 3. :meth:`Trainer.update`: the policy update the plan describes;
-4. ``task.record(batch, metrics) -> dict``: the iteration's log record.
+4. ``task.record(batch, metrics, updated) -> dict``: the iteration's log record, in one namespace for every task:
+   ``epoch`` (0-based), ``queries``, the rollout statistics of :func:`~.loop_utils.rollout_metrics`
+   (``reward_mean``, ``path_kl_mean``, ``objective_mean`` and their ``_se``), ``beta``, ``lr``, the
+   preparation's metrics (``value_loss`` of a critic phase, ...), the update's diagnostics under ``train/``
+   (``train/grad_norm``, ``train/actor_loss``, ``train/kl_to_old``, ...) and its counters (``updates``,
+   ``early_stopped``, ``logprob_parity_max``).
 
 :meth:`Trainer.train` repeats it up to ``task.total_iterations`` with ``task.end_iteration`` (counters, log,
 checkpoint) after each. On SIGINT/SIGTERM (on any process) the current iteration finishes, a checkpoint is written
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import GracefulInterrupt, TrainingInterrupted
+from .loop_utils import COUNTS
 
 __all__ = ["Trainer", "UpdatePlan"]
 
@@ -105,6 +111,7 @@ class Trainer:
         batch, generator, metrics = task.rollouts()
         method, rb, plan, prepared = task.prepare(batch, generator)
         updated = self.update(method, rb, plan, generator)
+        updated = {k if k in COUNTS else f"train/{k}": v for k, v in updated.items()}
         return task.record(batch, {**metrics, **prepared}, updated)
 
     def update(self, method, batch, plan: UpdatePlan, generator: torch.Generator) -> dict:

@@ -87,5 +87,5 @@ class CheckpointMixin:
         for k, (old, new) in sorted(changes.items()):
             print(f"resume: {k} changed from {old!r} to {new!r} (applied)", file=sys.stderr)
         if self.cfg.log_path and os.path.exists(self.cfg.log_path):
-            rewrite_jsonl(self.cfg.log_path, lambda r: r.get("iteration", 0) <= self.iteration)
+            rewrite_jsonl(self.cfg.log_path, lambda r: r.get("epoch", r.get("iteration", 1) - 1) < self.iteration)
         return True
