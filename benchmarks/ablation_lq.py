@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BASE = {"policy": "affine", "pieces": 4, "iterations": 60, "batch_size": 128, "progress": False}
+BASE = {"policy": "affine", "pieces": 4, "num_epochs": 60, "batch_size": 128, "progress": False}
 #: (row name, algorithm, overrides, exact costates: None | 'left' | 'next')
 ROWS = [
     ("critic (left point; old default)", "sa_ac", {"costate": "critic"}, None),
@@ -45,7 +45,7 @@ ROWS = [
     ("random grid times (tau_subset N/5)", "sa_ac", {"critic": "residual", "tau_subset": -5}, None),
     ("trust region 10x looser (kl_penalty 0.1)", "sa_ac", {"critic": "residual", "kl_penalty": 0.1}, None),
     ("learning rate 3x (0.03)", "sa_ac", {"critic": "residual", "learning_rate": 0.03}, None),
-    ("4x budget (240 iterations)", "sa_ac", {"critic": "residual", "iterations": 240}, None),
+    ("4x budget (240 iterations)", "sa_ac", {"critic": "residual", "num_epochs": 240}, None),
     ("DDPO-IS (tuned: lr 0.01, clip 0.1)", "ddpo_is", {}, None),
     # the baseline's tuning, same effort as the sa_ac rows above (5 settings around its defaults)
     ("DDPO-IS lr 0.003", "ddpo_is", {"learning_rate": 0.003}, None),
@@ -89,9 +89,9 @@ def run_one(row: int, N: int, seed: int, quick: bool) -> dict:
     ov = dict(ov)
     if ov.get("tau_subset", 0) < 0:
         ov["tau_subset"] = max(1, N // -ov["tau_subset"])
-    cfg = {**METHOD_OVERRIDES[algo], **BASE, **ov, "sampler_steps": N, "seed": seed}
+    cfg = {**METHOD_OVERRIDES[algo], **BASE, **ov, "num_steps": N, "seed": seed}
     if quick:
-        cfg.update(iterations=3, batch_size=32)
+        cfg.update(num_epochs=3, batch_size=32)
     t0 = time.time()
     s = build(algo, "gauss2d", cfg)
     if exact:
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     Ns, seeds = ([10], [0]) if a.quick else ([10, 50], [0, 1, 2])
     rows = [r for r in range(len(ROWS)) if a.only is None or a.only in ROWS[r][0]]
     jobs = [(r, N, s) for r in rows for N in Ns for s in seeds]
-    jobs.sort(key=lambda j: -(j[1] * (4 if ROWS[j[0]][2].get("iterations") else 1)))  # longest first
+    jobs.sort(key=lambda j: -(j[1] * (4 if ROWS[j[0]][2].get("num_epochs") else 1)))  # longest first
     t0 = time.time()
     if a.workers == 1:
         out = [run_one(r, N, s, a.quick) for r, N, s in tqdm(jobs, desc="ablation runs", dynamic_ncols=True)]
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
             cells[str(N)] = {"J": float(js.mean()), "gap_pct": float(gap.mean()), "gap_pct_se": se}
         table.append({"row": name, **cells})
     res = {"class_optimum": J_class, "chain_floor": {str(N): v for N, v in floors.items()}, "Ns": Ns,
-           "seeds": seeds, "budget_queries": BASE["iterations"] * BASE["batch_size"], "table": table,
+           "seeds": seeds, "budget_queries": BASE["num_epochs"] * BASE["batch_size"], "table": table,
            "wall_s": time.time() - t0, "runs": out}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"ablation{a.tag}.json"), "w") as fh:

@@ -36,7 +36,7 @@ def queries_to_close(algo: str, N: int, its: int, B: int, evals: int, n_eval: in
         ov = {**GMM_SA_AC, "final_distill_steps": 0}
     else:
         ov = {**METHOD_OVERRIDES[algo], **({"critic": "residual"} if algo == "dpok" else {})}
-    s = build(algo, "gmm2d", {"progress": False, **ov, "iterations": its, "batch_size": B, "sampler_steps": N,
+    s = build(algo, "gmm2d", {"progress": False, **ov, "num_epochs": its, "batch_size": B, "num_steps": N,
                                "seed": seed})
     J_pre, J_opt = s.pretrained_objective(), s.optimum()
     grids = {"train": N, "fine": eval_steps}

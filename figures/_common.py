@@ -69,15 +69,15 @@ def train_curve(algo: str, problem: str, overrides: dict, evals: int = 8, exact:
     evaluation points: ``queries``, ``objective``, ``reward``, ``path_kl``."""
     ov = {"progress": False, **METHOD_OVERRIDES.get(algo, {}), **overrides}
     s = build(algo, problem, ov)
-    its = s.cfg.iterations
+    its = s.cfg.num_epochs
     marks = sorted({int(round(its * (i + 1) / evals)) for i in range(evals)})
     curve = {"queries": [0], "objective": [], "reward": [], "path_kl": []}
-    e = s.evaluate() if exact else s.evaluate(steps=s.cfg.sampler_steps)
+    e = s.evaluate() if exact else s.evaluate(steps=s.cfg.num_steps)
     for k in ("objective", "reward", "path_kl"):
         curve[k].append(e[k])
     for m in marks:
         s.trainer.train(until=m)
-        e = s.evaluate() if exact else s.evaluate(steps=s.cfg.sampler_steps)
+        e = s.evaluate() if exact else s.evaluate(steps=s.cfg.num_steps)
         curve["queries"].append(s.trainer.queries)
         for k in ("objective", "reward", "path_kl"):
             curve[k].append(e[k])

@@ -25,8 +25,8 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
     for algo in METHODS:
         curves[algo] = []
         for seed in seeds:
-            setup, c = train_curve(algo, "gauss2d", {"policy": "affine", "pieces": 4, "iterations": its,
-                                                     "batch_size": B, "sampler_steps": 50, "seed": seed}, evals)
+            setup, c = train_curve(algo, "gauss2d", {"policy": "affine", "pieces": 4, "num_epochs": its,
+                                                     "batch_size": B, "num_steps": 50, "seed": seed}, evals)
             curves[algo].append(c)
     prob = setup.prob
     J_class = affine_class_optimum(prob, 4, polish=not quick)[0]

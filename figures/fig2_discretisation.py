@@ -26,8 +26,8 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
         for N in Ns:
             js = []
             for seed in seeds:
-                s, c = train_curve(m, "gauss2d", {"policy": "affine", "pieces": 4, "iterations": its,
-                                                  "batch_size": B, "sampler_steps": N, "seed": seed}, evals=1)
+                s, c = train_curve(m, "gauss2d", {"policy": "affine", "pieces": 4, "num_epochs": its,
+                                                  "batch_size": B, "num_steps": N, "seed": seed}, evals=1)
                 js.append(c["objective"][-1])
                 if m == "sa_ac" and seed == 0:
                     setups[N] = s

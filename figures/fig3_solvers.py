@@ -29,8 +29,8 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
         runs = [("sa_ac", "euler"), ("sa_ac", "heun"), ("ddpo_is", "euler")]
     rows, table, errs = [], [], []
     for algo, solver in runs:
-        s, _ = train_curve(algo, "gauss2d", {"policy": "affine", "pieces": 4, "iterations": its, "batch_size": B,
-                                             "solver": solver, "sampler_steps": 50, "seed": 0}, evals=1)
+        s, _ = train_curve(algo, "gauss2d", {"policy": "affine", "pieces": 4, "num_epochs": its, "batch_size": B,
+                                             "solver": solver, "num_steps": 50, "seed": 0}, evals=1)
         row, err = [], []
         for ev in EVAL:
             if ev == "ode":

@@ -24,7 +24,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
     learned = {m: [] for m in methods}
     for m in methods:
         for beta in betas:
-            _, c = train_curve(m, "gauss2d", {"policy": "affine", "pieces": 4, "iterations": its, "batch_size": B,
+            _, c = train_curve(m, "gauss2d", {"policy": "affine", "pieces": 4, "num_epochs": its, "batch_size": B,
                                               "beta": beta, "seed": 0}, evals=1)
             learned[m].append((c["path_kl"][-1], c["reward"][-1]))
     dense = np.geomspace(0.15, 8.0, 8 if quick else 25)

@@ -34,7 +34,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
     setup_torch()
     its, B, n = (4, 32, 1000) if quick else (300, 256, 4000)
     ov = GMM_SA_AC_QUICK if quick else GMM_SA_AC
-    s = build("sa_ac", "gmm2d", {"progress": False, **ov, "iterations": its, "batch_size": B, "sampler_steps": 20,
+    s = build("sa_ac", "gmm2d", {"progress": False, **ov, "num_epochs": its, "batch_size": B, "num_steps": 20,
                                  "seed": 0})
     s.trainer.train()
     prob = s.prob

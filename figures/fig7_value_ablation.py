@@ -20,7 +20,7 @@ def critic_gradient_error(s, n: int = 512, seed: int = 5) -> float:
     """Relative RMS error of grad_y V_psi against the exact grad_y V^theta on states of the current policy."""
     tr = s.trainer
     gen = torch.Generator().manual_seed(seed)
-    traj, _ = tr.sample_paths(n, tr.cfg.sampler_steps, "euler", gen, seed)
+    traj, _ = tr.sample_paths(n, tr.cfg.num_steps, "euler", gen, seed)
     theta, M = s.policy.theta_numpy(), s.toy.pieces
     coeffs = s.prob.policy_value_coeffs(theta, M)
     num = den = 0.0
@@ -40,7 +40,7 @@ def run(out_dir: str | None = None, quick: bool = False) -> dict:
     its, B, evals = (3, 32, 1) if quick else (100, 128, 8)
     res = {}
     for critic in CRITICS:
-        s = build("sa_ac", "gauss2d", {"progress": False, "policy": "affine", "pieces": 4, "iterations": its,
+        s = build("sa_ac", "gauss2d", {"progress": False, "policy": "affine", "pieces": 4, "num_epochs": its,
                                        "batch_size": B, "learning_rate": 0.01, "lr_schedule": "cosine",
                                        "critic": critic})
         q, J, err = [], [], []

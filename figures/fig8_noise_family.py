@@ -41,7 +41,7 @@ def train_actor_critic(eta: float, iterations: int, batch: int, seed: int = 0) -
                       reward=lambda x, cond=None: prob.reward_torch(x),
                       initial_sample=lambda n, gen, dtype: prob.initial_sample(n, generator=gen, dtype=dtype),
                       name=f"rf1d-eta{eta:g}")
-    cfg = SAACConfig(seed=seed, iterations=iterations, batch_size=batch, sampler_steps=100, beta=1.0,
+    cfg = SAACConfig(seed=seed, num_epochs=iterations, batch_size=batch, num_steps=100, beta=1.0,
                      learning_rate=0.02,
                      lr_schedule="cosine", progress=False, value_epochs=8, value_batch=1024)
     seed_everything(seed)

@@ -45,21 +45,46 @@ def test_renamed_config_fields_are_refused_naming_the_image_name_and_load_from_o
     cfg = from_dict({"algo": "sa_ac", "lr": 0.5, "epochs": 3, "grad_accum": 2, "adam_eps": 1e-6})
     assert (cfg.learning_rate, cfg.num_inner_epochs, cfg.gradient_accumulation_steps, cfg.adam_epsilon) == \
         (0.5, 3, 2, 1e-6)
-    from t2i.config import Config  # the image names are the same fields' names
+    cfg = from_dict({"algo": "sa_ac", "iterations": 7, "sampler_steps": 9, "lr_warmup": 2})
+    assert (cfg.num_epochs, cfg.num_steps, cfg.lr_warmup_epochs) == (7, 9, 2)
 
-    train = {f.name for f in dataclasses.fields(type(Config().train))}
-    assert set(RENAMED.values()) <= train
+
+def test_toy_and_image_configs_share_one_vocabulary_of_qualified_names():
+    """Toy fields have qualified names ``section.field``; wherever the quantity is the same as an image config field
+    the name is the image's, and overrides / the CLI accept them (``split_overrides`` routes the model part)."""
+    from sa_theory.algorithms.config import DPOKConfig, qualified_names
+    from t2i.config import Config
+    from toy_problems.train import ToyConfig, split_overrides
+
+    image = {f"{sec.name}.{f.name}" for sec in dataclasses.fields(Config)
+             if dataclasses.is_dataclass(getattr(Config(), sec.name)) for f in dataclasses.fields(getattr(Config(),
+                                                                                                       sec.name))}
+    toy = set().union(*(qualified_names(c).values() for c in (SAACConfig, DDPOISConfig, DPOKConfig, ToyConfig)))
+    same = {"train.seed", "train.num_epochs", "train.gradient_accumulation_steps", "train.num_inner_epochs",
+            "train.learning_rate", "train.adam_epsilon", "train.max_grad_norm", "train.beta", "train.kl_penalty",
+            "train.early_stop_path_kl", "train.estimator", "train.clip_range", "train.ratio_clamp",
+            "sample.batch_size", "sample.num_steps", "value.kind", "value.width", "value.loss", "value.learning_rate",
+            "value.fit", "value.epochs", "log.overwrite", "log.progress"}
+    assert same <= toy & image, same - (toy & image)
+    cfg, tc = split_overrides("sa_ac", {"train.num_epochs": "3", "sample.num_steps": "7", "value.learning_rate": "0.1",
+                                        "value.fit": "joint", "value.kind": "residual", "model.pieces": "2",
+                                        "env.problem": "gmm2d", "learning_rate": "0.01"})
+    assert (cfg.num_epochs, cfg.num_steps, cfg.value_lr, cfg.value_fit, cfg.learning_rate) == (3, 7, 0.1, "joint", 0.01)
+    assert (tc.critic, tc.pieces, tc.problem) == ("residual", 2, "gmm2d")
+    with pytest.raises(KeyError, match="'train.num_epoch'"):
+        split_overrides("sa_ac", {"train.num_epoch": "3"})
+    assert "train.num_epochs (int) = 200" in describe(SAACConfig)
 
 
 def test_config_override_converts_types_and_names_unknown_fields():
-    cfg = override(SAACConfig(), {"learning_rate": "3e-3", "sampler_steps": "25", "progress": "false",
+    cfg = override(SAACConfig(), {"learning_rate": "3e-3", "num_steps": "25", "progress": "false",
                                   "max_path_kl": "0.5"})
-    assert (cfg.learning_rate, cfg.sampler_steps, cfg.progress, cfg.max_path_kl) == (3e-3, 25, False, 0.5)
+    assert (cfg.learning_rate, cfg.num_steps, cfg.progress, cfg.max_path_kl) == (3e-3, 25, False, 0.5)
     assert override(cfg, {"max_path_kl": "none"}).max_path_kl is None
     with pytest.raises(KeyError, match="'learning_rte'"):
         override(SAACConfig(), {"learning_rte": 1.0})
-    with pytest.raises(ValueError, match="'sampler_steps'"):
-        override(SAACConfig(), {"sampler_steps": "2.5"})
+    with pytest.raises(ValueError, match="'num_steps'"):
+        override(SAACConfig(), {"num_steps": "2.5"})
     with pytest.raises(ValueError, match="'progress'"):
         override(SAACConfig(), {"progress": "maybe"})
     assert from_dict(to_dict(cfg)) == cfg
@@ -73,12 +98,14 @@ def test_every_config_field_is_documented():
 
 def test_cli_parses_any_field_and_alias():
     ov = parse_overrides(["--steps", "7", "--set", "beta=2", "--kl-penalty=0.5", "--progress", "false"])
-    assert ov == {"iterations": "7", "beta": "2", "kl_penalty": "0.5", "progress": "false"}
+    assert ov == {"num_epochs": "7", "beta": "2", "kl_penalty": "0.5", "progress": "false"}
+    ov = parse_overrides(["--train.num_epochs", "7", "--sample.num_steps=3"])
+    assert ov == {"train.num_epochs": "7", "sample.num_steps": "3"}
 
 
 def test_cli_train_writes_jsonl_checkpoint_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--batch_size", "32", "--sampler_steps", "10", "--progress", "false", "--eval_paths", "256",
+    common = ["--batch_size", "32", "--num_steps", "10", "--progress", "false", "--eval_paths", "256",
               "--out", str(out)]
     args = ["train", "--algo", "sa_ac", "--problem", "gauss2d", "--steps", "3", *common]
     assert cli_main(args) == 0
@@ -99,7 +126,7 @@ def test_cli_unknown_field_is_an_error_naming_it(capsys):
 @pytest.mark.parametrize("algo", ["sa_ac", "ddpo_sf", "ddpo_is", "dpok"])
 def test_jsonl_log_has_the_promised_metrics_in_the_image_namespace(tmp_path, algo):
     log = tmp_path / "m.jsonl"
-    s = build(algo, "gauss2d", {**FAST, "iterations": 2, "batch_size": 16, "sampler_steps": 8, "log_path": str(log)})
+    s = build(algo, "gauss2d", {**FAST, "num_epochs": 2, "batch_size": 16, "num_steps": 8, "log_path": str(log)})
     s.trainer.train()
     recs = [json.loads(line) for line in open(log)]
     assert len(recs) == 2
@@ -117,7 +144,7 @@ def test_jsonl_log_has_the_promised_metrics_in_the_image_namespace(tmp_path, alg
 
 
 def test_nan_reward_raises_floating_point_error_naming_the_reward():
-    s = build("sa_ac", "gauss2d", {**FAST, "iterations": 1, "batch_size": 8, "sampler_steps": 5})
+    s = build("sa_ac", "gauss2d", {**FAST, "num_epochs": 1, "batch_size": 8, "num_steps": 5})
     s.env.reward = lambda x, cond=None: torch.full((x.shape[0],), float("nan"), dtype=x.dtype)
     with pytest.raises(FloatingPointError, match="reward"):
         s.trainer.train()
@@ -144,7 +171,7 @@ def test_pathwise_costate_options_are_validated_and_run():
     with pytest.raises(ValueError, match="'lr_schedule'"):
         build("sa_ac", "gauss2d", {**FAST, "lr_schedule": "step"})
     for ov in ({"costate": "pathwise"}, {"value_grad_coef": 1.0}):
-        s = build("sa_ac", "gmm2d", {**FAST, **ov, "iterations": 2, "batch_size": 16, "sampler_steps": 6})
+        s = build("sa_ac", "gmm2d", {**FAST, **ov, "num_epochs": 2, "batch_size": 16, "num_steps": 6})
         hist = s.trainer.train()
         assert len(hist) == 2 and np.isfinite(hist[-1]["objective_mean"]) and np.isfinite(hist[-1]["value_loss"])
 
@@ -162,7 +189,7 @@ def test_critic_costates_sit_at_the_step_s_next_state_or_its_left_point_and_esti
     assert SAACConfig().costate == "critic_next"
     grads = {}
     for where in ("critic_next", "critic"):
-        s = build("sa_ac", "gauss2d", {**FAST, "costate": where, "batch_size": 8, "sampler_steps": 5})
+        s = build("sa_ac", "gauss2d", {**FAST, "costate": where, "batch_size": 8, "num_steps": 5})
         batch = s.trainer.collect(0)
         v, p = s.trainer.critic.costates(batch)
         rows = slice(1, 6) if where == "critic_next" else slice(0, 5)
@@ -172,8 +199,8 @@ def test_critic_costates_sit_at_the_step_s_next_state_or_its_left_point_and_esti
         torch.testing.assert_close(v, values_on_grid(s.trainer.value, batch.taus[:5], batch.states[:5]).detach())
         grads[where] = p
     assert not torch.allclose(grads["critic_next"], grads["critic"])
-    s = build("sa_ac", "gauss2d", {**FAST, "estimator": "likelihood_ratio", "iterations": 2, "batch_size": 16,
-                                   "sampler_steps": 6})
+    s = build("sa_ac", "gauss2d", {**FAST, "estimator": "likelihood_ratio", "num_epochs": 2, "batch_size": 16,
+                                   "num_steps": 6})
     hist = s.trainer.train()
     assert len(hist) == 2 and np.isfinite(hist[-1]["objective_mean"]) and hist[-1]["train/grad_norm"] > 0
 
@@ -199,13 +226,13 @@ def test_checkpoint_write_is_atomic(tmp_path):
                "gradient_accumulation_steps": 2, "critic": "residual", "critic_x0_input": True,
                "value_lr_schedule": "cosine",
                "final_distill_steps": 5, "final_distill_paths": 40}),
-    ("ddpo_is", {"lr_warmup": 2}),
+    ("ddpo_is", {"lr_warmup_epochs": 2}),
     ("dpok", {}),
 ])
 def test_resume_is_bitwise_exact(tmp_path, algo, extra):
     """Kill after k iterations, resume in a NEW trainer: same parameters and metrics as 2k in one go."""
     k = 3
-    ov = {**FAST, "iterations": 2 * k, "batch_size": 16, "sampler_steps": 8, "seed": 7, **extra}
+    ov = {**FAST, "num_epochs": 2 * k, "batch_size": 16, "num_steps": 8, "seed": 7, **extra}
     full = build(algo, "gauss2d", ov)
     full.trainer.train()
 
@@ -229,7 +256,7 @@ def test_resume_is_bitwise_exact(tmp_path, algo, extra):
 
 def test_resume_drops_log_records_written_after_the_checkpoint(tmp_path):
     ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
-    ov = {**FAST, "iterations": 4, "batch_size": 8, "sampler_steps": 5, "checkpoint_path": str(ck),
+    ov = {**FAST, "num_epochs": 4, "batch_size": 8, "num_steps": 5, "checkpoint_path": str(ck),
           "log_path": str(log), "checkpoint_every": 2}
     s = build("sa_ac", "gauss2d", ov)
     s.trainer.train(until=2)  # checkpoint at iteration 2
@@ -249,7 +276,7 @@ def lg_problem():
 
 
 def _train_lg(iterations, pieces, batch_size=128, lr=0.02, seed=0, problem="gauss2d"):
-    s = build("sa_ac", problem, {**FAST, "policy": "affine", "pieces": pieces, "iterations": iterations,
+    s = build("sa_ac", problem, {**FAST, "policy": "affine", "pieces": pieces, "num_epochs": iterations,
                                  "batch_size": batch_size, "learning_rate": lr, "lr_schedule": "cosine", "seed": seed})
     s.trainer.train()
     return s
@@ -284,7 +311,7 @@ def test_actor_critic_with_the_joint_critic_loss_reaches_the_affine_class_optimu
     reaches the class optimum within 2% (measured 1.35%, gap closed 96.9%; MC targets; TD(0) 1.1%). Negative
     control: leaving the critic loss out of the update (the critic stays at its initialisation) closes 3% of the gap
     (measured), far outside the tolerance."""
-    s = build("sa_ac", "gauss2d", {**FAST, "policy": "affine", "pieces": 1, "iterations": 60, "batch_size": 128,
+    s = build("sa_ac", "gauss2d", {**FAST, "policy": "affine", "pieces": 1, "num_epochs": 60, "batch_size": 128,
                                    "learning_rate": 0.02, "lr_schedule": "cosine", "seed": 0, "value_fit": "joint",
                                    "value_lr": 1e-2})
     assert s.trainer.joint_value and len(s.trainer.optimizer.param_groups) == 2
@@ -300,8 +327,8 @@ def test_joint_critic_fit_is_validated_and_trains_the_dpok_baseline():
         build("sa_ac", "gauss2d", {**FAST, "value_fit": "both"})
     with pytest.raises(ValueError, match="'value_fit'.*value_grad_coef"):
         build("sa_ac", "gmm2d", {**FAST, "value_fit": "joint", "value_grad_coef": 1.0})
-    s = build("dpok", "gauss2d", {**FAST, "value_fit": "joint", "iterations": 3, "batch_size": 16,
-                                  "sampler_steps": 6})
+    s = build("dpok", "gauss2d", {**FAST, "value_fit": "joint", "num_epochs": 3, "batch_size": 16,
+                                  "num_steps": 6})
     v0 = [p.detach().clone() for p in s.trainer.value.parameters()]
     hist = s.trainer.train()
     assert all(np.isfinite(h["train/critic_loss"]) and h["train/critic_loss"] > 0 for h in hist)
@@ -334,7 +361,7 @@ def _gmm_check(s, n=8192, steps=None, policy=None):
     optimum) terminal samples, and their combined (independent-sample) Monte-Carlo standard errors."""
     prob = s.prob
     W, M, C = prob.tilted_law()
-    ev = s.trainer.evaluate(n, steps=steps or s.cfg.sampler_steps, return_samples=True, beta=prob.beta,
+    ev = s.trainer.evaluate(n, steps=steps or s.cfg.num_steps, return_samples=True, beta=prob.beta,
                             policy=policy)
     x = ev["final"].double().numpy()
     ex = prob.sample_optimal_terminal(n, rng=123)
@@ -347,8 +374,8 @@ def _gmm_check(s, n=8192, steps=None, policy=None):
 
 @pytest.mark.slow
 def test_residual_mlp_policy_reaches_the_unrestricted_optimum_on_a_2d_gaussian():
-    s = build("sa_ac", "gauss2d", {**FAST, "iterations": 300, "batch_size": 256, "learning_rate": 3e-3,
-                                   "lr_schedule": "cosine", "sampler_steps": 50})
+    s = build("sa_ac", "gauss2d", {**FAST, "num_epochs": 300, "batch_size": 256, "learning_rate": 3e-3,
+                                   "lr_schedule": "cosine", "num_steps": 50})
     s.trainer.train()
     ev = s.evaluate(steps=200, n_paths=16384)
     J_star = s.prob.optimal_objective()
@@ -365,7 +392,7 @@ def test_actor_with_exact_costates_reaches_the_tilted_mixture():
     test) but the actor network lags it (small-mode weight 0.073-0.080 over seeds and critic settings) until it is
     distilled onto that greedy policy at the end (``final_distill_steps``); with
     the sampled pathwise costates (``costate='pathwise'``, the N-step chain's gradient) 0.092-0.098."""
-    s = build("sa_ac", "gmm2d", {**FAST, "iterations": 300, "batch_size": 256, "sampler_steps": 20,
+    s = build("sa_ac", "gmm2d", {**FAST, "num_epochs": 300, "batch_size": 256, "num_steps": 20,
                                  "learning_rate": 1e-2, "lr_schedule": "cosine", "num_inner_epochs": 8,
                                  "kl_penalty": 0.1, "critic": "tweedie"})
     prob = s.prob
@@ -400,7 +427,7 @@ def test_full_actor_critic_on_the_mixture_reaches_the_tilted_mixture():
     policy of the *pretrained* value r(x0_hat) 8.5 SE off; with beta off by 25% in the greedy formula, 16 SE."""
     from figures._common import GMM_SA_AC
 
-    s = build("sa_ac", "gmm2d", {**FAST, **GMM_SA_AC, "iterations": 300, "batch_size": 256, "sampler_steps": 20})
+    s = build("sa_ac", "gmm2d", {**FAST, **GMM_SA_AC, "num_epochs": 300, "batch_size": 256, "num_steps": 20})
     s.trainer.train()
     prob, tr = s.prob, s.trainer
     last = tr.history[-1]
@@ -425,7 +452,7 @@ def test_distill_reproduces_its_target_policy_and_validates_its_arguments():
     the actor's terminal law has the tilted mixture's weights and means within 4 combined SE (16384 paths, 200
     steps; measured small-mode weight 0.0694, |z| <= 1.4; the pretrained law is > 15 SE off), and the held-out
     path KL to the target drops from 0.60 to 0.0045 nats per path. Bad arguments raise naming the field."""
-    s = build("sa_ac", "gmm2d", {**FAST, "iterations": 1, "batch_size": 256, "sampler_steps": 20,
+    s = build("sa_ac", "gmm2d", {**FAST, "num_epochs": 1, "batch_size": 256, "num_steps": 20,
                                  "critic": "tweedie"})
     tr = s.trainer
     _, opt = s.prob.action_fns()
@@ -461,7 +488,7 @@ def test_log_ratio_value_targets_are_unbiased_and_nearly_deterministic_at_the_op
         def forward(self, tau, y, cond=None):
             return self.f(tau, y, cond)
 
-    s = build("sa_ac", "gmm2d", {**FAST, "batch_size": 4096, "sampler_steps": 100, "value_loss": "mc_cv",
+    s = build("sa_ac", "gmm2d", {**FAST, "batch_size": 4096, "num_steps": 100, "value_loss": "mc_cv",
                                  "critic": "tweedie"})
     prob, tr = s.prob, s.trainer
     pre, opt = prob.action_fns()
@@ -492,7 +519,7 @@ def test_log_ratio_value_targets_are_unbiased_and_nearly_deterministic_at_the_op
 def test_toy_early_stop_on_the_path_kl_to_the_old_policy_cuts_the_actor_updates():
     """``early_stop_path_kl`` (the images' trust-region early stop) on a toy: the first update of an iteration is at
     the sampling policy (KL to old 0), so with a tiny threshold every iteration stops after its second of four."""
-    over = {**FAST, "iterations": 2, "num_inner_epochs": 4, "batch_size": 16, "sampler_steps": 5}
+    over = {**FAST, "num_epochs": 2, "num_inner_epochs": 4, "batch_size": 16, "num_steps": 5}
     hist = build("sa_ac", "gauss2d", {**over, "early_stop_path_kl": 1e-12}).trainer.train()
     assert [(h["updates"], h["early_stopped"]) for h in hist] == [(2, True), (2, True)]
     hist = build("sa_ac", "gauss2d", over).trainer.train()

@@ -14,7 +14,7 @@ import torch
 from toy_problems.cli import main as toy_main
 from toy_problems.train import build
 
-SMALL = {"progress": False, "batch_size": 16, "sampler_steps": 5}
+SMALL = {"progress": False, "batch_size": 16, "num_steps": 5}
 
 
 # ---------------------------------------------------------------------------------------------- toy rewards
@@ -25,7 +25,7 @@ SMALL = {"progress": False, "batch_size": 16, "sampler_steps": 5}
     lambda x, cond=None: x.sum(1).tolist(),  # not a tensor
 ])
 def test_toy_reward_of_the_wrong_shape_is_an_error_naming_the_reward(bad):
-    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 1})
+    s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 1})
     s.env.reward = bad
     with pytest.raises(ValueError, match=r"reward of environment 'gauss2d' must return a tensor of shape \(16,\)"):
         s.trainer.train()
@@ -33,14 +33,14 @@ def test_toy_reward_of_the_wrong_shape_is_an_error_naming_the_reward(bad):
 
 
 def test_toy_integer_reward_is_accepted_as_numbers():
-    s = build("ddpo_sf", "gauss2d", {**SMALL, "iterations": 1})
+    s = build("ddpo_sf", "gauss2d", {**SMALL, "num_epochs": 1})
     s.env.reward = lambda x, cond=None: (x[:, 0] > 0).long()  # success indicator
     hist = s.trainer.train()
     assert 0 <= hist[-1]["reward_mean"] <= 1
 
 
 def test_toy_reward_with_inf_is_an_error_naming_the_reward():
-    s = build("dpok", "gauss2d", {**SMALL, "iterations": 1})
+    s = build("dpok", "gauss2d", {**SMALL, "num_epochs": 1})
     s.env.reward = lambda x, cond=None: torch.where(x[:, 0] > 0, torch.inf, 0.0).to(x.dtype)
     with pytest.raises(FloatingPointError, match="reward"):
         s.trainer.train()
@@ -48,7 +48,7 @@ def test_toy_reward_with_inf_is_an_error_naming_the_reward():
 
 # ---------------------------------------------------------------------------------------------- toy configs
 @pytest.mark.parametrize("algo,field,value", [
-    ("sa_ac", "num_inner_epochs", 0), ("sa_ac", "iterations", 0), ("sa_ac", "max_path_kl", -1.0),
+    ("sa_ac", "num_inner_epochs", 0), ("sa_ac", "num_epochs", 0), ("sa_ac", "max_path_kl", -1.0),
     ("sa_ac", "max_path_kl", 0.0), ("sa_ac", "batch_size", 0), ("sa_ac", "learning_rate", 0.0),
     ("sa_ac", "learning_rate", float("nan")), ("sa_ac", "beta", -1.0),
     ("sa_ac", "log_every", 0), ("sa_ac", "checkpoint_every", -2), ("sa_ac", "value_epochs", 0),
@@ -107,7 +107,7 @@ def test_gap_closed_of_an_untrained_policy_is_zero_comparing_like_with_like(prob
 
 
 def test_gap_closed_after_training_has_a_standard_error_and_moves_towards_one():
-    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 20, "learning_rate": 0.01, "eval_paths": 1024})
+    s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 20, "learning_rate": 0.01, "eval_paths": 1024})
     s.trainer.train()
     gap = s.gap_closed()
     assert 0 < gap["fraction_se"] < 0.1

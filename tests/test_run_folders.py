@@ -21,8 +21,8 @@ from sa_theory.algorithms.toy_task import ToyTask
 from toy_problems.cli import main as toy_main
 from toy_problems.train import build
 
-SMALL = {"progress": False, "batch_size": 16, "sampler_steps": 5, "seed": 3}
-CLI_SMALL = ["--batch_size", "16", "--sampler_steps", "5", "--progress", "false", "--eval_paths", "64"]
+SMALL = {"progress": False, "batch_size": 16, "num_steps": 5, "seed": 3}
+CLI_SMALL = ["--batch_size", "16", "--num_steps", "5", "--progress", "false", "--eval_paths", "64"]
 
 
 def snapshot(folder) -> dict[str, str]:
@@ -68,7 +68,7 @@ def test_checkpoint_checksum_detects_truncation_and_alteration_naming_the_file(t
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one_naming_both_and_stays_exact(tmp_path, capsys):
-    ov = {**SMALL, "iterations": 4}
+    ov = {**SMALL, "num_epochs": 4}
     full = build("sa_ac", "gauss2d", ov)
     full.trainer.train()
     ck = tmp_path / "checkpoint.pt"
@@ -99,18 +99,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one_naming_both_an
 def test_fresh_toy_run_refuses_to_append_to_an_existing_log_unless_overwrite(tmp_path):
     log = tmp_path / "m.jsonl"
     log.write_text('{"iteration": 1}\n')
-    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 1, "log_path": str(log)})
+    s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 1, "log_path": str(log)})
     with pytest.raises(FileExistsError, match="'log_path'.*m.jsonl"):
         s.trainer.train()
     assert log.read_text() == '{"iteration": 1}\n'
-    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 1, "log_path": str(log), "overwrite": True})
+    s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 1, "log_path": str(log), "overwrite": True})
     s.trainer.train()
     assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0]
 
 
 def test_default_checkpoints_are_periodic_so_a_crash_loses_at_most_10_percent(tmp_path, monkeypatch):
     ck = tmp_path / "ck.pt"
-    s = build("sa_ac", "gauss2d", {**SMALL, "iterations": 20, "checkpoint_path": str(ck)})
+    s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 20, "checkpoint_path": str(ck)})
     assert s.trainer.checkpoint_interval == 2
     orig = ToyTask.collect
 
@@ -127,7 +127,7 @@ def test_default_checkpoints_are_periodic_so_a_crash_loses_at_most_10_percent(tm
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_path, monkeypatch, sig):
-    ov = {**SMALL, "iterations": 4, "checkpoint_every": -1}
+    ov = {**SMALL, "num_epochs": 4, "checkpoint_every": -1}
     full = build("ddpo_is", "gauss2d", ov)
     full.trainer.train()
     ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
@@ -150,13 +150,13 @@ def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_
 
 def test_resume_after_a_kill_mid_log_write_and_with_too_few_iterations(tmp_path, capsys):
     ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
-    ov = {**SMALL, "iterations": 3, "checkpoint_path": str(ck), "log_path": str(log)}
+    ov = {**SMALL, "num_epochs": 3, "checkpoint_path": str(ck), "log_path": str(log)}
     build("sa_ac", "gauss2d", ov).trainer.train(until=2)
     with open(log, "a") as fh:
         fh.write('{"iteration": 3, "rew')  # killed while writing iteration 3's record
-    short = build("sa_ac", "gauss2d", {**ov, "iterations": 1})
+    short = build("sa_ac", "gauss2d", {**ov, "num_epochs": 1})
     before = snapshot(tmp_path)
-    with pytest.raises(ValueError, match=r"'iterations' \(1\) is below the checkpoint's iteration 2"):
+    with pytest.raises(ValueError, match=r"'num_epochs' \(1\) is below the checkpoint's epoch 2"):
         short.trainer.resume()
     assert snapshot(tmp_path) == before
     s = build("sa_ac", "gauss2d", ov)
@@ -209,8 +209,8 @@ def test_sa_toy_resume_refuses_other_settings_naming_them_and_reports_allowed_ch
                      "--steps", "3", "--resume"]) == 2
     assert "algo" in capsys.readouterr().err and snapshot(out) == before
     assert toy_main([*base, "--problem", "gauss2d", "--steps", "3", "--resume"]) == 0
-    assert "iterations changed from 2 to 3 (applied)" in capsys.readouterr().err
-    assert json.load(open(out / "config.json"))["train"]["iterations"] == 3
+    assert "num_epochs changed from 2 to 3 (applied)" in capsys.readouterr().err
+    assert json.load(open(out / "config.json"))["train"]["num_epochs"] == 3
     assert [json.loads(x)["epoch"] for x in open(out / "metrics.jsonl")] == [0, 1, 2]
 
 

@@ -1,22 +1,23 @@
 """``sa-toy``: train and evaluate on the toy problems from the command line.
 
-    sa-toy train --algo sa_ac --problem gauss2d --iterations 50 --learning_rate 3e-3 --out runs/ac
-    sa-toy train --algo ddpo_is --problem gmm2d --set clip_range=0.05 --set sampler_steps=25
+    sa-toy train --algo sa_ac --problem gauss2d --train.num_epochs 50 --train.learning_rate 3e-3 --out runs/ac
+    sa-toy train --algo ddpo_is --problem gmm2d --set clip_range=0.05 --set sample.num_steps=25
     sa-toy train --algo sa_ac --out runs/ac --resume          # continue a killed / interrupted run exactly
     sa-toy train --algo sa_ac --out runs/ac --overwrite       # replace the run in runs/ac
     sa-toy config --algo sa_ac                                # every field, its default and meaning
 
 Any field of the algorithm's config (``sa_theory.algorithms.config``) or of
-:class:`toy_problems.train.ToyConfig` can be set as ``--field value`` or ``--set field=value``
-(``--steps`` is an alias of ``--iterations``, training iterations; the sampler's step count is
-``--sampler_steps``). Unknown fields are an error that names them. With ``--out DIR`` the run writes
-``DIR/metrics.jsonl`` (one JSON record per logged iteration), ``DIR/checkpoint.pt`` (every ~10% of the
-iterations, the previous one kept as ``checkpoint.prev.pt``), ``DIR/config.json`` and ``DIR/final.json``, and
+:class:`toy_problems.train.ToyConfig` can be set as ``--field value`` or ``--set field=value``, by its qualified
+name (``--train.num_epochs``, ``--sample.num_steps``, ``--value.loss``: the image CLI's names wherever the quantity is
+the same; ``sa-toy config`` lists them) or its Python name (``--num_epochs``; ``--steps`` is an alias of it).
+Unknown fields are an error that names them. With ``--out DIR`` the run writes
+``DIR/metrics.jsonl`` (one JSON record per logged epoch, the image runs' names), ``DIR/checkpoint.pt`` (every ~10%
+of the epochs, the previous one kept as ``checkpoint.prev.pt``), ``DIR/config.json`` and ``DIR/final.json``, and
 prints a final evaluation against the closed-form optimum.
 
 Run folders: a folder that is not empty is never written over without ``--overwrite`` (which removes only the
 files above); ``--resume`` needs a checkpoint there and refuses one made with other settings (only
-``iterations``, logging and evaluation fields may change; the change is reported). Ctrl-C (or SIGTERM) finishes
+``num_epochs``, logging and evaluation fields may change; the change is reported). Ctrl-C (or SIGTERM) finishes
 the current iteration, writes a checkpoint and prints the command that resumes. Errors are one ``error: ...``
 line; ``--debug`` shows the traceback.
 """
@@ -34,7 +35,7 @@ from sa_theory.algorithms.config import parse_overrides as _parse_overrides
 
 __all__ = ["main", "parse_overrides", "check_out_dir", "RUN_FILES"]
 
-_ALIASES = {"steps": "iterations"}
+_ALIASES = {"steps": "num_epochs"}
 #: what a run writes into ``--out`` (all that ``--overwrite`` removes)
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "final.json")
 
@@ -117,7 +118,7 @@ def _train(args, rest, argv) -> int:
         return 130
     ev = {k: v for k, v in setup.evaluate().items() if not isinstance(v, torch.Tensor)}
     gap = setup.gap_closed()
-    print(f"algo={args.algo} problem={setup.toy.problem} iterations={trainer.iteration} queries={trainer.queries}")
+    print(f"algo={args.algo} problem={setup.toy.problem} epochs={trainer.iteration} queries={trainer.queries}")
     se = lambda k: f" +- {ev[k + '_se']:.4f}" if k + "_se" in ev else ""
     print(f"  objective {ev['objective']:.4f}{se('objective')}  reward {ev['reward']:.4f}{se('reward')}  "
           f"path KL {ev['path_kl']:.4f}{se('path_kl')}")
@@ -125,7 +126,7 @@ def _train(args, rest, argv) -> int:
         how = "exact J of policy, pretrained and optimum"
     else:
         how = (f"Monte Carlo: policy J {gap['objective']:.4f} vs pretrained J {gap['pretrained']:.4f} on the same "
-               f"{setup.toy.eval_paths} paths, {cfg.sampler_steps} steps; over the exact J* - J_pre")
+               f"{setup.toy.eval_paths} paths, {cfg.num_steps} steps; over the exact J* - J_pre")
     print(f"  closed-form optimum {gap['optimum']:.4f}  pretrained {setup.pretrained_objective():.4f}  gap closed "
           f"{gap['fraction']:.1%} +- {gap['fraction_se']:.1%} ({how})")
     if args.out:

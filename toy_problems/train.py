@@ -1,6 +1,6 @@
 """Glue: toy problems as :class:`sa_theory.algorithms.Environment` s, their policies, critics and evaluators.
 
->>> setup = build("sa_ac", problem="gauss2d", overrides={"iterations": 100})
+>>> setup = build("sa_ac", problem="gauss2d", overrides={"num_epochs": 100})
 >>> setup.trainer.train()
 >>> setup.evaluate()            # exact J for the affine policy on a linear-Gaussian problem, else Monte Carlo
 
@@ -36,7 +36,7 @@ from sa_theory.algorithms import (
     seed_everything,
     validate,
 )
-from sa_theory.algorithms.config import RENAMED, _f
+from sa_theory.algorithms.config import RENAMED, _f, qualified_names
 from sa_theory.schedules import ConstantOU, VPLinear
 from sa_theory.sde import ControlledSDE
 from sa_theory.value import MLPValue, ResidualValue, TweedieValue
@@ -76,7 +76,12 @@ def make_problem(name: str, beta: float):
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
 class ToyConfig:
-    """Toy-problem glue: which problem, policy class and critic design."""
+    """Toy-problem glue: which problem, policy class and critic design (the environment / model part of a run; the
+    qualified names are ``env.problem``, ``model.*``, ``value.kind`` / ``value.width`` / ... as on images)."""
+
+    _section = "model"
+    _qualified = {"problem": "env.problem", "critic": "value.kind", "critic_x0_input": "value.x0_input",
+                  "critic_hidden": "value.width", "critic_depth": "value.depth", "eval_paths": "sample.eval_num_paths"}
 
     problem: str = _f("gauss2d", "toy problem: 'gauss2d' | 'ou2d' | 'gmm2d'")
     policy: str = _f("residual", "policy class: 'residual' (s_pre + MLP, zero last layer) | 'affine' "
@@ -110,18 +115,19 @@ def split_overrides(algo: str, overrides: dict[str, Any]) -> tuple[TrainConfig, 
     if algo not in CONFIGS:
         raise ValueError(f"unknown algorithm {algo!r}; choose from {sorted(CONFIGS)}")
     cfg, toy = CONFIGS[algo](), ToyConfig()
-    cfg_names = {f.name for f in dataclasses.fields(cfg)}
-    toy_names = {f.name for f in dataclasses.fields(toy)}
+    cfg_q, toy_q = qualified_names(cfg), qualified_names(toy)
+    cfg_names = set(cfg_q) | set(cfg_q.values()) | set(RENAMED)  # a renamed field: override() names its new name
+    toy_names = set(toy_q) | set(toy_q.values())
     a, t = {}, {}
     for k, v in overrides.items():
         kk = k.replace("-", "_")
-        if kk in cfg_names or kk in RENAMED:  # a renamed field: override() names its new name
+        if kk in cfg_names:
             a[kk] = v
         elif kk in toy_names:
             t[kk] = v
         else:
             raise KeyError(f"unknown config field {k!r} (not in {type(cfg).__name__} nor ToyConfig); valid fields: "
-                           f"{sorted(cfg_names | toy_names)}")
+                           f"{sorted(set(cfg_q.values()) | set(toy_q.values()))}")
     return override(cfg, a), override(toy, t)
 
 
@@ -314,7 +320,7 @@ class Setup:
         """Fraction of the gap between the pretrained objective and :meth:`optimum` that the policy closes,
         comparing like with like: ``kind='exact'`` (affine policy on a linear-Gaussian problem: exact J of the
         policy, of the pretrained sampler and the optimum) or ``kind='monte_carlo'``: the policy's and the
-        pretrained sampler's Monte-Carlo J on the *same* paths (common random numbers, ``sampler_steps`` Euler
+        pretrained sampler's Monte-Carlo J on the *same* paths (common random numbers, ``num_steps`` Euler
         steps), their paired difference (``gain``, ``gain_se``) over the exact gain ``optimum - pretrained``.
         An untrained policy gives exactly 0. Keys: ``fraction``, ``fraction_se``, ``gain``, ``gain_se``,
         ``objective``, ``pretrained``, ``optimum``, ``kind``."""
@@ -336,7 +342,7 @@ class Setup:
         tr = self.trainer
         tr.policy.eval()
         gen = torch.Generator().manual_seed(seed)
-        traj, cond = tr.sample_paths(n, tr.cfg.sampler_steps, "euler", gen, seed, record=False, policy=policy)
+        traj, cond = tr.sample_paths(n, tr.cfg.num_steps, "euler", gen, seed, record=False, policy=policy)
         return tr.reward(traj.final, cond).double() - self.prob.beta * traj.path_kl.double()
 
 

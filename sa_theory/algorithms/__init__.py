@@ -14,7 +14,7 @@
 * :mod:`.checkpoint` -- checksummed atomic save/load with fallback to the previous intact checkpoint, RNG
   state, SIGINT/SIGTERM handling.
 
->>> trainer = make_trainer(SAACConfig(iterations=100), env, policy, value=MLPValue(2))
+>>> trainer = make_trainer(SAACConfig(num_epochs=100), env, policy, value=MLPValue(2))
 >>> trainer.train()
 """
 

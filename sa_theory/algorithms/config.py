@@ -5,8 +5,12 @@ Overrides come from a command line (``--learning_rate 1e-3``, ``--set learning_r
 key raises ``KeyError`` naming it, and values are converted to the field's declared type (``"none"`` gives
 ``None`` for optional fields, booleans accept ``true/false/1/0/yes/no``).
 
->>> cfg = override(SAACConfig(), {"learning_rate": "3e-3", "sampler_steps": "25"})
->>> cfg.learning_rate, cfg.sampler_steps
+Every field also has a qualified name ``section.field`` (:data:`QUALIFIED`): the image config's name wherever the
+quantity is the same (``train.num_epochs``, ``sample.batch_size``, ``sample.num_steps``, ``train.learning_rate``,
+``value.loss``, ``value.fit``, ...), so the toy and image command lines share one vocabulary.
+
+>>> cfg = override(SAACConfig(), {"learning_rate": "3e-3", "sample.num_steps": "25"})
+>>> cfg.learning_rate, cfg.num_steps
 (0.003, 25)
 """
 
@@ -21,7 +25,7 @@ from typing import Any
 
 __all__ = ["TrainConfig", "SAACConfig", "DDPOSFConfig", "DDPOISConfig", "DPOKConfig", "CONFIGS",
            "override", "describe", "to_dict", "from_dict", "convert_value", "validate", "parse_overrides",
-           "resume_changes", "RESUME_MUTABLE", "RENAMED"]
+           "resume_changes", "RESUME_MUTABLE", "RENAMED", "QUALIFIED", "qualified_names"]
 
 
 def _f(default: Any, help: str, **kw):
@@ -29,37 +33,63 @@ def _f(default: Any, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+#: the qualified name ``section.field`` of a toy config field where it is not ``train.<field>``: the image config's
+#: name (:mod:`t2i.config`) wherever the quantity is the same, so both command lines take ``--train.num_epochs``,
+#: ``--sample.num_steps``, ``--train.learning_rate``, ``--value.loss``, ``--value.fit``, ... (:func:`qualified_names`)
+QUALIFIED = {"batch_size": "sample.batch_size", "num_steps": "sample.num_steps", "solver": "sample.solver",
+             "log_every": "log.every", "eval_every": "log.eval_every", "log_path": "log.path",
+             "checkpoint_path": "log.checkpoint_path", "checkpoint_every": "log.checkpoint_every",
+             "overwrite": "log.overwrite", "progress": "log.progress", "value_loss": "value.loss",
+             "value_lr": "value.learning_rate", "value_lr_schedule": "value.lr_schedule", "value_epochs": "value.epochs",
+             "value_batch": "value.batch_size", "value_grad_coef": "value.grad_coef", "value_fit": "value.fit"}
+
+
+def qualified_names(cls) -> dict[str, str]:
+    """``{field: section.field}`` of a config class: its ``_qualified`` table, else ``<_section>.<field>``; a class
+    without ``_section`` (the image config's sections) keeps its field names."""
+    cls = cls if isinstance(cls, type) else type(cls)
+    table, section = getattr(cls, "_qualified", {}), getattr(cls, "_section", None)
+    return {f.name: table.get(f.name, f"{section}.{f.name}" if section else f.name) for f in dataclasses.fields(cls)}
+
+
 @dataclass
 class TrainConfig:
-    """Fields shared by every trainer (rollouts, budget, optimisation, schedules, logging, checkpoints)."""
+    """Fields shared by every trainer (rollouts, budget, optimisation, schedules, logging, checkpoints). Each field
+    also has a qualified name ``section.field`` (:data:`QUALIFIED`), accepted by :func:`override` and the CLI."""
+
+    _qualified = QUALIFIED
+    _section = "train"
 
     # -- run -------------------------------------------------------------------------------------
     seed: int = _f(0, "seed of every random draw (rollouts, subsets, initialisation); same seed = same run")
-    iterations: int = _f(200, "training iterations; each rolls out batch_size paths (= batch_size reward queries)")
-    batch_size: int = _f(256, "paths rolled out per iteration (reward queries per iteration)")
+    num_epochs: int = _f(200, "training epochs (the trainer's iterations): each rolls out batch_size paths (= reward "
+                              "queries), then updates on them")
+    batch_size: int = _f(256, "paths rolled out per epoch (reward queries per epoch; on images sample.batch_size x "
+                              "num_batches_per_epoch x processes)")
     gradient_accumulation_steps: int = _f(1, "minibatches per optimizer update: each update's batch_size paths are "
                                              "split into this many (as train.gradient_accumulation_steps on images)")
     # -- sampler ---------------------------------------------------------------------------------
-    sampler_steps: int = _f(50, "number N of sampler steps of each training rollout (uniform grid on [0, T])")
+    num_steps: int = _f(50, "number N of sampler steps of each training rollout (uniform grid on [0, T])")
     solver: str = _f("euler", "training solver: native 'euler' | 'heun', or torchsde 'tsde_euler' | 'milstein' | 'srk'")
     # -- objective -------------------------------------------------------------------------------
     beta: float = _f(1.0, "KL weight beta of J = E r(Y_T) - beta KL(P^theta || P^pre)")
     beta_schedule: str = _f("constant", "KL schedule: 'constant' or 'linear' (ramp from beta_start to beta)")
-    beta_start: float = _f(0.0, "beta at iteration 0 when beta_schedule='linear'")
-    beta_warmup: int = _f(0, "iterations of the linear beta ramp")
+    beta_start: float = _f(0.0, "beta at epoch 0 when beta_schedule='linear'")
+    beta_warmup: int = _f(0, "epochs of the linear beta ramp")
     # -- optimisation ----------------------------------------------------------------------------
     learning_rate: float = _f(1e-3, "Adam learning rate of the policy")
     lr_schedule: str = _f("constant", "learning-rate schedule: 'constant' | 'linear' (decay to 0) | 'cosine'")
-    lr_warmup: int = _f(0, "iterations of linear learning-rate warm-up")
+    lr_warmup_epochs: int = _f(0, "epochs of linear learning-rate warm-up (images count optimizer updates instead: "
+                                  "train.lr_warmup_steps)")
     adam_epsilon: float = _f(1e-8, "Adam epsilon")
     max_grad_norm: float = _f(10.0, "clip the policy gradient's global norm to this (<= 0: no clipping)")
     # -- logging / evaluation / checkpoints ------------------------------------------------------
-    log_every: int = _f(1, "write a JSONL metrics record every this many iterations")
-    eval_every: int = _f(0, "call the evaluator every this many iterations (0: never; also at the end if > 0)")
+    log_every: int = _f(1, "write a JSONL metrics record every this many epochs")
+    eval_every: int = _f(0, "call the evaluator every this many epochs (0: never; also at the end if > 0)")
     log_path: str | None = _f(None, "JSONL metrics file (appended; None: keep metrics in memory only)")
     checkpoint_path: str | None = _f(None, "checkpoint file (atomic, SHA-256 checked, previous one kept as "
                                            "<stem>.prev<ext>; None: no checkpoints)")
-    checkpoint_every: int = _f(0, "save a checkpoint every this many iterations (0: every ~10% of the iterations; "
+    checkpoint_every: int = _f(0, "save a checkpoint every this many epochs (0: every ~10% of the epochs; "
                                   "-1: only at the end); also at the end and on SIGINT/SIGTERM")
     overwrite: bool = _f(False, "let a fresh run (iteration 0) replace an existing log_path / checkpoint_path "
                                 "(default: refuse, naming the file)")
@@ -83,7 +113,7 @@ class SAACConfig(TrainConfig):
                                "sum_{j>=k} log(pi/pi_pre)(Y_{j+1}|Y_j): same mean, less variance near the optimum; "
                                "Euler) | 'td' (semi-gradient TD(0))")
     value_lr: float = _f(3e-3, "Adam learning rate of the critic")
-    value_lr_schedule: str = _f("constant", "critic learning-rate schedule over the iterations: 'constant' | 'linear' "
+    value_lr_schedule: str = _f("constant", "critic learning-rate schedule over the epochs: 'constant' | 'linear' "
                                             "| 'cosine' (decaying it averages out the critic's batch noise)")
     value_fit: str = _f("separate", "how the critic is fitted: 'separate' (value_epochs Adam steps on each rollout "
                                     "batch before the actor update) | 'joint' (its regression loss on the batch's "
@@ -195,7 +225,8 @@ def convert_value(name: str, typ: Any, value: Any) -> Any:
 #: renamed fields, old name -> new name: the names the image configs use for the same quantities (``t2i.config``'s
 #: ``train.*``); old checkpoints load under the new names, an override with an old name is refused naming the new one
 RENAMED = {"lr": "learning_rate", "adam_eps": "adam_epsilon", "grad_accum": "gradient_accumulation_steps",
-           "epochs": "num_inner_epochs"}
+           "epochs": "num_inner_epochs", "iterations": "num_epochs", "sampler_steps": "num_steps",
+           "lr_warmup": "lr_warmup_epochs"}
 
 
 def override(cfg, updates: dict[str, Any] | None = None, **kw):
@@ -206,14 +237,18 @@ def override(cfg, updates: dict[str, Any] | None = None, **kw):
     """
     updates = {**(updates or {}), **kw}
     types_ = _field_types(type(cfg))
-    names = {f.name for f in dataclasses.fields(cfg)}
+    qualified = qualified_names(cfg)
+    by_qualified = {q: n for n, q in qualified.items()}
     new = {}
     for key, value in updates.items():
         k = key.replace("-", "_")
+        k = by_qualified.get(k, k)
         if k in RENAMED:
-            raise KeyError(f"config field {key!r} was renamed to {RENAMED[k]!r} (the name image configs use)")
-        if k not in names:
-            raise KeyError(f"unknown config field {key!r} for {type(cfg).__name__}; valid fields: {sorted(names)}")
+            raise KeyError(f"config field {key!r} was renamed to {RENAMED[k]!r} "
+                           f"({qualified.get(RENAMED[k], RENAMED[k])})")
+        if k not in qualified:
+            raise KeyError(f"unknown config field {key!r} for {type(cfg).__name__}; valid fields: "
+                           f"{sorted(qualified.values())}")
         new[k] = convert_value(k, types_[k], value)
     return dataclasses.replace(cfg, **new)
 
@@ -231,10 +266,11 @@ def from_dict(d: dict[str, Any]):
 
 
 def describe(cfg_or_cls, prefix: str = "") -> str:
-    """One line per field: ``prefix + name (type) = default  # help`` (the values of an instance, else the
+    """One line per field: ``prefix + qualified name (type) = default  # help`` (the values of an instance, else the
     class defaults)."""
     cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
     types_ = _field_types(cls)
+    qualified = qualified_names(cls)
     lines = [f"{cls.__name__}: {cls.__doc__.splitlines()[0] if cls.__doc__ else ''}"]
     for f in dataclasses.fields(cls):
         if not isinstance(cfg_or_cls, type):
@@ -243,7 +279,7 @@ def describe(cfg_or_cls, prefix: str = "") -> str:
             val = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         t = types_[f.name]
         tname = getattr(t, "__name__", str(t).replace("typing.", ""))
-        lines.append(f"  {prefix}{f.name} ({tname}) = {val!r}  # {f.metadata.get('help', '')}")
+        lines.append(f"  {prefix}{qualified[f.name]} ({tname}) = {val!r}  # {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -258,9 +294,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, name)
         return v is not None and math.isfinite(v)
 
-    for name in ("iterations", "batch_size", "sampler_steps", "gradient_accumulation_steps", "log_every"):
+    for name in ("num_epochs", "batch_size", "num_steps", "gradient_accumulation_steps", "log_every"):
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
-    for name in ("eval_every", "beta_warmup", "lr_warmup"):
+    for name in ("eval_every", "beta_warmup", "lr_warmup_epochs"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
     need(cfg.checkpoint_every >= -1, "checkpoint_every", "must be >= 1, 0 (auto) or -1 (only at the end)")
     for name in ("beta", "beta_start"):
@@ -290,12 +326,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(cfg.value_fit == "separate" or getattr(cfg, "value_grad_coef", 0.0) == 0, "value_fit",
              "must be 'separate' with value_grad_coef > 0 (the Sobolev term is fitted in the critic phase)")
     if "tau_subset" in names:
-        need(0 <= cfg.tau_subset <= cfg.sampler_steps, "tau_subset", "must be in [0, sampler_steps]")
+        need(0 <= cfg.tau_subset <= cfg.num_steps, "tau_subset", "must be in [0, num_steps]")
     return cfg
 
 
 #: fields a resumed run may change (applied and reported); any other difference refuses to resume
-RESUME_MUTABLE = frozenset({"iterations", "progress", "log_every", "eval_every", "checkpoint_every", "log_path",
+RESUME_MUTABLE = frozenset({"num_epochs", "progress", "log_every", "eval_every", "checkpoint_every", "log_path",
                             "checkpoint_path", "overwrite", "eval_paths"})
 
 

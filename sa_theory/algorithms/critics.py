@@ -92,7 +92,7 @@ class ValueCritic:
             check_distill_args(cfg.final_distill_steps, cfg.final_distill_paths, cfg.final_distill_lr)
         vparams = [p for p in value.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(vparams, lr=cfg.value_lr) if vparams else None
-        value_lr = lr_lambda(cfg.value_lr_schedule, cfg.iterations, name="value_lr_schedule")
+        value_lr = lr_lambda(cfg.value_lr_schedule, cfg.num_epochs, name="value_lr_schedule")
         self.scheduler = None if self.optimizer is None else \
             torch.optim.lr_scheduler.LambdaLR(self.optimizer, value_lr)
 

@@ -31,7 +31,7 @@ def _distill_paths(trainer, n: int, generator: torch.Generator, target) -> tuple
     states, goals, conds, bases = [], [], [], []
     for start in range(0, n, trainer.cfg.batch_size):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        traj, cond = trainer.sample_paths(min(trainer.cfg.batch_size, n - start), trainer.cfg.sampler_steps,
+        traj, cond = trainer.sample_paths(min(trainer.cfg.batch_size, n - start), trainer.cfg.num_steps,
                                           trainer.cfg.solver, generator, seed)
         taus, y = traj.taus[:-1], traj.states[:-1]
         states.append(y)
@@ -56,7 +56,7 @@ def distill(trainer, target=None, steps: int | None = None, paths: int | None = 
             ) -> dict:
     r"""Regress the actor onto ``target`` (default: the critic's greedy policy
     :math:`s_\text{pre} + \nabla_y V_\psi/\beta`, :meth:`greedy_policy`) on the states of ``paths``
-    (default ``final_distill_paths``) fresh paths of the current actor (``sampler_steps`` of ``solver``; no reward
+    (default ``final_distill_paths``) fresh paths of the current actor (``num_steps`` of ``solver``; no reward
     queries): ``steps`` (default ``final_distill_steps``) Adam steps, learning rate ``lr`` (default
     ``final_distill_lr``) cosine-decayed to 0, each on ``batch_size`` of those paths drawn at random, minimising
     the mean of :meth:`distill_loss` (nats per path). With the greedy target this is the actor step of step 4
@@ -71,10 +71,10 @@ def distill(trainer, target=None, steps: int | None = None, paths: int | None = 
     lr = cfg.final_distill_lr if lr is None else lr
     check_distill_args(steps, paths, lr)
     target = trainer.greedy_policy() if target is None else target
-    gen = iteration_generator(cfg.seed, cfg.iterations, 1)
+    gen = iteration_generator(cfg.seed, cfg.num_epochs, 1)
     trainer.policy.eval()
     taus, dtau, states, goal, cond, base = _distill_paths(trainer, paths, gen, target)
-    held_out = _distill_paths(trainer, cfg.batch_size, iteration_generator(cfg.seed, cfg.iterations, 2), target)
+    held_out = _distill_paths(trainer, cfg.batch_size, iteration_generator(cfg.seed, cfg.num_epochs, 2), target)
     with torch.no_grad():
         before = float(distill_loss(trainer, *held_out).mean())
     trainer.policy.train()

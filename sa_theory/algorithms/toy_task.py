@@ -5,7 +5,7 @@ One task for every method (``cfg.algo``): the losses are the shared methods (:mo
 train with) on the Euler kernel of the toy's SDE (:class:`~.step_env.ToyStepEnvironment`); what differs per method
 is the critic phase (:mod:`.critics`) and the options. An iteration ``i`` of the trainer's loop, top to bottom:
 
-1. **rollout** -- ``batch_size`` paths of the current policy with ``sampler_steps`` steps of ``solver``
+1. **rollout** -- ``batch_size`` paths of the current policy with ``num_steps`` steps of ``solver``
    (no autograd), from a generator seeded by ``(seed, i)`` alone, so iteration ``i``'s randomness does
    not depend on the history (exact resume); every path is one **reward query**;
 2. **reward** -- ``env.reward(Y_T, cond)``; a result that is not a ``(batch_size,)`` tensor raises ``ValueError``
@@ -86,7 +86,7 @@ class ToyTask(CheckpointMixin):
         if self.value is not None:
             self.value.to(self.dtype)
         params = [p for p in policy.parameters() if p.requires_grad]
-        policy_lr = lr_lambda(cfg.lr_schedule, cfg.iterations, cfg.lr_warmup)
+        policy_lr = lr_lambda(cfg.lr_schedule, cfg.num_epochs, cfg.lr_warmup_epochs)
         #: value_fit = "joint": the critic is a second parameter group of the policy optimiser (its loss is part of
         #: the method's; the policy's gradient alone is clipped); "separate": the critic phase owns its optimiser
         self.joint_value = getattr(cfg, "value_fit", "separate") == "joint" and value is not None and any(
@@ -95,7 +95,7 @@ class ToyTask(CheckpointMixin):
             vparams = [p for p in value.parameters() if p.requires_grad]
             self.optimizer = torch.optim.Adam([{"params": params, "lr": cfg.learning_rate},
                                                {"params": vparams, "lr": cfg.value_lr}], eps=cfg.adam_epsilon)
-            value_lr = lr_lambda(getattr(cfg, "value_lr_schedule", "constant"), cfg.iterations,
+            value_lr = lr_lambda(getattr(cfg, "value_lr_schedule", "constant"), cfg.num_epochs,
                                  name="value_lr_schedule")
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [policy_lr, value_lr])
         else:
@@ -245,7 +245,7 @@ class ToyTask(CheckpointMixin):
         cfg = self.cfg
         gen = iteration_generator(cfg.seed, it, 0)
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        traj, cond = self.sample_paths(cfg.batch_size, cfg.sampler_steps, cfg.solver, gen, seed)
+        traj, cond = self.sample_paths(cfg.batch_size, cfg.num_steps, cfg.solver, gen, seed)
         taus, states = traj.taus, traj.states
         N = traj.steps
         with torch.no_grad():
@@ -301,18 +301,18 @@ class ToyTask(CheckpointMixin):
     def checkpoint_interval(self) -> int:
         """Iterations between periodic checkpoints (``checkpoint_every``; 0: ~10% of the run; -1: none)."""
         every = self.cfg.checkpoint_every
-        return max(1, self.cfg.iterations // 10) if every == 0 else every
+        return max(1, self.cfg.num_epochs // 10) if every == 0 else every
 
     @property
     def total_iterations(self) -> int:
-        return self.cfg.iterations
+        return self.cfg.num_epochs
 
     def begin_train(self, until: int | None) -> int:
         """Before the loop: a fresh run checks its outputs (:meth:`_check_fresh_outputs`); returns the iteration
         to stop at."""
         if self.iteration == 0 and not self._fresh_checked:
             self._check_fresh_outputs()
-        return self.cfg.iterations if until is None else min(until, self.cfg.iterations)
+        return self.cfg.num_epochs if until is None else min(until, self.cfg.num_epochs)
 
     def postfix(self, rec: dict) -> dict:
         return {"J": f"{rec['objective_mean']:.3f}", "r": f"{rec['reward_mean']:.3f}",
@@ -326,13 +326,13 @@ class ToyTask(CheckpointMixin):
         self.iteration += 1
         self.queries += batch.batch_size
         metrics = {**metrics, **updated}
-        if self.iteration == cfg.iterations:
+        if self.iteration == cfg.num_epochs:
             metrics = {**metrics, **self.on_train_end()}
         rec = {"epoch": self.iteration - 1, "queries": self.queries,
                **rollout_metrics(batch.reward, batch.path_kl, beta),
                "beta": beta, "lr": self.optimizer.param_groups[0]["lr"], **metrics}
         if cfg.eval_every > 0 and self.evaluator is not None and (
-                self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
+                self.iteration % cfg.eval_every == 0 or self.iteration == cfg.num_epochs):
             rec.update({f"eval/{k}": v for k, v in self.evaluator(self).items()})
         return {k: jsonable(v) for k, v in rec.items()}
 
@@ -357,7 +357,7 @@ class ToyTask(CheckpointMixin):
         where = (f"checkpoint written to {self.cfg.checkpoint_path!r}" if self.cfg.checkpoint_path
                  else "no checkpoint_path is set, so nothing was saved")
         hint = self.resume_hint or "build the trainer with the same config and call resume()"
-        return f"{signame or 'interrupt'}: stopped after iteration {self.iteration}/{self.cfg.iterations}; {where}. " \
+        return f"{signame or 'interrupt'}: stopped after iteration {self.iteration}/{self.cfg.num_epochs}; {where}. " \
                f"To continue: {hint}"
 
     def _append_log(self, rec: dict) -> None:
@@ -373,7 +373,7 @@ class ToyTask(CheckpointMixin):
         """Monte-Carlo ``reward``, ``path_kl`` (Girsanov, on the grid), ``objective`` and their standard
         errors (``*_se``) for ``n_paths`` fresh paths (fixed ``seed``; no reward queries counted) of ``policy``
         (default: the trained policy; e.g. :meth:`greedy_policy`)."""
-        steps = steps or self.cfg.sampler_steps
+        steps = steps or self.cfg.num_steps
         beta = self.beta_at(self.iteration) if beta is None else beta
         gen = torch.Generator().manual_seed(seed)
         self.policy.eval()

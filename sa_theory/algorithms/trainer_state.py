@@ -66,7 +66,7 @@ class CheckpointMixin:
         (saying on stderr which file was damaged); drop JSONL records written after it. Returns ``False`` when
         there is no checkpoint. A checkpoint made with other settings (``algo``, problem, ``lr``, ...) raises
         ``ValueError`` naming the fields, before anything is loaded; changes of :data:`~.config.RESUME_MUTABLE`
-        fields are applied and reported; ``iterations`` below the checkpoint's iteration raises."""
+        fields are applied and reported; ``num_epochs`` below the checkpoint's iteration raises."""
         path = path or self.cfg.checkpoint_path
         try:
             state, used, notes = load_newest_intact(path) if path else (None, None, [])
@@ -77,8 +77,8 @@ class CheckpointMixin:
         saved = {"config": {RENAMED.get(k, k): v for k, v in state["config"].items()},  # older names
                  **state.get("context", {})}
         changes = resume_changes(saved, {"config": to_dict(self.cfg), **self.context})
-        if state["iteration"] > self.cfg.iterations:
-            raise ValueError(f"config field 'iterations' ({self.cfg.iterations}) is below the checkpoint's iteration "
+        if state["iteration"] > self.cfg.num_epochs:
+            raise ValueError(f"config field 'num_epochs' ({self.cfg.num_epochs}) is below the checkpoint's epoch "
                              f"{state['iteration']} ({used!r})")
         self.load_state_dict(state)
         self._fresh_checked = True
