@@ -40,8 +40,9 @@ QUALIFIED = {"batch_size": "sample.batch_size", "num_steps": "sample.num_steps",
              "log_every": "log.every", "eval_every": "log.eval_every", "log_path": "log.path",
              "checkpoint_path": "log.checkpoint_path", "checkpoint_every": "log.checkpoint_every",
              "overwrite": "log.overwrite", "progress": "log.progress", "value_loss": "value.loss",
-             "value_lr": "value.learning_rate", "value_lr_schedule": "value.lr_schedule", "value_epochs": "value.epochs",
-             "value_batch": "value.batch_size", "value_grad_coef": "value.grad_coef", "value_fit": "value.fit"}
+             "value_lr": "value.learning_rate", "value_lr_schedule": "value.lr_schedule",
+             "value_epochs": "value.epochs", "value_batch": "value.batch_size", "value_grad_coef": "value.grad_coef",
+             "value_fit": "value.fit"}
 
 
 def qualified_names(cls) -> dict[str, str]:
