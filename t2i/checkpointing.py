@@ -1,11 +1,10 @@
 """Run folders and checkpoints of the image trainer: finding, verifying and loading them; guarding a run folder.
 
 A run folder (``log.output_dir``) holds ``metrics.jsonl``, ``summary.json``, ``images/``, ``tensorboard/`` and
-``checkpoints/checkpoint-EEEEEE/`` folders with a ``checkpoints/latest`` pointer. Each checkpoint folder carries
-``checksums.sha256`` (:func:`sa_theory.algorithms.checkpoint.write_dir_checksums`);
-:func:`resolve_intact_checkpoint` follows ``latest`` and, if that checkpoint is damaged or missing, falls back to
-the newest intact one, with a note naming both. :func:`guard_run_dir` refuses to start a fresh run over an
-existing one unless ``log.overwrite``.
+``checkpoints/checkpoint-EEEEEE/`` folders with a ``checkpoints/latest`` pointer: the one checkpoint layout of
+:mod:`sa_theory.algorithms.checkpoint` (the toys' too), with checksums, rotation and
+:func:`resolve_intact_checkpoint` falling back to the newest intact folder when ``latest`` is damaged.
+:func:`guard_run_dir` refuses to start a fresh run over an existing one unless ``log.overwrite``.
 """
 
 from __future__ import annotations
@@ -17,12 +16,8 @@ import shutil
 
 import torch
 
-from sa_theory.algorithms.checkpoint import (
-    CheckpointCorruptError,
-    atomic_write_text,
-    verify_dir_checksums,
-    write_dir_checksums,
-)
+from sa_theory.algorithms import checkpoint as ckpt_folders
+from sa_theory.algorithms.checkpoint import atomic_write_text, commit_checkpoint, resolve_checkpoint
 from sa_theory.algorithms.config import resume_changes
 
 from .config import RESUME_MUTABLE, Config, config_to_dict
@@ -54,67 +49,19 @@ def lora_hash(unet) -> str:
     return h.hexdigest()
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run dir / checkpoints dir containing a ``latest`` pointer."""
-    for cand in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(cand, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                return os.path.join(cand, f.read().strip())
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return path
-    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a checkpoint folder or a 'latest' pointer)")
-
-
-def _checkpoint_folders(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        return []
-    return sorted((os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint-")), reverse=True)
+#: the files every image checkpoint folder must hold (besides what its checksums list)
+REQUIRED = ("trainer_state.json", "config.json", "lora_peft.safetensors")
 
 
 def has_checkpoint(run_dir: str) -> bool:
-    """Whether ``run_dir`` holds a ``latest`` pointer or any checkpoint folder."""
-    root = os.path.join(run_dir, "checkpoints")
-    return os.path.isfile(os.path.join(root, "latest")) or bool(_checkpoint_folders(root))
-
-
-def _verify(folder: str) -> None:
-    for f in ("trainer_state.json", "config.json", "lora_peft.safetensors"):
-        if not os.path.isfile(os.path.join(folder, f)):
-            raise CheckpointCorruptError(f"checkpoint {folder!r} is incomplete: {f!r} is missing")
-    verify_dir_checksums(folder)
+    """Whether ``run_dir/checkpoints`` holds a ``latest`` pointer or any checkpoint folder."""
+    return ckpt_folders.has_checkpoint(os.path.join(run_dir, "checkpoints"))
 
 
 def resolve_intact_checkpoint(path: str) -> tuple[str, list[str]]:
-    """``(folder, notes)``: the checkpoint ``path`` names (a folder, or a run / checkpoints dir via ``latest``),
-    verified against its checksums. Via ``latest``, a damaged or missing latest falls back to the newest intact
-    checkpoint folder next to it (``notes`` names both); an explicitly named damaged folder raises
-    :class:`CheckpointCorruptError` naming it."""
-    root = next((c for c in (path, os.path.join(path, "checkpoints")) if os.path.isdir(c) and
-                 (os.path.isfile(os.path.join(c, "latest")) or _checkpoint_folders(c))), None)
-    if root is None or os.path.isfile(os.path.join(path, "trainer_state.json")):
-        folder = resolve_checkpoint(path)
-        _verify(folder)
-        return folder, []
-    errors = []
-    try:
-        first = resolve_checkpoint(root)
-    except FileNotFoundError:
-        first = None
-    if first is not None and not os.path.basename(os.path.normpath(first)).startswith("checkpoint-"):
-        errors.append(f"the pointer {os.path.join(root, 'latest')!r} is damaged")
-        first = None
-    cands = ([first] if first else []) + [c for c in _checkpoint_folders(root) if c != first]
-    for c in cands:
-        try:
-            if not os.path.isdir(c):
-                raise CheckpointCorruptError(f"checkpoint {c!r} (named by {os.path.join(root, 'latest')!r}) is missing")
-            _verify(c)
-        except CheckpointCorruptError as err:
-            errors.append(str(err))
-            continue
-        return c, [f"{e}; falling back to the newest intact checkpoint {c!r}" for e in errors]
-    raise CheckpointCorruptError(f"no intact checkpoint in {root!r}: " + " | ".join(errors))
+    """``(folder, notes)``: :func:`sa_theory.algorithms.checkpoint.resolve_intact_checkpoint` for image checkpoints
+    (the LoRA, the trainer state and the config required)."""
+    return ckpt_folders.resolve_intact_checkpoint(path, REQUIRED)
 
 
 def guard_run_dir(cfg: Config, resuming: bool, is_main: bool) -> None:
@@ -225,13 +172,14 @@ class CheckpointMixin:
         """All ranks call this. Writes ``checkpoint-EEEEEE`` atomically and updates ``latest``."""
         acc = self.acc
         name = f"checkpoint-{self.state.epoch:06d}"
-        final, tmp = os.path.join(self.ckpt_root, name), os.path.join(self.ckpt_root, f".tmp-{name}")
+        tmp = os.path.join(self.ckpt_root, f".tmp-{name}")
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            tmp, name = ckpt_folders.new_checkpoint_folder(self.ckpt_root, self.state.epoch)
         acc.wait_for_everyone()
         acc.save_state(tmp)
         acc.wait_for_everyone()
+        final = os.path.join(self.ckpt_root, name)
         if acc.is_main_process:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(config_to_dict(self.cfg), f, indent=1)
@@ -239,14 +187,7 @@ class CheckpointMixin:
                 os.path.join(tmp, "trainer_state.json"),
                 json.dumps({"epoch": self.state.epoch, "global_step": self.state.global_step}),
             )
-            write_dir_checksums(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            atomic_write_text(os.path.join(self.ckpt_root, "latest"), name)
-            kept = sorted(d for d in os.listdir(self.ckpt_root) if d.startswith("checkpoint-"))
-            for old in kept[: max(0, len(kept) - max(1, self.cfg.log.keep_last))]:
-                shutil.rmtree(os.path.join(self.ckpt_root, old), ignore_errors=True)
+            commit_checkpoint(tmp, name, self.cfg.log.keep_last)
         acc.wait_for_everyone()
         return final
 

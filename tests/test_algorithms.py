@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -236,12 +237,12 @@ def test_resume_is_bitwise_exact(tmp_path, algo, extra):
     full = build(algo, "gauss2d", ov)
     full.trainer.train()
 
-    ck = tmp_path / "ck.pt"
-    first = build(algo, "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(tmp_path / "m.jsonl")})
+    ck = tmp_path / "checkpoints"
+    first = build(algo, "gauss2d", {**ov, "checkpoint_dir": str(ck), "log_path": str(tmp_path / "m.jsonl")})
     first.trainer.train(until=k)
     # the process dies here (after iteration k); only the checkpoint and the log survive
     del first
-    second = build(algo, "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(tmp_path / "m.jsonl"),
+    second = build(algo, "gauss2d", {**ov, "checkpoint_dir": str(ck), "log_path": str(tmp_path / "m.jsonl"),
                                      "seed": 7})
     assert second.trainer.resume()
     assert second.trainer.iteration == k
@@ -255,14 +256,14 @@ def test_resume_is_bitwise_exact(tmp_path, algo, extra):
 
 
 def test_resume_drops_log_records_written_after_the_checkpoint(tmp_path):
-    ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
-    ov = {**FAST, "num_epochs": 4, "batch_size": 8, "num_steps": 5, "checkpoint_path": str(ck),
+    ck, log = tmp_path / "checkpoints", tmp_path / "m.jsonl"
+    ov = {**FAST, "num_epochs": 4, "batch_size": 8, "num_steps": 5, "checkpoint_dir": str(ck),
           "log_path": str(log), "checkpoint_every": 2}
     s = build("sa_ac", "gauss2d", ov)
     s.trainer.train(until=2)  # checkpoint at iteration 2
-    state = load_checkpoint(ck)
     s.trainer.train(until=3)  # iteration 3 is logged, then the run dies before the next checkpoint
-    save_checkpoint(ck, state)  # (the end-of-call checkpoint at 3 is undone to simulate that)
+    shutil.rmtree(ck / "checkpoint-000003")  # (the end-of-call checkpoint at 3 is undone to simulate that)
+    (ck / "latest").write_text("checkpoint-000002")
     assert [json.loads(line)["epoch"] for line in open(log)] == [0, 1, 2]
     s2 = build("sa_ac", "gauss2d", ov)
     assert s2.trainer.resume() and s2.trainer.iteration == 2

@@ -10,13 +10,14 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 
 import pytest
 import torch
 
 from sa_theory.algorithms import CheckpointCorruptError, TrainingInterrupted, load_checkpoint, save_checkpoint
-from sa_theory.algorithms.checkpoint import previous_path
+from sa_theory.algorithms.checkpoint import resolve_checkpoint
 from sa_theory.algorithms.toy_task import ToyTask
 from toy_problems.cli import main as toy_main
 from toy_problems.train import build
@@ -38,6 +39,11 @@ def snapshot(folder) -> dict[str, str]:
 def _params(trainer):
     return [p.detach().clone() for p in trainer.policy.parameters()] + \
         [p.detach().clone() for p in (trainer.value.parameters() if trainer.value is not None else [])]
+
+
+def _latest(ck) -> dict:
+    """The state in the checkpoint that ``ck/latest`` names."""
+    return load_checkpoint(os.path.join(resolve_checkpoint(str(ck)), "state.pt"))
 
 
 def _interrupt_at(monkeypatch, iteration: int, sig=signal.SIGINT):
@@ -68,49 +74,51 @@ def test_checkpoint_checksum_detects_truncation_and_alteration_naming_the_file(t
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one_naming_both_and_stays_exact(tmp_path, capsys):
+    """The toys' checkpoints are the image runs' layout (checkpoint-EEEEEE folders, ``latest``, ``keep_last``)."""
     ov = {**SMALL, "num_epochs": 4}
     full = build("sa_ac", "gauss2d", ov)
     full.trainer.train()
-    ck = tmp_path / "checkpoint.pt"
-    first = build("sa_ac", "gauss2d", {**ov, "checkpoint_path": str(ck), "checkpoint_every": 1})
-    first.trainer.train(until=2)
-    prev = previous_path(ck)
-    assert load_checkpoint(prev)["iteration"] == 1 and load_checkpoint(ck)["iteration"] == 2
-    ck.write_bytes(ck.read_bytes()[:300])  # the latest is truncated (e.g. the disk filled up)
+    ck = tmp_path / "checkpoints"
+    first = build("sa_ac", "gauss2d", {**ov, "checkpoint_dir": str(ck), "checkpoint_every": 1})
+    first.trainer.train(until=3)
+    assert sorted(os.listdir(ck)) == ["checkpoint-000002", "checkpoint-000003", "latest"]  # keep_last = 2
+    assert _latest(ck)["iteration"] == 3
+    state = ck / "checkpoint-000003" / "state.pt"
+    state.write_bytes(state.read_bytes()[:300])  # the latest is truncated (e.g. the disk filled up)
     before = snapshot(tmp_path)
-    second = build("sa_ac", "gauss2d", {**ov, "checkpoint_path": str(ck), "checkpoint_every": 1})
-    assert second.trainer.resume() and second.trainer.iteration == 1
+    second = build("sa_ac", "gauss2d", {**ov, "checkpoint_dir": str(ck), "checkpoint_every": 1})
+    assert second.trainer.resume() and second.trainer.iteration == 2
     err = capsys.readouterr().err
-    assert str(ck) in err and prev in err and "falling back" in err
-    assert snapshot(tmp_path) == before  # the damaged file is kept for inspection, nothing else touched
+    assert "checkpoint-000003" in err and "checkpoint-000002" in err and "falling back" in err
+    assert snapshot(tmp_path) == before  # the damaged folder is kept for inspection, nothing else touched
     second.trainer.train()
     for a, b in zip(_params(full.trainer), _params(second.trainer)):
         assert torch.equal(a, b)
     assert second.trainer.history == full.trainer.history
-    # both damaged: a clear error naming both files, nothing loaded
-    third = build("sa_ac", "gauss2d", {**ov, "checkpoint_path": str(tmp_path / "x.pt")})
-    (tmp_path / "x.pt").write_bytes(b"junk")
-    (tmp_path / "x.prev.pt").write_bytes(b"junk too")
-    with pytest.raises(CheckpointCorruptError, match=r"x\.pt.*x\.prev\.pt"):
+    # all damaged: a clear error naming them, nothing loaded
+    third = build("sa_ac", "gauss2d", {**ov, "checkpoint_dir": str(ck)})
+    for d in ("checkpoint-000003", "checkpoint-000004"):
+        (ck / d / "state.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointCorruptError, match=r"checkpoint-000004.*checkpoint-000003"):
         third.trainer.resume()
 
 
 # ---------------------------------------------------------------------------------------------- toy trainer
 def test_fresh_toy_run_refuses_to_append_to_an_existing_log_unless_overwrite(tmp_path):
     log = tmp_path / "m.jsonl"
-    log.write_text('{"iteration": 1}\n')
+    log.write_text('{"epoch": 0}\n')
     s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 1, "log_path": str(log)})
     with pytest.raises(FileExistsError, match="'log_path'.*m.jsonl"):
         s.trainer.train()
-    assert log.read_text() == '{"iteration": 1}\n'
+    assert log.read_text() == '{"epoch": 0}\n'
     s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 1, "log_path": str(log), "overwrite": True})
     s.trainer.train()
     assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0]
 
 
 def test_default_checkpoints_are_periodic_so_a_crash_loses_at_most_10_percent(tmp_path, monkeypatch):
-    ck = tmp_path / "ck.pt"
-    s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 20, "checkpoint_path": str(ck)})
+    ck = tmp_path / "checkpoints"
+    s = build("sa_ac", "gauss2d", {**SMALL, "num_epochs": 20, "checkpoint_dir": str(ck)})
     assert s.trainer.checkpoint_interval == 2
     orig = ToyTask.collect
 
@@ -122,7 +130,7 @@ def test_default_checkpoints_are_periodic_so_a_crash_loses_at_most_10_percent(tm
     monkeypatch.setattr(ToyTask, "collect", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         s.trainer.train()
-    assert load_checkpoint(ck)["iteration"] == 4
+    assert _latest(ck)["iteration"] == 4
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -130,17 +138,17 @@ def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_
     ov = {**SMALL, "num_epochs": 4, "checkpoint_every": -1}
     full = build("ddpo_is", "gauss2d", ov)
     full.trainer.train()
-    ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
-    run = build("ddpo_is", "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(log)})
+    ck, log = tmp_path / "ck", tmp_path / "m.jsonl"
+    run = build("ddpo_is", "gauss2d", {**ov, "checkpoint_dir": str(ck), "log_path": str(log)})
     _interrupt_at(monkeypatch, 2, sig)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted, match=rf"{sig.name}.*iteration 2/4.*ck\.pt.*resume"):
+    with pytest.raises(TrainingInterrupted, match=rf"{sig.name}.*iteration 2/4.*ck/checkpoint-000002.*resume"):
         run.trainer.train()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
-    assert load_checkpoint(ck)["iteration"] == 2  # only the end-of-run checkpoint was configured
+    assert _latest(ck)["iteration"] == 2  # only the end-of-run checkpoint was configured
     assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0, 1]
     monkeypatch.undo()
-    again = build("ddpo_is", "gauss2d", {**ov, "checkpoint_path": str(ck), "log_path": str(log)})
+    again = build("ddpo_is", "gauss2d", {**ov, "checkpoint_dir": str(ck), "log_path": str(log)})
     assert again.trainer.resume()
     again.trainer.train()
     for a, b in zip(_params(full.trainer), _params(again.trainer)):
@@ -149,11 +157,11 @@ def test_sigint_checkpoints_after_the_current_iteration_and_resume_is_exact(tmp_
 
 
 def test_resume_after_a_kill_mid_log_write_and_with_too_few_iterations(tmp_path, capsys):
-    ck, log = tmp_path / "ck.pt", tmp_path / "m.jsonl"
-    ov = {**SMALL, "num_epochs": 3, "checkpoint_path": str(ck), "log_path": str(log)}
+    ck, log = tmp_path / "ck", tmp_path / "m.jsonl"
+    ov = {**SMALL, "num_epochs": 3, "checkpoint_dir": str(ck), "log_path": str(log)}
     build("sa_ac", "gauss2d", ov).trainer.train(until=2)
     with open(log, "a") as fh:
-        fh.write('{"iteration": 3, "rew')  # killed while writing iteration 3's record
+        fh.write('{"epoch": 2, "rew')  # killed while writing epoch 2's record
     short = build("sa_ac", "gauss2d", {**ov, "num_epochs": 1})
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match=r"'num_epochs' \(1\) is below the checkpoint's epoch 2"):
@@ -172,19 +180,18 @@ def test_sa_toy_refuses_a_non_empty_out_and_resume_without_checkpoint_losing_not
     args = ["train", "--problem", "gauss2d", "--steps", "2", *CLI_SMALL, "--out", str(out)]
     assert toy_main(args) == 0
     before = snapshot(out)
-    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "final.json"} <= set(before)
+    assert {"config.json", "metrics.jsonl", "checkpoints/latest", "final.json"} <= set(before)
     capsys.readouterr()
     assert toy_main(args) == 2  # the same command again: refused
     err = capsys.readouterr().err
     assert err.startswith("error: --out") and str(out) in err and "--overwrite" in err and "--resume" in err
     assert snapshot(out) == before
     # a run folder with a log but no checkpoint: --resume says so instead of restarting and deleting the log
-    os.remove(out / "checkpoint.pt")
-    os.remove(out / "checkpoint.prev.pt")
+    shutil.rmtree(out / "checkpoints")
     before = snapshot(out)
     assert toy_main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "no checkpoint" in err and "checkpoint.pt" in err and snapshot(out) == before
+    assert "no checkpoint" in err and "checkpoints/latest" in err and snapshot(out) == before
     assert toy_main([*args, "--resume", "--overwrite"]) == 2
     assert "contradict" in capsys.readouterr().err and snapshot(out) == before
     # the explicit flag replaces the run
@@ -220,7 +227,7 @@ def test_sa_toy_ctrl_c_saves_and_prints_a_resume_command_that_works(tmp_path, ca
     _interrupt_at(monkeypatch, 2)
     assert toy_main(args) == 130
     err = capsys.readouterr().err
-    assert "SIGINT" in err and "checkpoint.pt" in err
+    assert "SIGINT" in err and "checkpoints/checkpoint-000002" in err
     cmd = shlex.split(err.split("To continue: ", 1)[1].strip())
     assert cmd[0] == "sa-toy" and cmd[-1] == "--resume"
     monkeypatch.undo()

@@ -11,8 +11,9 @@ Any field of the algorithm's config (``sa_theory.algorithms.config``) or of
 name (``--train.num_epochs``, ``--sample.num_steps``, ``--value.loss``: the image CLI's names wherever the quantity is
 the same; ``sa-toy config`` lists them) or its Python name (``--num_epochs``; ``--steps`` is an alias of it).
 Unknown fields are an error that names them. With ``--out DIR`` the run writes
-``DIR/metrics.jsonl`` (one JSON record per logged epoch, the image runs' names), ``DIR/checkpoint.pt`` (every ~10%
-of the epochs, the previous one kept as ``checkpoint.prev.pt``), ``DIR/config.json`` and ``DIR/final.json``, and
+``DIR/metrics.jsonl`` (one JSON record per logged epoch, the image runs' names), ``DIR/checkpoints/`` (every ~10%
+of the epochs, the image runs' layout: ``checkpoint-EEEEEE`` folders, ``latest``), ``DIR/config.json`` and
+``DIR/final.json``, and
 prints a final evaluation against the closed-form optimum.
 
 Run folders: a folder that is not empty is never written over without ``--overwrite`` (which removes only the
@@ -27,17 +28,18 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 
 from sa_theory.algorithms import CONFIGS, describe, to_dict
-from sa_theory.algorithms.checkpoint import atomic_write_json
+from sa_theory.algorithms.checkpoint import atomic_write_json, has_checkpoint
 from sa_theory.algorithms.config import parse_overrides as _parse_overrides
 
 __all__ = ["main", "parse_overrides", "check_out_dir", "RUN_FILES"]
 
 _ALIASES = {"steps": "num_epochs"}
 #: what a run writes into ``--out`` (all that ``--overwrite`` removes)
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "final.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final.json")
 
 
 def parse_overrides(rest: list[str]) -> dict[str, str]:
@@ -65,10 +67,10 @@ def check_out_dir(out: str, resume: bool, overwrite: bool) -> None:
         raise ValueError(f"--out {out!r}: {parent!r} is not a writable folder")
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if resume:
-        if not any(os.path.exists(os.path.join(out, f)) for f in ("checkpoint.pt", "checkpoint.prev.pt")):
+        if not has_checkpoint(os.path.join(out, "checkpoints")):
             found = entries or "an empty or missing folder"
-            raise ValueError(f"--resume: no checkpoint in --out {out!r} (looked for checkpoint.pt and "
-                             f"checkpoint.prev.pt; found {found}); nothing was changed")
+            raise ValueError(f"--resume: no checkpoint in --out {out!r} (looked for checkpoints/latest and "
+                             f"checkpoints/checkpoint-*; found {found}); nothing was changed")
     elif entries and not overwrite:
         raise ValueError(f"--out {out!r} is not empty ({', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''})"
                          f": pass --resume to continue that run, --overwrite to replace it, or choose another --out")
@@ -94,20 +96,23 @@ def _train(args, rest, argv) -> int:
     if args.out:
         check_out_dir(args.out, args.resume, args.overwrite)
         overrides.setdefault("log_path", os.path.join(args.out, "metrics.jsonl"))
-        overrides.setdefault("checkpoint_path", os.path.join(args.out, "checkpoint.pt"))
-    elif args.resume and "checkpoint_path" not in overrides:
-        raise ValueError("--resume needs --out DIR (or --checkpoint_path FILE) to find the checkpoint")
+        overrides.setdefault("checkpoint_dir", os.path.join(args.out, "checkpoints"))
+    elif args.resume and not {"checkpoint_dir", "log.checkpoint_dir"} & set(overrides):
+        raise ValueError("--resume needs --out DIR (or --log.checkpoint_dir DIR) to find the checkpoint")
     setup = build(args.algo, overrides=overrides)
     cfg, trainer = setup.cfg, setup.trainer
-    trainer.resume_hint = _resume_command(argv) if cfg.checkpoint_path else "re-run with --out DIR to be able to resume"
+    trainer.resume_hint = _resume_command(argv) if cfg.checkpoint_dir else "re-run with --out DIR to be able to resume"
     if args.resume:
         if not trainer.resume():
-            raise ValueError(f"--resume: no checkpoint at {cfg.checkpoint_path!r}; nothing was changed")
-        print(f"resumed from {cfg.checkpoint_path} at iteration {trainer.iteration}")
+            raise ValueError(f"--resume: no checkpoint in {cfg.checkpoint_dir!r}; nothing was changed")
+        print(f"resumed from {cfg.checkpoint_dir} at epoch {trainer.iteration}")
     elif args.out and args.overwrite:
         for f in RUN_FILES:
-            if os.path.exists(os.path.join(args.out, f)):
-                os.remove(os.path.join(args.out, f))
+            p = os.path.join(args.out, f)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
     if args.out:  # only now: the config was valid and (on resume) the checkpoint accepted it
         os.makedirs(args.out, exist_ok=True)
         atomic_write_json(os.path.join(args.out, "config.json"), {"train": to_dict(cfg), "toy": vars(setup.toy)})
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="train on a toy problem (any config field: --field value)")
     tr.add_argument("--algo", default="sa_ac", choices=sorted(CONFIGS))
     tr.add_argument("--problem", default=None, help="gauss2d | ou2d | gmm2d")
-    tr.add_argument("--out", default=None, help="run directory (metrics.jsonl, checkpoint.pt, config.json)")
+    tr.add_argument("--out", default=None, help="run directory (metrics.jsonl, checkpoints/, config.json)")
     tr.add_argument("--resume", action="store_true", help="resume from the run directory's checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
     cf = sub.add_parser("config", help="print every config field with its default and meaning")

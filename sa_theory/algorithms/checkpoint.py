@@ -1,13 +1,18 @@
-"""Checksummed atomic checkpoints, fallback to the newest intact one, RNG state, and Ctrl-C handling.
+"""Checkpoints of the one trainer (toys and images alike), atomic writes, RNG state, and Ctrl-C handling.
 
-A checkpoint file is ``MAGIC + sha256(payload) + payload`` with ``payload`` a ``torch.save`` blob, written to a
-temporary file and moved over ``path`` with :func:`os.replace`, so a run killed mid-write leaves the previous
-checkpoint intact and a truncated or altered file is detected (:class:`CheckpointCorruptError` names it).
-:func:`save_rotating` keeps the previous checkpoint as ``<stem>.prev<ext>``; :func:`load_newest_intact` falls
-back to it when the latest is damaged, saying which file it skipped and which it used. Checkpoint *folders*
-(the image trainer's) carry a ``checksums.sha256`` sidecar (:func:`write_dir_checksums`,
-:func:`verify_dir_checksums`). :class:`GracefulInterrupt` turns SIGINT/SIGTERM into a flag that a training loop
-checks at its next safe point (the end of an iteration), so it can save and tell the user how to resume.
+**One layout.** A run's checkpoints are folders ``<root>/checkpoint-EEEEEE`` (``EEEEEE``: epochs done) next to a
+``latest`` pointer file. A task writes its state into a temporary folder (:func:`new_checkpoint_folder`: the toys
+one checksummed file ``state.pt``, the images accelerate's state and the LoRA files) plus ``trainer_state.json``
+and ``config.json``; :func:`commit_checkpoint` writes ``checksums.sha256`` over every file, renames the folder into
+place, replaces ``latest`` atomically and keeps the newest ``keep_last`` folders, so a run killed mid-write leaves
+the previous checkpoints intact. :func:`resolve_intact_checkpoint` finds the checkpoint to resume from and falls back
+to the newest intact folder when ``latest`` or its folder is damaged, saying which it skipped and which it used.
+
+A checkpoint *file* (:func:`save_checkpoint`) is ``MAGIC + sha256(payload) + payload`` with ``payload`` a
+``torch.save`` blob, written to a temporary file and moved into place with :func:`os.replace`; a truncated or
+altered file is detected (:class:`CheckpointCorruptError` names it). :class:`GracefulInterrupt` turns
+SIGINT/SIGTERM into a flag that the training loop checks at its next safe point (the end of an iteration), so it
+can save and tell the user how to resume.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -28,9 +34,10 @@ import torch
 from .loop_utils import read_jsonl
 
 __all__ = ["atomic_write_text", "atomic_write_json", "rewrite_jsonl", "save_checkpoint", "load_checkpoint",
-           "save_rotating", "load_newest_intact", "previous_path",
-           "CheckpointCorruptError", "write_dir_checksums", "verify_dir_checksums", "GracefulInterrupt",
-           "TrainingInterrupted", "rng_state", "set_rng_state", "seed_everything"]
+           "CheckpointCorruptError", "write_dir_checksums", "verify_dir_checksums", "checkpoint_folders",
+           "has_checkpoint", "resolve_checkpoint", "verify_checkpoint", "resolve_intact_checkpoint",
+           "new_checkpoint_folder", "commit_checkpoint", "GracefulInterrupt", "TrainingInterrupted", "rng_state",
+           "set_rng_state", "seed_everything"]
 
 MAGIC = b"SA-CKPT\x01"
 DIR_CHECKSUMS = "checksums.sha256"
@@ -129,51 +136,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointCorruptError(f"checkpoint {path!r} cannot be read ({type(err).__name__}: {err})") from err
 
 
-def previous_path(path: str | os.PathLike) -> str:
-    """Where :func:`save_rotating` keeps the previous checkpoint: ``ck.pt`` -> ``ck.prev.pt``."""
-    stem, ext = os.path.splitext(os.fspath(path))
-    return f"{stem}.prev{ext}"
-
-
-def _intact(path: str) -> bool:
-    try:
-        load_checkpoint(path)
-        return True
-    except (OSError, CheckpointCorruptError):
-        return False
-
-
-def save_rotating(path: str | os.PathLike, state: dict[str, Any]) -> str:
-    """:func:`save_checkpoint`, first moving an intact existing checkpoint to :func:`previous_path` (a damaged
-    one is overwritten, so the previous intact one survives). Returns the digest."""
-    path = os.fspath(path)
-    if os.path.exists(path) and _intact(path):
-        os.replace(path, previous_path(path))
-    return save_checkpoint(path, state)
-
-
-def load_newest_intact(path: str | os.PathLike) -> tuple[dict[str, Any], str, list[str]]:
-    """``(state, used_path, notes)`` from ``path``, or from :func:`previous_path` if ``path`` is missing or
-    damaged; ``notes`` names the skipped file and the one used. ``FileNotFoundError`` if neither exists,
-    :class:`CheckpointCorruptError` naming both if neither is intact."""
-    path = os.fspath(path)
-    cands = [path, previous_path(path)]
-    errors = []
-    for cand in cands:
-        if not os.path.exists(cand):
-            continue
-        try:
-            state = load_checkpoint(cand)
-        except CheckpointCorruptError as err:
-            errors.append(str(err))
-            continue
-        notes = [f"{e}; falling back to the previous intact checkpoint {cand!r}" for e in errors]
-        return state, cand, notes
-    if errors:
-        raise CheckpointCorruptError("no intact checkpoint: " + " | ".join(errors))
-    raise FileNotFoundError(f"no checkpoint at {path!r} (nor {cands[1]!r})")
-
-
 # ---------------------------------------------------------------------------------------------- folders
 def sha256_file(path: str) -> str:
     """SHA-256 hex digest of a file, read in 1 MiB blocks."""
@@ -213,6 +175,99 @@ def verify_dir_checksums(folder: str) -> None:
             if sha256_file(p) != digest:
                 raise CheckpointCorruptError(f"checkpoint {folder!r} is corrupt: {rel!r} does not match its "
                                              f"SHA-256 in {DIR_CHECKSUMS} (truncated or altered)")
+
+
+def checkpoint_folders(root: str) -> list[str]:
+    """The ``checkpoint-*`` folders in ``root``, newest first (empty if ``root`` is not a folder)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted((os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint-")), reverse=True)
+
+
+def has_checkpoint(root: str) -> bool:
+    """Whether the checkpoints folder ``root`` holds a ``latest`` pointer or any checkpoint folder."""
+    return os.path.isfile(os.path.join(root, "latest")) or bool(checkpoint_folders(root))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder: ``path`` itself (it holds ``trainer_state.json``), or what the ``latest`` pointer in
+    ``path`` or in ``path/checkpoints`` names."""
+    for cand in (path, os.path.join(path, "checkpoints")):
+        latest = os.path.join(cand, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                return os.path.join(cand, f.read().strip())
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return path
+    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a checkpoint folder or a 'latest' pointer)")
+
+
+def verify_checkpoint(folder: str, required: tuple[str, ...] = ("trainer_state.json",)) -> None:
+    """:class:`CheckpointCorruptError` naming ``folder`` if a ``required`` file is missing or a file differs from its
+    ``checksums.sha256``."""
+    for f in required:
+        if not os.path.isfile(os.path.join(folder, f)):
+            raise CheckpointCorruptError(f"checkpoint {folder!r} is incomplete: {f!r} is missing")
+    verify_dir_checksums(folder)
+
+
+def resolve_intact_checkpoint(path: str, required: tuple[str, ...] = ("trainer_state.json",)
+                              ) -> tuple[str, list[str]]:
+    """``(folder, notes)``: the checkpoint ``path`` names (a folder, or a run / checkpoints folder via ``latest``),
+    verified (:func:`verify_checkpoint`). Via ``latest``, a damaged or missing latest falls back to the newest intact
+    checkpoint folder next to it (``notes`` names both); an explicitly named damaged folder raises
+    :class:`CheckpointCorruptError` naming it; no checkpoint at all raises ``FileNotFoundError``."""
+    root = next((c for c in (path, os.path.join(path, "checkpoints")) if os.path.isdir(c) and has_checkpoint(c)), None)
+    if root is None or os.path.isfile(os.path.join(path, "trainer_state.json")):
+        folder = resolve_checkpoint(path)
+        verify_checkpoint(folder, required)
+        return folder, []
+    errors = []
+    try:
+        first = resolve_checkpoint(root)
+    except FileNotFoundError:
+        first = None
+    if first is not None and not os.path.basename(os.path.normpath(first)).startswith("checkpoint-"):
+        errors.append(f"the pointer {os.path.join(root, 'latest')!r} is damaged")
+        first = None
+    cands = ([first] if first else []) + [c for c in checkpoint_folders(root) if c != first]
+    for c in cands:
+        try:
+            if not os.path.isdir(c):
+                raise CheckpointCorruptError(f"checkpoint {c!r} (named by {os.path.join(root, 'latest')!r}) is missing")
+            verify_checkpoint(c, required)
+        except CheckpointCorruptError as err:
+            errors.append(str(err))
+            continue
+        return c, [f"{e}; falling back to the newest intact checkpoint {c!r}" for e in errors]
+    raise CheckpointCorruptError(f"no intact checkpoint in {root!r}: " + " | ".join(errors))
+
+
+def new_checkpoint_folder(root: str, epoch: int) -> tuple[str, str]:
+    """``(tmp, name)`` for the checkpoint after ``epoch`` epochs: an empty temporary folder in ``root`` to write into
+    (then :func:`commit_checkpoint`) and the final name ``checkpoint-EEEEEE``."""
+    name = f"checkpoint-{epoch:06d}"
+    tmp = os.path.join(root, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp, name
+
+
+def commit_checkpoint(tmp: str, name: str, keep_last: int) -> str:
+    """Checksum the written folder ``tmp`` (``checksums.sha256``), rename it to ``name`` next to it, point ``latest``
+    at it (atomically) and remove all but the newest ``keep_last`` checkpoint folders; returns the final folder. A run
+    killed before the rename leaves the previous checkpoints and ``latest`` as they were."""
+    root = os.path.dirname(tmp)
+    final = os.path.join(root, name)
+    write_dir_checksums(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    atomic_write_text(os.path.join(root, "latest"), name)
+    kept = sorted(d for d in os.listdir(root) if d.startswith("checkpoint-"))
+    for old in kept[: max(0, len(kept) - max(1, keep_last))]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
 
 
 # ---------------------------------------------------------------------------------------------- signals

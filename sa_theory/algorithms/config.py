@@ -38,7 +38,8 @@ def _f(default: Any, help: str, **kw):
 #: ``--sample.num_steps``, ``--train.learning_rate``, ``--value.loss``, ``--value.fit``, ... (:func:`qualified_names`)
 QUALIFIED = {"batch_size": "sample.batch_size", "num_steps": "sample.num_steps", "solver": "sample.solver",
              "log_every": "log.every", "eval_every": "log.eval_every", "log_path": "log.path",
-             "checkpoint_path": "log.checkpoint_path", "checkpoint_every": "log.checkpoint_every",
+             "checkpoint_dir": "log.checkpoint_dir", "keep_last": "log.keep_last",
+             "checkpoint_every": "log.checkpoint_every",
              "overwrite": "log.overwrite", "progress": "log.progress", "value_loss": "value.loss",
              "value_lr": "value.learning_rate", "value_lr_schedule": "value.lr_schedule",
              "value_epochs": "value.epochs", "value_batch": "value.batch_size", "value_grad_coef": "value.grad_coef",
@@ -88,11 +89,12 @@ class TrainConfig:
     log_every: int = _f(1, "write a JSONL metrics record every this many epochs")
     eval_every: int = _f(0, "call the evaluator every this many epochs (0: never; also at the end if > 0)")
     log_path: str | None = _f(None, "JSONL metrics file (appended; None: keep metrics in memory only)")
-    checkpoint_path: str | None = _f(None, "checkpoint file (atomic, SHA-256 checked, previous one kept as "
-                                           "<stem>.prev<ext>; None: no checkpoints)")
+    checkpoint_dir: str | None = _f(None, "checkpoints folder: checkpoint-EEEEEE folders and a latest pointer, the "
+                                          "image runs' layout (checksummed, written atomically; None: no checkpoints)")
+    keep_last: int = _f(2, "checkpoints kept (a damaged latest falls back to the newest intact one)")
     checkpoint_every: int = _f(0, "save a checkpoint every this many epochs (0: every ~10% of the epochs; "
                                   "-1: only at the end); also at the end and on SIGINT/SIGTERM")
-    overwrite: bool = _f(False, "let a fresh run (iteration 0) replace an existing log_path / checkpoint_path "
+    overwrite: bool = _f(False, "let a fresh run (epoch 0) replace an existing log_path / checkpoint_dir "
                                 "(default: refuse, naming the file)")
     progress: bool = _f(True, "show a tqdm progress bar")
     dtype: str = _f("float32", "torch dtype of rollouts and networks: 'float32' | 'float64'")
@@ -227,7 +229,7 @@ def convert_value(name: str, typ: Any, value: Any) -> Any:
 #: ``train.*``); old checkpoints load under the new names, an override with an old name is refused naming the new one
 RENAMED = {"lr": "learning_rate", "adam_eps": "adam_epsilon", "grad_accum": "gradient_accumulation_steps",
            "epochs": "num_inner_epochs", "iterations": "num_epochs", "sampler_steps": "num_steps",
-           "lr_warmup": "lr_warmup_epochs"}
+           "lr_warmup": "lr_warmup_epochs", "checkpoint_path": "checkpoint_dir"}
 
 
 def override(cfg, updates: dict[str, Any] | None = None, **kw):
@@ -299,6 +301,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
     for name in ("eval_every", "beta_warmup", "lr_warmup_epochs"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    need(cfg.keep_last >= 1, "keep_last", "must be >= 1")
     need(cfg.checkpoint_every >= -1, "checkpoint_every", "must be >= 1, 0 (auto) or -1 (only at the end)")
     for name in ("beta", "beta_start"):
         need(finite(name) and getattr(cfg, name) >= 0, name, "must be finite and >= 0")
@@ -333,7 +336,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 #: fields a resumed run may change (applied and reported); any other difference refuses to resume
 RESUME_MUTABLE = frozenset({"num_epochs", "progress", "log_every", "eval_every", "checkpoint_every", "log_path",
-                            "checkpoint_path", "overwrite", "eval_paths"})
+                            "checkpoint_dir", "keep_last", "overwrite", "eval_paths"})
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

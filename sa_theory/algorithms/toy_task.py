@@ -346,16 +346,16 @@ class ToyTask(CheckpointMixin):
             if cfg.log_path:
                 self._append_log(rec)
         every = self.checkpoint_interval
-        if cfg.checkpoint_path and ((every > 0 and self.iteration % every == 0) or last):
-            self.save(cfg.checkpoint_path)
-        return cfg.checkpoint_path
+        if cfg.checkpoint_dir and ((every > 0 and self.iteration % every == 0) or last):
+            return self.save()
+        return None
 
     def end_train(self, interrupted: bool = False) -> list[dict]:
         return self.history
 
     def interrupt_message(self, signame: str | None, where: str | None = None) -> str:
-        where = (f"checkpoint written to {self.cfg.checkpoint_path!r}" if self.cfg.checkpoint_path
-                 else "no checkpoint_path is set, so nothing was saved")
+        where = (f"checkpoint written to {where!r}" if where
+                 else "no checkpoint_dir is set, so nothing was saved")
         hint = self.resume_hint or "build the trainer with the same config and call resume()"
         return f"{signame or 'interrupt'}: stopped after iteration {self.iteration}/{self.cfg.num_epochs}; {where}. " \
                f"To continue: {hint}"
