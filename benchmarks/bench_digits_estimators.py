@@ -1,7 +1,8 @@
 """The image sa_ac with its two estimators on the digits model, same budget (issue #14): likelihood-ratio (R5 with
-the residual critic as baseline) vs value-gradient (R4/R8 with the critic's costates), and the regulariser as the
-exact KL of the K-step chain (default) vs the continuous-time estimate; K = 10, seeds 0-2, the digits
-experiment's settings otherwise (``digits.experiment.ExperimentConfig``).
+the residual critic as baseline) vs value-gradient (R4/R8 with the critic's costates), the regulariser as the
+exact KL of the K-step chain (default) vs the continuous-time estimate, and the critic fitted jointly with the actor
+(``value.fit joint``, default) vs in its own phase before the advantages (``separate``, 4 passes); K = 10, seeds 0-2,
+the digits experiment's settings otherwise (``digits.experiment.ExperimentConfig``).
 
     python benchmarks/bench_digits_estimators.py [--seeds 0 1 2] [--out benchmarks/results/digits_estimators.json]
 
@@ -19,8 +20,11 @@ import sys
 import tempfile
 import time
 
-#: (train.estimator, train.kl_weighting) of sa_ac; the first is the default
-VARIANTS = [("likelihood_ratio", "chain"), ("likelihood_ratio", "continuous"), ("value_gradient", "chain")]
+#: (train.estimator, train.kl_weighting, value.fit) of sa_ac; the first is the default
+VARIANTS = [("likelihood_ratio", "chain", "joint"), ("likelihood_ratio", "continuous", "joint"),
+            ("value_gradient", "chain", "joint"), ("likelihood_ratio", "chain", "separate"),
+            ("value_gradient", "chain", "separate")]
+SEPARATE_EPOCHS = 4  # value.epochs of the separate critic phase
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -32,7 +36,7 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=None, help="subset, e.g. value_gradient/chain")
+    ap.add_argument("--variants", nargs="+", default=None, help="subset, e.g. value_gradient/chain/joint")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_estimators.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -40,12 +44,14 @@ def main(argv=None) -> dict:
     assets = prepare_assets(ec)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for est, klw in [v for v in VARIANTS if a.variants is None or f"{v[0]}/{v[1]}" in a.variants]:
+        for est, klw, fit in [v for v in VARIANTS if a.variants is None or "/".join(v) in a.variants]:
             for s in a.seeds:
                 t0 = time.time()
-                res = run_finetune(dataclasses.replace(ec, sa_ac_estimator=est, kl_weighting=klw), assets, "sa_ac", s,
-                                   ec.num_steps, os.path.join(tmp, f"{est}_{klw}_{s}"))
-                est_name = f"{est}/{klw}"
+                vary = dict(sa_ac_estimator=est, kl_weighting=klw, value_fit=fit,
+                            value_epochs=SEPARATE_EPOCHS if fit == "separate" else 1)
+                res = run_finetune(dataclasses.replace(ec, **vary), assets, "sa_ac", s, ec.num_steps,
+                                   os.path.join(tmp, f"{est}_{klw}_{fit}_{s}"))
+                est_name = f"{est}/{klw}/{fit}"
                 f = res["final"]
                 rows.append({"estimator": est_name, "seed": s, "reward": f["reward_mean"], "reward_se": f["reward_se"],
                              "path_kl": f["path_kl_mean"], "path_kl_se": f["path_kl_se"],

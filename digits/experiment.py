@@ -70,6 +70,8 @@ class ExperimentConfig:
     reward: str = "digit_bold"  # "digit_bold" (style: thick strokes) or "digit_prob" (prompted digit)
     sa_ac_estimator: str = "likelihood_ratio"  # sa_ac's train.estimator ("value_gradient": R4 with critic costates)
     kl_weighting: str = "chain"  # train.kl_weighting: the regulariser's per-step KL ("continuous": Girsanov rate)
+    value_fit: str = "joint"  # value.fit: the critic's loss in every actor backward, or "separate" (its own phase)
+    value_epochs: int = 1  # value.epochs: passes of the separate critic phase
 
 
 def QUICK() -> ExperimentConfig:  # noqa: N802
@@ -140,6 +142,7 @@ def make_config(ec: ExperimentConfig, assets: dict, method: str, seed: int, K: i
     c.train.clip_range, c.train.ratio_clamp = ec.clip_range, ec.ratio_clamp
     c.value.kind = {"sa_ac": "residual", "dpok": "critic"}.get(method, "none")
     c.value.width, c.value.learning_rate = ec.value_width, 1e-3
+    c.value.fit, c.value.epochs = ec.value_fit, ec.value_epochs
     c.reward.name, c.reward.weights_path = ec.reward, assets["reward_classifier_path"]
     c.prompts = list(ALL_PROMPTS)
     c.log.output_dir = out_dir

@@ -365,3 +365,16 @@ def test_quick_figure5_headline_is_never_nan(tmp_path, monkeypatch):
     monkeypatch.setattr(fig5, "run_study", lambda **kw: study(set()))
     res = fig5.run(str(tmp_path), quick=True)
     assert res["ddpo_sf/value_gradient cost ratio"].startswith("n/a")
+
+
+def test_a_single_checkpoint_file_of_older_versions_still_resumes(tmp_path):
+    ov = {**SMALL, "num_epochs": 2}
+    old = build("sa_ac", "gauss2d", ov)
+    old.trainer.train(until=1)
+    state = old.trainer.state_dict()
+    state["config"] = {{"num_epochs": "iterations", "num_steps": "sampler_steps"}.get(k, k): v
+                       for k, v in state["config"].items()}  # an older version's names
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    new = build("sa_ac", "gauss2d", ov)
+    assert new.trainer.resume(str(tmp_path / "checkpoint.pt")) and new.trainer.iteration == 1
+    assert not new.trainer.resume(str(tmp_path / "nothing-here"))
