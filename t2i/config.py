@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 
-from sa_theory.algorithms.config import _f, describe
+from sa_theory.algorithms.config import _f, convert_value, describe
 from sa_theory.algorithms.method_base import MethodConfig
 
 __all__ = [
@@ -219,26 +218,13 @@ def describe_config(cfg: Config | None = None) -> str:
 
 # --------------------------------------------------------------------------- overrides
 def _convert(value: str, tp, name: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value.lower() in ("none", "null"):
-            return None
-        return _convert(value, args[0], name)
-    if origin is list:
+    """``value`` as the field's type: lists as JSON or ``a|b|c``, the rest by the toys' converter
+    (:func:`sa_theory.algorithms.config.convert_value`: optional fields, booleans, integers, floats)."""
+    if typing.get_origin(tp) is list:
         if value.strip().startswith("["):
             return [str(v) for v in json.loads(value)]
         return [v.strip() for v in value.split("|") if v.strip()]
-    if tp is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name}: expected a boolean (true/false), got {value!r}")
-    try:
-        return tp(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name}: cannot convert {value!r} to {tp.__name__}") from err
+    return convert_value(name, tp, value)
 
 
 #: renamed fields: old name -> new name (old run folders' config.json load; the CLI names the new one)
