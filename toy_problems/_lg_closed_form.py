@@ -68,6 +68,7 @@ class LinearGaussianClosedForm:
         lam, V = np.linalg.eigh(self.S0)
         self._lam, self._V = lam, V
         self._torch_cache: dict = {}
+        self._score_cache: dict = {}  # (time, dtype, device) -> the score's time coefficients (score_torch)
         self._transition_sol = None
 
     # ------------------------------------------------------------------ noise level -----------------
@@ -326,8 +327,16 @@ class LinearGaussianClosedForm:
         (shape ``(B, 1)``)."""
         c = self._torch_consts(y.dtype, y.device)
         t = torch.as_tensor(t, dtype=y.dtype, device=y.device)
-        a = self.schedule.alpha(t)
-        inv = 1.0 / (a * a * c["lam"] + self.schedule.marginal_var(t))
+        key = (float(t), y.dtype, str(y.device)) if t.dim() == 0 and not t.requires_grad else None
+        coeffs = self._score_cache.get(key) if key is not None else None
+        if coeffs is None:  # alpha(t) and 1 / (alpha^2 lam + sigma^2(t)), the same every iteration on a fixed grid
+            a = self.schedule.alpha(t)
+            coeffs = (a, 1.0 / (a * a * c["lam"] + self.schedule.marginal_var(t)))
+            if key is not None:
+                if len(self._score_cache) >= 8192:
+                    self._score_cache.clear()
+                self._score_cache[key] = coeffs
+        a, inv = coeffs
         z = (y - a * c["m0"]) @ c["V"]
         return -(z * inv) @ c["V"].T
 
