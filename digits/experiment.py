@@ -207,23 +207,47 @@ def _run_dir(out: str, m: str, s: int, K: int) -> str:
     return os.path.join(out, "runs", f"{m}_s{s}_K{K}")
 
 
-def _job(ec: ExperimentConfig, cache_dir: str | None, m: str, s: int, K: int, out: str) -> dict:
-    """One fine-tuning run in a worker process (assets come from the cache the parent filled)."""
-    return run_finetune(ec, prepare_assets(ec, cache_dir), m, s, K, _run_dir(out, m, s, K))
+#: the method name of a pretrained-model evaluation job (see :func:`_run_jobs`)
+PRETRAINED = "pretrained"
+
+
+def pretrained_eval(ec: ExperimentConfig, assets: dict, K: int) -> dict:
+    """:func:`evaluate_policy` of the pretrained model (LoRA added, then disabled) on DDIM eta = 1 with K steps."""
+    from t2i.models import add_lora, load_pipeline
+    from t2i.scheduling import make_kernel
+
+    t0 = time.time()
+    pipe = load_pipeline(assets["model"])
+    add_lora(pipe.unet, ec.lora_rank, init_seed=0)  # evaluated with adapters disabled = the pretrained model
+    _, kern = make_kernel(pipe.scheduler.config, "ddim", K, 1.0)
+    ev = evaluate_policy(pipe, kern, assets, ec, use_pretrained=True)
+    return {"method": PRETRAINED, "K": K, "eval": ev, "eval_time_s": time.time() - t0}
+
+
+def _one(ec: ExperimentConfig, assets: dict, m: str, s: int | None, K: int, out: str) -> dict:
+    return pretrained_eval(ec, assets, K) if m == PRETRAINED else run_finetune(ec, assets, m, s, K,
+                                                                                _run_dir(out, m, s, K))
+
+
+def _job(ec: ExperimentConfig, cache_dir: str | None, m: str, s: int | None, K: int, out: str) -> dict:
+    """One job in a worker process (assets come from the cache the parent filled): a fine-tuning run, or (``m`` =
+    :data:`PRETRAINED`) the pretrained model's evaluation at K."""
+    return _one(ec, prepare_assets(ec, cache_dir), m, s, K, out)
 
 
 def _run_jobs(ec, assets, jobs, out, cache_dir, workers: int):
-    """Yield the results of ``jobs`` ((method, seed, K) triples): in order in this process if ``workers``
-    is 1, else as they finish in ``workers`` spawned processes with one torch thread each (the most
-    expensive runs, largest K, are submitted first so the pool stays balanced)."""
+    """Yield the results of ``jobs`` ((method, seed, K) triples; method :data:`PRETRAINED`: the pretrained model's
+    evaluation): in order in this process if ``workers`` is 1, else as they finish in ``workers`` spawned processes
+    with one torch thread each (the most expensive runs, largest K, are submitted first, the short pretrained
+    evaluations last, so the pool stays balanced)."""
     if workers <= 1:
         for m, s, K in jobs:
-            yield run_finetune(ec, assets, m, s, K, _run_dir(out, m, s, K))
+            yield _one(ec, assets, m, s, K, out)
         return
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    order = sorted(jobs, key=lambda j: -j[2])
+    order = sorted(jobs, key=lambda j: (j[0] == PRETRAINED, -j[2]))
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                 initargs=(1,)) as pool:
         futs = [pool.submit(_job, ec, cache_dir, m, s, K, out) for m, s, K in order]
@@ -237,9 +261,6 @@ def run_experiment(
     """Run ``part`` ("main": methods x seeds at K = ``num_steps``; "sweep": seed 0 at the other step counts;
     "all"), writing ``results_<part>.json`` after every run (so a partial run still gives data). ``workers``
     > 1 runs the fine-tuning runs in that many processes (one torch thread each)."""
-    from t2i.models import add_lora, load_pipeline
-    from t2i.scheduling import make_kernel
-
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     assets = prepare_assets(ec, cache_dir)
@@ -259,23 +280,22 @@ def run_experiment(
     Ks = sorted({ec.num_steps} | (set(ec.step_counts) if part in ("all", "sweep") else set()))
     if part in ("all", "main"):
         Ks = sorted(set(Ks) | {ec.num_steps})
-    pipe = load_pipeline(assets["model"])
-    add_lora(pipe.unet, ec.lora_rank, init_seed=0)  # evaluated with adapters disabled = the pretrained model
-    for K in Ks:
-        _, kern = make_kernel(pipe.scheduler.config, "ddim", K, 1.0)
-        ev = evaluate_policy(pipe, kern, assets, ec, use_pretrained=True)
-        if K == ec.num_steps:
-            grids["pretrained"] = ev["images"]
-        res["pretrained"][str(K)] = {k: v for k, v in ev.items() if k != "images"}
-    del pipe
-    if on_done is not None:
-        on_done("digits/pretrained_eval", time.time() - t0)
-    jobs = []
+    jobs = [(PRETRAINED, None, K) for K in Ks]  # in the pool with the runs (no core idles while they run)
+    t_pretrained = 0.0
     if part in ("all", "main"):
         jobs += [(m, s, ec.num_steps) for s in ec.seeds for m in ec.methods]
     if part in ("all", "sweep"):
         jobs += [(m, ec.seeds[0], K) for K in ec.step_counts if K != ec.num_steps for m in ec.methods]
     for r in _run_jobs(ec, assets, jobs, out, cache_dir, workers):
+        if r["method"] == PRETRAINED:
+            K, ev = r["K"], r["eval"]
+            if K == ec.num_steps:
+                grids["pretrained"] = ev["images"]
+            res["pretrained"][str(K)] = {k: v for k, v in ev.items() if k != "images"}
+            t_pretrained += r["eval_time_s"]
+            if on_done is not None and len(res["pretrained"]) == len(Ks):
+                on_done("digits/pretrained_eval", t_pretrained)
+            continue
         m, s, K = r["method"], r["seed"], r["K"]
         if K == ec.num_steps and s == ec.seeds[0]:
             grids[m] = r["final"]["images"]
@@ -292,6 +312,7 @@ def run_experiment(
             flush=True,
         )
         atomic_write_json(path, res)
+    res["pretrained"] = dict(sorted(res["pretrained"].items(), key=lambda kv: int(kv[0])))
     if grids:
         torch.save(grids, os.path.join(out, f"grids_{part}.pt"))
     res["wall_s"] = time.time() - t0

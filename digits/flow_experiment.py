@@ -32,7 +32,7 @@ import torch
 
 from sa_theory.algorithms.checkpoint import atomic_write_json
 
-from .experiment import QUICK, ExperimentConfig, finetune_key, make_config, prepare_assets, run_finetune
+from .experiment import PRETRAINED, QUICK, ExperimentConfig, finetune_key, make_config, prepare_assets, run_finetune
 from .pretrain_flow import QUICK_FLOW, FlowPretrainConfig, flow_pretrain_info, pretrain_flow
 
 __all__ = ["FlowExperimentConfig", "QUICK_FLOW_EXPERIMENT", "make_flow_config", "run_flow_finetune",
@@ -108,6 +108,10 @@ def flow_assets(fc: FlowExperimentConfig, cache_dir: str | None = None) -> dict:
 def _job(fc, cache_dir, model, m, s, K, out):
     torch.set_num_threads(1)
     assets = flow_assets(fc, cache_dir)
+    if m == PRETRAINED:
+        t0 = time.time()
+        ev = _pretrained_eval(fc, assets, K, model)
+        return {"model": model, "method": PRETRAINED, "K": K, "eval": ev, "eval_time_s": time.time() - t0}
     d = os.path.join(out, "runs", f"{model}_{m}_s{s}_K{K}")
     if model == "flow":
         return run_flow_finetune(fc, assets, m, s, K, d)
@@ -149,22 +153,29 @@ def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | Non
     info = {k: v for k, v in assets["flow_pretrain_info"].items()}
     res = {"info": {"flow_pretrain": info, "flow_config": dataclasses.asdict(fc)}, "pretrained": {}, "runs": []}
     Ks = sorted({ec.num_steps, *ec.step_counts})
-    for K in Ks:
-        for model in ("flow", "vp") if fc.vp else ("flow",):
-            res["pretrained"][f"{model}_K{K}"] = _pretrained_eval(fc, assets, K, model)
-    if on_done is not None:
-        on_done("flow/pretrained_eval", time.time() - t0)
-    jobs = [("flow", m, s, ec.num_steps) for s in ec.seeds for m in fc.methods]
+    # the pretrained evaluations run in the pool with the fine-tuning runs (no core idles while they run)
+    pre_keys = [f"{model}_K{K}" for K in Ks for model in (("flow", "vp") if fc.vp else ("flow",))]
+    jobs = [(key.split("_K")[0], PRETRAINED, None, int(key.split("_K")[1])) for key in pre_keys]
+    t_pretrained = 0.0
+    jobs += [("flow", m, s, ec.num_steps) for s in ec.seeds for m in fc.methods]
     jobs += [("flow", m, s, K) for K in Ks if K != ec.num_steps for s in fc.sweep_seeds for m in fc.methods]
     if fc.vp:
         jobs += [("vp", "sa_ac", s, ec.num_steps) for s in ec.seeds]
         jobs += [("vp", "sa_ac", s, K) for K in Ks if K != ec.num_steps for s in fc.sweep_seeds]
     done = {r["key"]: r for r in reuse_runs or () if "key" in r}
-    keys = {j: finetune_key(ec, *j[1:]) for j in jobs if j[0] == "vp"}
+    keys = {j: finetune_key(ec, *j[1:]) for j in jobs if j[0] == "vp" and j[1] != PRETRAINED}
     reused = [{**done[k], "model": "vp", "reused": True} for k in keys.values() if k in done]
     jobs = [j for j in jobs if keys.get(j) not in done]
     path = os.path.join(out, "results.json")
     for r in itertools.chain(reused, _run(fc, cache_dir, jobs, out, workers)):
+        if r["method"] == PRETRAINED:
+            res["pretrained"][f"{r['model']}_K{r['K']}"] = r["eval"]
+            t_pretrained += r["eval_time_s"]
+            if len(res["pretrained"]) == len(pre_keys):
+                res["pretrained"] = {k: res["pretrained"][k] for k in pre_keys}
+                if on_done is not None:
+                    on_done("flow/pretrained_eval", t_pretrained)
+            continue
         res["runs"].append(r)
         res["wall_s"] = time.time() - t0
         if on_done is not None:  # (job key, seconds): the overall progress bar of figures.reproduce
@@ -193,7 +204,8 @@ def _run(fc, cache_dir, jobs, out, workers):
     import multiprocessing as mp
 
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futs = [pool.submit(_job, fc, cache_dir, *j, out) for j in sorted(jobs, key=lambda j: -j[3])]
+        order = sorted(jobs, key=lambda j: (j[1] == PRETRAINED, -j[3]))  # the short pretrained evaluations last
+        futs = [pool.submit(_job, fc, cache_dir, *j, out) for j in order]
         for f in cf.as_completed(futs):
             yield f.result()
 

@@ -174,6 +174,7 @@ class EulerKernel(GaussianKernel):
 
     def __init__(self, sde, taus, quad_nodes: int = 32) -> None:
         self.sde = sde
+        self._drift_cache: dict = {}  # step k, dtype, device -> the drift's coefficients at tau_k (mean())
         taus = np.asarray(taus, dtype=np.float64)
         # a grid from a float32 tensor may end a rounding above T (0.99 -> 0.9900000095): accepted and clamped to T
         inside = taus.ndim == 1 and taus.size >= 2 and taus[0] >= 0 and taus[-1] <= sde.T * (1 + 1e-6)
@@ -200,8 +201,15 @@ class EulerKernel(GaussianKernel):
                          ct_kl_weight=ct, state_scale=scale, name=name)
 
     def mean(self, k, x, action):
-        tau = torch.as_tensor(self.taus[k], dtype=x.dtype, device=x.device)
-        return x + self.sde.drift(tau, x, action) * float(self.dtaus[k])
+        """:math:`x + b(\\tau_k, x, a)\\,\\Delta\\tau_k`, the drift's coefficients at :math:`\\tau_k` computed once per
+        (step, dtype, device) (``ControlledSDE.drift_coefs``; bitwise the drift's own product)."""
+        key = (k, x.dtype, x.device)
+        coefs = self._drift_cache.get(key)
+        if coefs is None:
+            coefs = self._drift_cache[key] = self.sde.drift_coefs(
+                torch.as_tensor(self.taus[k], dtype=x.dtype, device=x.device))
+        lin, act = coefs
+        return x + (lin * x + act * action) * float(self.dtaus[k])
 
     def _rows(self, ks, like: torch.Tensor, arr: np.ndarray) -> torch.Tensor:
         """``arr[ks]`` as a tensor of shape ``(n, 1, ..., 1)`` broadcasting against ``like`` ``(n, B, *event)``."""

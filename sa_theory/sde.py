@@ -127,9 +127,15 @@ class ControlledSDE:
         """:math:`\\frac{1+\\eta}{2}\\,g^2(T-\\tau)`, the coefficient of the action in the drift."""
         return (0.5 * (1.0 + self.eta(tau))) * self.schedule.g2_tau(tau)
 
+    def drift_coefs(self, tau):
+        """The drift's two coefficients at ``tau``: :math:`(-f(T-\\tau),\\ \\frac{1+\\eta}{2}g^2(T-\\tau))`, so that
+        ``drift(tau, y, a) == lin * y + act * a`` bitwise (a kernel on a fixed grid caches them per step)."""
+        return -self.schedule.f_tau(tau), self.action_coef(tau)
+
     def drift(self, tau: torch.Tensor, y: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """:math:`-f(T-\\tau)\\,y + \\frac{1+\\eta}{2}g^2(T-\\tau)\\,a`."""
-        return -self.schedule.f_tau(tau) * y + self.action_coef(tau) * action
+        lin, act = self.drift_coefs(tau)
+        return lin * y + act * action
 
     def diffusion(self, tau):
         """:math:`\\sqrt{\\eta(\\tau)}\\,g(T-\\tau)` (0 for the ODE)."""

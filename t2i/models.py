@@ -177,6 +177,7 @@ def add_lora(
         if init_seed is not None:
             torch.manual_seed(init_seed)
         unet.add_adapter(cfg)
+    unet.__dict__.pop("_sa_tuner_layers", None)  # pretrained()'s cached adapter layers
     for p in lora_parameters(unet):
         p.data = p.data.float()
 
@@ -212,14 +213,43 @@ def lora_parameters(unet) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if "lora_" in n]
 
 
+def _tuner_layers(unet) -> list:
+    """peft's adapter layers (``BaseTunerLayer``) of ``unet``, found once per set of adapters and cached on the
+    module: walking every submodule (what diffusers' ``disable_adapters`` / ``enable_adapters`` do on each call)
+    cost 8 ms per toggle on the digits UNet, a sixth of its batch-16 forward, at every reference step."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    key = tuple(getattr(unet, "peft_config", None) or ())
+    cached = unet.__dict__.get("_sa_tuner_layers")
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
+        unet.__dict__["_sa_tuner_layers"] = cached
+    return cached[1]
+
+
 @contextlib.contextmanager
 def pretrained(unet):
-    """Context in which ``unet`` is the pretrained model (LoRA adapters disabled), restored on exit."""
-    unet.disable_adapters()
+    """Context in which ``unet`` is the pretrained model (LoRA adapters disabled); each adapter layer's previous
+    state is restored on exit (so nested contexts compose). The layers' flag is flipped directly: the adapters'
+    ``requires_grad`` is left alone (disabled adapters take no part in the forward, so no gradient reaches them)."""
+    layers = _tuner_layers(unet)
+    if not layers:
+        raise ValueError("pretrained(): the model has no adapter layers (add_lora first)")
+    flag = all(hasattr(m, "_disable_adapters") for m in layers)
+    before = [m.disable_adapters for m in layers]
+    for m in layers:
+        if flag:
+            m._disable_adapters = True
+        else:  # a peft without the private flag: its public per-layer toggle
+            m.enable_adapters(False)
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        for m, was in zip(layers, before):
+            if flag:
+                m._disable_adapters = was
+            else:
+                m.enable_adapters(not was)
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:

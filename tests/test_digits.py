@@ -216,3 +216,23 @@ def test_full_experiment_runs(tmp_path):
     for m, r in bench["methods"].items():
         assert r["seeds"] == 3 and math.isfinite(r["final"]["path_kl_mean"]["mean"]), m
     assert bench["methods"]["sa_ac"]["final"]["reward_mean"]["mean"] > pre
+
+
+def test_experiment_pool_runs_pretrained_evaluations_beside_the_runs(quick_assets, tmp_path):
+    """``run_experiment`` with 2 worker processes: the pretrained evaluations are pool jobs like the fine-tuning
+    runs, and give bitwise what this process computes; results keep the K order; the progress callback gets one
+    ``digits/pretrained_eval`` record and one per run."""
+    import dataclasses
+
+    from digits.experiment import pretrained_eval, run_experiment
+
+    ec, assets = quick_assets
+    ec = dataclasses.replace(ec, methods=("ddpo_is",), epochs=1, step_counts=(2, ec.num_steps), n_eval=20)
+    seen = []
+    res = run_experiment(ec, str(tmp_path), TEST_CACHE, "all", workers=2, on_done=lambda k, s: seen.append(k))
+    assert list(res["pretrained"]) == ["2", str(ec.num_steps)]
+    here = pretrained_eval(ec, assets, 2)["eval"]
+    assert all(res["pretrained"]["2"][k] == v for k, v in here.items() if k != "images")
+    assert sorted(seen) == sorted(["digits/pretrained_eval", f"digits/ddpo_is_s0_K{ec.num_steps}",
+                                   "digits/ddpo_is_s0_K2"])
+    assert {(r["method"], r["K"]) for r in res["runs"]} == {("ddpo_is", ec.num_steps), ("ddpo_is", 2)}

@@ -72,6 +72,32 @@ def test_disabled_adapters_give_the_pretrained_transformer(sd3):
     assert any("add_q_proj" in n for n in trainable)  # the context stream is adapted too
 
 
+def test_pretrained_context_matches_diffusers_toggle_nests_and_restores(sd3):
+    """The cached-layer toggle gives bitwise the output of diffusers' disable_adapters(); a nested context leaves
+    the adapters disabled until the outer one exits; on exit the policy is back, bitwise."""
+    pipe, _ = sd3
+    tr = pipe.transformer
+    text = encode_sd3_prompts(pipe, ["a cat"], guidance=False)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        v_pol = guided_velocity(tr, x, 0.4, text, 1.0)
+        tr.disable_adapters()
+        v_diffusers = guided_velocity(tr, x, 0.4, text, 1.0)
+        tr.enable_adapters()
+        with pretrained(tr):
+            with pretrained(tr):
+                pass
+            v_nested = guided_velocity(tr, x, 0.4, text, 1.0)  # still the pretrained model
+        assert torch.equal(v_nested, v_diffusers)
+        assert torch.equal(guided_velocity(tr, x, 0.4, text, 1.0), v_pol)
+    assert (v_pol - v_diffusers).abs().max() > 1e-4
+    from diffusers import SD3Transformer2DModel
+
+    with pytest.raises(ValueError, match="no adapter layers"):
+        with pretrained(SD3Transformer2DModel.from_config(tr.config)):
+            pass
+
+
 def test_decode_maps_latents_to_unit_interval_images(sd3):
     pipe, _ = sd3
     with torch.no_grad():
