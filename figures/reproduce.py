@@ -10,7 +10,8 @@ evaluation, ...) counts with its time in the last full run on this machine class
 every full run into ``benchmarks/results/reproduce_times.json``; a job without a record counts
 :func:`default_estimate`), so the ETA is work-weighted rather than job-counted. Phases run one after the other, each
 in ``--workers`` spawned processes with one torch thread each. At the end: wall time per phase, the summed job
-time (CPU seconds of one thread), and where the outputs are.
+time (CPU seconds of one thread), where the outputs are, and the machine's speed on two fixed workloads
+(:func:`calibrate`), so that wall times from different machines can be compared.
 """
 
 from __future__ import annotations
@@ -61,6 +62,39 @@ def expected_jobs(skip_digits: bool) -> list[str]:
     return keys
 
 
+def calibrate(repeats: int = 3) -> dict[str, float]:
+    """Seconds of two fixed workloads on one thread (best of ``repeats``), recorded with the job times so that runs
+    on different machines can be compared: ``python_s`` (a pure-Python loop of 10^7 additions: the toy figures'
+    overhead) and ``torch_s`` (200 float32 256x256 matmuls: the digits models' compute)."""
+    import torch
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def py():
+        s = 0
+        for i in range(10**7):
+            s += i
+
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+
+    def mm():
+        for _ in range(200):
+            a @ a
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {"python_s": round(best(py), 3), "torch_s": round(best(mm), 4)}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load_estimates(path: str = ESTIMATES) -> dict[str, float]:
     try:
         with open(path) as fh:
@@ -80,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     for lib in ("DIFFUSERS", "TRANSFORMERS"):  # library chatter would interleave with the bar (workers inherit it)
         os.environ.setdefault(f"{lib}_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar, once per run
+    speed = calibrate()  # before the workers start: an idle machine
     keys = expected_jobs(a.skip_digits)
     est = load_estimates()
     weight = {k: est.get(k, default_estimate(k)) for k in keys}
@@ -142,8 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, p in phases.items():
         print(f"{name:8s} {p['wall_s']:8.0f} {p['job_s']:8.0f}  {p['outputs']}")
     print(f"{'total':8s} {wall:8.0f} {sum(times.values()):8.0f}  ({a.workers} worker(s); job s = one thread each)")
+    print(f"machine: {os.cpu_count()} cores; calibration {speed} (figures.reproduce.calibrate; compare machines by it)")
     res = {"wall_s": wall, "phases": phases, "seconds": times, "workers": a.workers,
-           "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "toy_results": toy_results}
+           "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "calibration": speed,
+           "toy_results": toy_results}
     if not a.skip_digits:  # a full run: its job times are the next run's ETA weights
         atomic_write_json(ESTIMATES, res, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
     return res

@@ -45,6 +45,17 @@ def test_make_all_runs_figures_in_worker_processes_and_rejects_bad_input(tmp_pat
         make_all(str(tmp_path), quick=True, only=[5], workers=0)
 
 
+def test_reproduce_calibration_times_two_fixed_workloads_and_restores_threads():
+    import torch
+
+    from figures.reproduce import calibrate
+
+    before = torch.get_num_threads()
+    speed = calibrate(repeats=1)
+    assert set(speed) == {"python_s", "torch_s"} and all(0 < v < 60 for v in speed.values())
+    assert torch.get_num_threads() == before
+
+
 def test_queries_benchmark_runs_in_quick_mode(tmp_path, capsys):
     """``benchmarks/bench_queries.py --quick`` (not a test of its numbers): both evaluation grids are reported
     and every objective is finite."""
