@@ -154,8 +154,8 @@ def run_flow_experiment(fc: FlowExperimentConfig, out: str, cache_dir: str | Non
     res = {"info": {"flow_pretrain": info, "flow_config": dataclasses.asdict(fc)}, "pretrained": {}, "runs": []}
     Ks = sorted({ec.num_steps, *ec.step_counts})
     # the pretrained evaluations run in the pool with the fine-tuning runs (no core idles while they run)
-    pre_keys = [f"{model}_K{K}" for K in Ks for model in (("flow", "vp") if fc.vp else ("flow",))]
-    jobs = [(key.split("_K")[0], PRETRAINED, None, int(key.split("_K")[1])) for key in pre_keys]
+    jobs = [(model, PRETRAINED, None, K) for K in Ks for model in (("flow", "vp") if fc.vp else ("flow",))]
+    pre_keys = [f"{model}_K{K}" for model, _, _, K in jobs]
     t_pretrained = 0.0
     jobs += [("flow", m, s, ec.num_steps) for s in ec.seeds for m in fc.methods]
     jobs += [("flow", m, s, K) for K in Ks if K != ec.num_steps for s in fc.sweep_seeds for m in fc.methods]

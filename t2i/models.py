@@ -177,7 +177,6 @@ def add_lora(
         if init_seed is not None:
             torch.manual_seed(init_seed)
         unet.add_adapter(cfg)
-    unet.__dict__.pop("_sa_tuner_layers", None)  # pretrained()'s cached adapter layers
     for p in lora_parameters(unet):
         p.data = p.data.float()
 
@@ -230,26 +229,20 @@ def _tuner_layers(unet) -> list:
 @contextlib.contextmanager
 def pretrained(unet):
     """Context in which ``unet`` is the pretrained model (LoRA adapters disabled); each adapter layer's previous
-    state is restored on exit (so nested contexts compose). The layers' flag is flipped directly: the adapters'
-    ``requires_grad`` is left alone (disabled adapters take no part in the forward, so no gradient reaches them)."""
+    state is restored on exit (so nested contexts compose). peft's per-layer flag (``BaseTunerLayer._disable_adapters``,
+    what its ``disable_adapters`` property reads) is flipped directly: the adapters' ``requires_grad`` is left alone
+    (disabled adapters take no part in the forward, so no gradient reaches them)."""
     layers = _tuner_layers(unet)
     if not layers:
         raise ValueError("pretrained(): the model has no adapter layers (add_lora first)")
-    flag = all(hasattr(m, "_disable_adapters") for m in layers)
     before = [m.disable_adapters for m in layers]
     for m in layers:
-        if flag:
-            m._disable_adapters = True
-        else:  # a peft without the private flag: its public per-layer toggle
-            m.enable_adapters(False)
+        m._disable_adapters = True
     try:
         yield unet
     finally:
         for m, was in zip(layers, before):
-            if flag:
-                m._disable_adapters = was
-            else:
-                m.enable_adapters(not was)
+            m._disable_adapters = was
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
