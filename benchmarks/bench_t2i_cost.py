@@ -46,8 +46,14 @@ import time
 import torch
 
 #: ``ddpo_is_noref``: DDPO-IS as published (beta = 0) without the pretrained reference pass (``log.reference_kl
-#: false``: no KL-to-pretrained monitoring); the other methods record the reference (sa_ac and dpok need it)
-METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok", "ddpo_is_noref")
+#: false``: no KL-to-pretrained monitoring); the other methods record the reference (sa_ac and dpok need it).
+#: ``*_frozen_uncond``: the same with ``model.lora_uncond false`` (CFG's unconditional branch is the pretrained
+#: model's, shared by policy and reference: t2i.environments)
+FROZEN = "_frozen_uncond"
+METHODS = ("sa_ac", "ddpo_sf", "ddpo_is", "dpok", "ddpo_is_noref", "sa_ac" + FROZEN, "ddpo_is_noref" + FROZEN)
+#: (numerator, denominator) of the reported ratios
+RATIOS = (("sa_ac", "ddpo_is"), ("sa_ac", "ddpo_is_noref"), ("sa_ac" + FROZEN, "ddpo_is_noref"),
+          ("sa_ac" + FROZEN, "ddpo_is_noref" + FROZEN))
 
 
 def make_config(method: str, out_dir: str, quick: bool, epochs: int | None = None):
@@ -56,6 +62,8 @@ def make_config(method: str, out_dir: str, quick: bool, epochs: int | None = Non
     from t2i.config import get_preset
 
     cfg = get_preset("tiny_cpu")
+    cfg.model.lora_uncond = not method.endswith(FROZEN)
+    name, method = method, method.removesuffix(FROZEN)
     cfg.train.method = "ddpo_is" if method == "ddpo_is_noref" else method
     cfg.log.reference_kl = method != "ddpo_is_noref"
     if quick:
@@ -67,7 +75,7 @@ def make_config(method: str, out_dir: str, quick: bool, epochs: int | None = Non
     cfg.train.num_epochs = 1 if epochs is None else epochs
     if cfg.train.method == "ddpo_is":
         cfg.value.kind, cfg.train.beta = "none", 0.0
-    cfg.log.output_dir = os.path.join(out_dir, method)
+    cfg.log.output_dir = os.path.join(out_dir, name)
     cfg.log.overwrite = True  # scratch folders, replaced on every benchmark run
     cfg.log.tensorboard, cfg.log.image_every, cfg.log.save_every, cfg.log.progress = False, 0, 0, False
     return cfg
@@ -265,25 +273,25 @@ def main(argv: list[str] | None = None) -> dict:
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
     }
-    for base in ("ddpo_is", "ddpo_is_noref"):
-        if "sa_ac" in methods and base in methods:
-            a, b = methods["sa_ac"], methods[base]
-            res[f"ratio_sa_ac_over_{base}"] = {
+    for num, base in RATIOS:
+        if num in methods and base in methods:
+            a, b = methods[num], methods[base]
+            res[f"ratio_{num}_over_{base}"] = {
                 "forwards": a["forwards_per_query"] / b["forwards_per_query"],
                 "time": a["seconds_per_query"] / b["seconds_per_query"],
                 "cpu_time": a["cpu_seconds_per_query"] / b["cpu_seconds_per_query"],
             }
     head = ("fwd/query", "sampling", "training", "ms/query", "cpu ms/q", "peak MB")
-    print(f"{'method':13s} " + " ".join(f"{h:>9s}" for h in head))
+    print(f"{'method':27s} " + " ".join(f"{h:>9s}" for h in head))
     for m, r in methods.items():
         print(
-            f"{m:13s} {r['forwards_per_query']:9.1f} {r['forwards_sampling']:9d} {r['forwards_training']:9d} "
+            f"{m:27s} {r['forwards_per_query']:9.1f} {r['forwards_sampling']:9d} {r['forwards_training']:9d} "
             f"{1e3 * r['seconds_per_query']:9.1f} {1e3 * r['cpu_seconds_per_query']:9.1f} {r['peak_mem_mb']:9.0f}"
         )
-    for base in ("ddpo_is", "ddpo_is_noref"):
-        if f"ratio_sa_ac_over_{base}" in res:
-            q = res[f"ratio_sa_ac_over_{base}"]
-            print(f"sa_ac / {base}: forwards {q['forwards']:.2f}x, time {q['time']:.2f}x, "
+    for num, base in RATIOS:
+        if f"ratio_{num}_over_{base}" in res:
+            q = res[f"ratio_{num}_over_{base}"]
+            print(f"{num} / {base}: forwards {q['forwards']:.2f}x, time {q['time']:.2f}x, "
                   f"CPU time {q['cpu_time']:.2f}x")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

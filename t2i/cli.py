@@ -55,7 +55,7 @@ def evaluate(
         cfg, pipe = load_policy_from_checkpoint(checkpoint, device, overrides)
     reward = make_reward(cfg.reward.name, cfg.reward.clip_path, cfg.reward.weights_path).to(device)
     s = cfg.sample
-    env = make_environment(pipe, s, s.eval_num_steps)
+    env = make_environment(pipe, s, s.eval_num_steps, cfg.model.lora_uncond)
     n = s.eval_num_images
     prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(n)]
     results = {}
@@ -94,7 +94,7 @@ def evaluate(
                     ps = prompts[i : i + s.batch_size]
                     im = sample_images(
                         pipe, ps, s.eval_sampler, s.eval_num_steps, s.guidance_scale, gen, s.eta,
-                        resolution=s.resolution,
+                        s.negative_prompt, s.resolution, cfg.model.lora_uncond,
                     )
                     with torch.no_grad():
                         rr.append(reward(im, ps).float().cpu())
@@ -144,6 +144,7 @@ def sample(
                 s.eta,
                 s.negative_prompt,
                 s.resolution,
+                cfg.model.lora_uncond,
             )
             for i in range(0, len(allp), s.batch_size)
         ]

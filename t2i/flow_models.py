@@ -36,6 +36,7 @@ __all__ = [
     "load_sd3_pipeline",
     "add_transformer_lora",
     "encode_sd3_prompts",
+    "velocity_output",
     "guided_velocity",
     "decode_sd3_latents",
     "save_pixel_sd3_pipeline",
@@ -184,28 +185,32 @@ def encode_sd3_prompts(pipe, prompts: list[str], negative_prompt: str = "", guid
             "neg_pooled": neg_pooled if guidance else None}
 
 
-def guided_velocity(transformer, x: torch.Tensor, t: float, text: dict, guidance_scale: float) -> torch.Tensor:
-    """Velocity :math:`v_u + w(v_c - v_u)` (float32) at rectified-flow time ``t`` (transformer timestep ``1000 t``);
-    one transformer call on the doubled batch when guided, the conditional velocity when ``w == 1`` or there
-    are no negative embeddings."""
+def velocity_output(transformer, x: torch.Tensor, t: float, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The transformer's velocity (float32) at rectified-flow time ``t`` (timestep ``1000 t``), one call."""
     from .models import weights_dtype
 
     dtype = weights_dtype(transformer)
+    ts = torch.full((x.shape[0],), 1000.0 * float(t), dtype=dtype, device=x.device)
+    return transformer(hidden_states=x.to(dtype), timestep=ts, encoder_hidden_states=embeds.to(dtype),
+                       pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
+
+
+def guided_velocity(transformer, x: torch.Tensor, t: float, text: dict, guidance_scale: float,
+                    uncond_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Velocity :math:`v_u + w(v_c - v_u)` (float32) at rectified-flow time ``t`` (transformer timestep ``1000 t``);
+    one transformer call on the doubled batch when guided, the conditional velocity when ``w == 1`` or there
+    are no negative embeddings. ``uncond_out``: :math:`v_u` computed elsewhere (the frozen pretrained branch,
+    ``model.lora_uncond = false``); then ``transformer`` runs on the conditional half only."""
+    if guidance_scale == 1.0 or text.get("neg_embeds") is None:
+        return velocity_output(transformer, x, t, text["embeds"], text["pooled"])
+    if uncond_out is not None:
+        c = velocity_output(transformer, x, t, text["embeds"], text["pooled"])
+        return uncond_out + guidance_scale * (c - uncond_out)
     B = x.shape[0]
-    guided = guidance_scale != 1.0 and text.get("neg_embeds") is not None
-    if guided:
-        xin = torch.cat([x, x])
-        emb = torch.cat([text["neg_embeds"], text["embeds"]])
-        pooled = torch.cat([text["neg_pooled"], text["pooled"]])
-    else:
-        xin, emb, pooled = x, text["embeds"], text["pooled"]
-    ts = torch.full((xin.shape[0],), 1000.0 * float(t), dtype=dtype, device=x.device)
-    out = transformer(hidden_states=xin.to(dtype), timestep=ts, encoder_hidden_states=emb.to(dtype),
-                      pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
-    if guided:
-        u, c = out[:B], out[B:]
-        out = u + guidance_scale * (c - u)
-    return out
+    out = velocity_output(transformer, torch.cat([x, x]), t, torch.cat([text["neg_embeds"], text["embeds"]]),
+                          torch.cat([text["neg_pooled"], text["pooled"]]))
+    u, c = out[:B], out[B:]
+    return u + guidance_scale * (c - u)
 
 
 def decode_sd3_latents(pipe, latents: torch.Tensor) -> torch.Tensor:

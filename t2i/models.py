@@ -28,6 +28,7 @@ __all__ = [
     "load_pipeline",
     "add_lora",
     "pretrained",
+    "frozen_pretrained",
     "lora_state_dict",
     "lora_parameters",
     "encode_prompts",
@@ -243,6 +244,14 @@ def pretrained(unet):
     finally:
         for m, was in zip(layers, before):
             m._disable_adapters = was
+
+
+@contextlib.contextmanager
+def frozen_pretrained(net):
+    """``torch.no_grad()`` with ``net`` as the pretrained model (:func:`pretrained`); a model without adapters already
+    is the pretrained one. The frozen unconditional branch of CFG (``model.lora_uncond = false``) runs in it."""
+    with torch.no_grad(), (pretrained(net) if _tuner_layers(net) else contextlib.nullcontext(net)):
+        yield net
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:

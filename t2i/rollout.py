@@ -28,10 +28,16 @@ import torch
 from sa_theory.algorithms.rl_batch import RolloutBatch
 from sa_theory.sampling import sample_chain
 
-from .models import decode_latents, encode_prompts, weights_dtype
+from .models import decode_latents, encode_prompts, frozen_pretrained, weights_dtype
 from .scheduling import eps_from_model_output
 
-__all__ = ["RolloutBatch", "guided_eps", "sample_rollout", "sample_images"]
+__all__ = ["RolloutBatch", "unet_output", "guided_eps", "sample_rollout", "sample_images"]
+
+
+def unet_output(unet, x: torch.Tensor, timestep: int, embeds: torch.Tensor) -> torch.Tensor:
+    """The UNet's raw output (float32) for latents ``x`` and text ``embeds``, one call."""
+    dtype = weights_dtype(unet)
+    return unet(x.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype)).sample.float()
 
 
 def guided_eps(
@@ -43,17 +49,19 @@ def guided_eps(
     guidance_scale: float,
     alphabar: float,
     prediction_type: str = "epsilon",
+    uncond_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Guided noise prediction :math:`\\epsilon_u + w(\\epsilon_c - \\epsilon_u)` (float32), one UNet call
-    on the doubled batch. ``uncond=None`` or ``w=1`` gives the conditional prediction."""
-    dtype = weights_dtype(unet)
+    on the doubled batch. ``uncond=None`` or ``w=1`` gives the conditional prediction. ``uncond_out``: the
+    unconditional raw output computed elsewhere (the frozen pretrained branch, ``model.lora_uncond = false``);
+    then ``unet`` runs on the conditional half only."""
     if uncond is None or guidance_scale == 1.0:
-        out = unet(x.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype)).sample.float()
+        out = unet_output(unet, x, timestep, embeds)
+    elif uncond_out is not None:
+        c = unet_output(unet, x, timestep, embeds)
+        out = uncond_out + guidance_scale * (c - uncond_out)
     else:
-        out = unet(
-            torch.cat([x, x]).to(dtype), timestep, encoder_hidden_states=torch.cat([uncond, embeds]).to(dtype)
-        ).sample.float()
-        u, c = out.chunk(2)
+        u, c = unet_output(unet, torch.cat([x, x]), timestep, torch.cat([uncond, embeds])).chunk(2)
         out = u + guidance_scale * (c - u)
     return eps_from_model_output(out, x, alphabar, prediction_type)
 
@@ -91,17 +99,19 @@ def sample_images(
     eta: float = 1.0,
     negative_prompt: str = "",
     resolution: int | None = None,
+    lora_uncond: bool = True,
 ) -> torch.Tensor:
     """Images in [0, 1] from any sampler in :data:`t2i.scheduling.SAMPLERS` (including multistep
     DPM-Solver++/UniPC/DEIS, which have no log-probabilities) using the diffusers scheduler's ``step``;
     ``sampler="flow"`` (SD3-class pipelines): the probability-flow ODE on the flow scheduler's grid, which is
-    the pipeline's own Euler sampler (tested bit for bit)."""
+    the pipeline's own Euler sampler (tested bit for bit). ``lora_uncond=False``: the unconditional branch of
+    CFG is the pretrained model's (the policy of a run with ``model.lora_uncond = false``)."""
     if sampler == "flow":
         from .environments import FlowEnvironment
         from .scheduling import make_flow_kernel
 
         _, kern = make_flow_kernel(pipe.scheduler.config, num_steps, "eta", 0.0)
-        env = FlowEnvironment(pipe, kern, guidance_scale, negative_prompt, resolution)
+        env = FlowEnvironment(pipe, kern, guidance_scale, negative_prompt, resolution, lora_uncond=lora_uncond)
         return sample_rollout(env, prompts, generator, record_reference=False).images
     from .scheduling import make_sampling_scheduler
 
@@ -119,7 +129,11 @@ def sample_images(
     acp = sch.alphas_cumprod
     for t in sch.timesteps:
         xin = sch.scale_model_input(x, t)
-        eps = guided_eps(unet, xin, int(t), embeds, uncond, guidance_scale, float(acp[int(t)]), "epsilon")
+        u = None
+        if uncond is not None and not lora_uncond:
+            with frozen_pretrained(unet):
+                u = unet_output(unet, xin, int(t), uncond)
+        eps = guided_eps(unet, xin, int(t), embeds, uncond, guidance_scale, float(acp[int(t)]), "epsilon", u)
         kw = (
             {"eta": eta, "generator": generator}
             if sampler == "ddim"

@@ -116,7 +116,7 @@ class ImageTask(CheckpointMixin):
         self.reward = make_reward(cfg.reward.name, cfg.reward.clip_path, cfg.reward.weights_path).to(
             acc.device
         )
-        self.env = make_environment(self.pipe, cfg.sample)
+        self.env = make_environment(self.pipe, cfg.sample, lora_uncond=cfg.model.lora_uncond)
         self.kernel = self.env.kernel
         text_dim = self.env.text_dim
         torch.manual_seed(cfg.train.seed + 1)

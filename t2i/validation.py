@@ -173,4 +173,5 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     need(not local or os.path.isdir(os.path.expanduser(m.pretrained)),
          f"model.pretrained: {m.pretrained!r} is not a folder (give a local pipeline folder or a Hub id)")
     need(m.lora_rank >= 1, f"model.lora_rank: must be >= 1 (got {m.lora_rank})")
+    need(isinstance(m.lora_uncond, bool), f"model.lora_uncond: must be true or false (got {m.lora_uncond!r})")
     need(len(cfg.prompts) >= 1, "prompts: need at least one prompt")

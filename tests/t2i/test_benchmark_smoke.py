@@ -45,7 +45,17 @@ def test_t2i_cost_benchmark_quick_counts_forwards_from_the_config_arithmetic(tmp
     policy_sampling = K * rows * n
     policy_training = round(K * c.train.timestep_fraction) * rows * n * c.train.num_inner_epochs
     assert rows == 2 and data["config"]["policy_sampling_forwards"] == policy_sampling
-    assert set(data["methods"]) == {"sa_ac", "ddpo_sf", "ddpo_is", "dpok", "ddpo_is_noref"}
+    assert set(data["methods"]) == {"sa_ac", "ddpo_sf", "ddpo_is", "dpok", "ddpo_is_noref", "sa_ac_frozen_uncond",
+                                    "ddpo_is_noref_frozen_uncond"}
+    # model.lora_uncond false: the reference shares the policy's (pretrained) unconditional rows: 3/2 of the
+    # policy rows with the reference, the policy rows without it; the update pass recomputes both halves
+    frozen = {m: data["methods"][m + "_frozen_uncond"] for m in ("sa_ac", "ddpo_is_noref")}
+    assert frozen["sa_ac"]["forwards_sampling"] == 3 * policy_sampling // 2
+    assert frozen["ddpo_is_noref"]["forwards_sampling"] == policy_sampling
+    assert frozen["sa_ac"]["forwards_training"] == data["methods"]["sa_ac"]["forwards_training"]
+    assert frozen["ddpo_is_noref"]["forwards_training"] == policy_training
+    assert data["ratio_sa_ac_frozen_uncond_over_ddpo_is_noref_frozen_uncond"]["forwards"] == (
+        frozen["sa_ac"]["forwards"] / frozen["ddpo_is_noref"]["forwards"])
     # DDPO-IS without the reference pass samples exactly the policy rows; with it, twice as many
     assert data["methods"]["ddpo_is_noref"]["forwards_sampling"] == policy_sampling
     assert data["methods"]["ddpo_is"]["forwards_sampling"] == data["methods"]["sa_ac"]["forwards_sampling"] == \
