@@ -1,4 +1,4 @@
-"""Denoiser cost per reward query of every image method (``sa_ac``, ``ddpo_sf``, ``ddpo_is``, ``dpok``).
+"""Denoiser cost per reward query of every image method (``sa_ac``, ``ddpo_sf``, ``ddpo_is``, ``dpok``, variants).
 
 Each method trains through the public trainer, ``t2i.trainer.make_trainer(cfg).train()``, on the tiny in-process
 Stable Diffusion pipeline (preset ``tiny_cpu``; random weights, no download), all methods in one process and
@@ -24,7 +24,7 @@ Measured per method, sampling and training together (checkpoint writing excluded
 ``python benchmarks/bench_t2i_cost.py [--quick] [--out FILE] [--methods sa_ac ddpo_is] [--repeats 3]
 [--no-warmup] [--threads 1]``.
 ``--quick``: 4 steps, 2 images, one repeat (a smoke test, ~10 s on CPU). Default: 20 steps, 8 images, 3
-repeats (~4 min on a loaded 2-core machine). Timings on the shared CPU machines swing by 1.5x between runs of
+repeats (~7 min on a 2-core machine). Timings on the shared CPU machines swing by 1.5x between runs of
 the same work; compare methods only within one run, and trust the forward counts over the seconds there.
 """
 

@@ -115,6 +115,7 @@ def run(args) -> dict:
                 "model.gradient_checkpointing": str(args.grad_ckpt and not args.tiny).lower(),
                 "reward.name": "jpeg_compress",
                 "value.kind": "none" if method == "ddpo_is" else "critic",
+                "model.lora_uncond": str(not args.frozen_uncond).lower(),
             },
         )
         if not args.tiny:
@@ -140,12 +141,14 @@ def run(args) -> dict:
         t_iter = time.time() - t0
         mem_iter = _peak_gb(device)
         fl = unet_flops(tr.pipe.unet, 2 * args.batch, device, tr.weight_dtype)  # CFG doubles the batch
-        # rollout: policy + reference forward per step; training: forward + backward (~3x forward) per step
-        flops_iter = fl * args.steps * 2 + fl * args.steps * 3
+        # rollout: policy + reference forward per step (frozen unconditional branch: 3 of the 4 halves, shared);
+        # training: forward of both halves + backward (~2x forward) of the halves with adapters (one if frozen)
+        grad_halves = 1 if args.frozen_uncond else 2
+        flops_iter = fl * args.steps * (1.5 if args.frozen_uncond else 2) + fl * args.steps * (1 + grad_halves)
         mfu = flops_iter / t_iter / (args.peak_tflops * 1e12) if device.type == "cuda" else float("nan")
         results["rows"].append(
             {
-                "method": method,
+                "method": method + ("_frozen_uncond" if args.frozen_uncond else ""),
                 "sampling_images_per_s": args.batch / t_sample,
                 "sampling_peak_gb": mem_sample,
                 "train_samples_per_s": args.batch / t_iter,
@@ -327,6 +330,8 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=None,
                     help="default: sa_ac ddpo_is (sd15), sa_ac flow_grpo (sd35m)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    ap.add_argument("--frozen-uncond", action="store_true",
+                    help="sd15: model.lora_uncond false (CFG's unconditional branch stays the pretrained model's)")
     ap.add_argument(
         "--peak-tflops", type=float, default=989.0, help="device peak dense bf16 TFLOP/s (H100 SXM, H200: 989)"
     )

@@ -3,16 +3,20 @@
 import importlib.util
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_t2i_gpu_benchmark_tiny_mode_runs(tmp_path):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_t2i_gpu_benchmark_tiny_mode_runs(tmp_path, frozen):
     spec = importlib.util.spec_from_file_location("t2i_gpu", os.path.join(ROOT, "benchmarks", "t2i_gpu.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "bench.json"
-    res = mod.main(["--tiny", "--workdir", str(tmp_path / "w"), "--out", str(out)])
-    assert out.exists() and [r["method"] for r in res["rows"]] == ["sa_ac", "ddpo_is"]
+    res = mod.main(["--tiny", "--workdir", str(tmp_path / "w"), "--out", str(out)] + ["--frozen-uncond"] * frozen)
+    suffix = "_frozen_uncond" * frozen
+    assert out.exists() and [r["method"] for r in res["rows"]] == ["sa_ac" + suffix, "ddpo_is" + suffix]
     assert all(r["train_samples_per_s"] > 0 and r["sampling_images_per_s"] > 0 for r in res["rows"])
     assert res["rows"][0]["unet_fwd_tflops_cfg_batch"] > 0
 
