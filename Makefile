@@ -2,7 +2,7 @@
 #   make reproduce   -- regenerate every figure in figures/ under one progress bar with an ETA, then a summary
 #                       table (figures/reproduce.py): the toy figures, the digits experiment and the flow-model
 #                       comparison (the digits models are shipped in digits/weights/); see README for wall times
-#   make test        -- run the default test suite (excludes slow and GPU tests)
+#   make test        -- run the default test suite (excludes slow and GPU tests), one pytest-xdist worker per core
 # Other targets: make test-slow, make test-gpu, make bench, make bench-t2i-cost, make lint,
 #   make retrain-digits (retrain the shipped digits models in digits/weights/, ~7 min on one core).
 PYTHON ?= python3
@@ -41,7 +41,7 @@ quick: $(STAMP)
 	$(PY) -m figures.make_all --quick
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
