@@ -203,13 +203,11 @@ def guided_velocity(transformer, x: torch.Tensor, t: float, text: dict, guidance
     ``model.lora_uncond = false``); then ``transformer`` runs on the conditional half only."""
     if guidance_scale == 1.0 or text.get("neg_embeds") is None:
         return velocity_output(transformer, x, t, text["embeds"], text["pooled"])
-    if uncond_out is not None:
-        c = velocity_output(transformer, x, t, text["embeds"], text["pooled"])
-        return uncond_out + guidance_scale * (c - uncond_out)
-    B = x.shape[0]
-    out = velocity_output(transformer, torch.cat([x, x]), t, torch.cat([text["neg_embeds"], text["embeds"]]),
-                          torch.cat([text["neg_pooled"], text["pooled"]]))
-    u, c = out[:B], out[B:]
+    if uncond_out is None:
+        u, c = velocity_output(transformer, torch.cat([x, x]), t, torch.cat([text["neg_embeds"], text["embeds"]]),
+                               torch.cat([text["neg_pooled"], text["pooled"]])).chunk(2)
+    else:
+        u, c = uncond_out, velocity_output(transformer, x, t, text["embeds"], text["pooled"])
     return u + guidance_scale * (c - u)
 
 

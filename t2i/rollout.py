@@ -57,11 +57,11 @@ def guided_eps(
     then ``unet`` runs on the conditional half only."""
     if uncond is None or guidance_scale == 1.0:
         out = unet_output(unet, x, timestep, embeds)
-    elif uncond_out is not None:
-        c = unet_output(unet, x, timestep, embeds)
-        out = uncond_out + guidance_scale * (c - uncond_out)
     else:
-        u, c = unet_output(unet, torch.cat([x, x]), timestep, torch.cat([uncond, embeds])).chunk(2)
+        if uncond_out is None:
+            u, c = unet_output(unet, torch.cat([x, x]), timestep, torch.cat([uncond, embeds])).chunk(2)
+        else:
+            u, c = uncond_out, unet_output(unet, x, timestep, embeds)
         out = u + guidance_scale * (c - u)
     return eps_from_model_output(out, x, alphabar, prediction_type)
 
