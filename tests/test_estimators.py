@@ -73,7 +73,7 @@ def _discrete_moments(prob, theta, pieces, steps):
     for n in range(steps):
         tau = n * dt
         j = (n * pieces) // steps  # the piece of the left end, by integer arithmetic as the chain does
-        A, c, g2, K, k = prob._coeffs(tau, pol)
+        A, c, g2, K, k = prob._coeffs(tau, pol)[:5]
         F = np.eye(prob.d) + A * dt
         out.append(dict(m=m, P=P, F=F, c=c * dt, g2=g2, K=K, k=k, j=j, tau=tau))
         m, P = F @ m + c * dt, F @ P @ F.T + g2 * dt * np.eye(prob.d)

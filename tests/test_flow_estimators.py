@@ -40,7 +40,7 @@ def expected_value_gradient(prob, theta, pieces, steps, eta_one_weights=False) -
     grad = np.zeros(prob.n_params(pieces))
     for n in range(steps):
         tau = n * dt
-        A, cvec, e, K, k = prob._coeffs(tau, pol)
+        A, cvec, e, K, k = prob._coeffs(tau, pol)[:5]
         c, _, r = prob._weights(tau)
         if eta_one_weights:
             c, r = float(prob.schedule.g2(prob.T - tau)), 1.0

@@ -132,6 +132,20 @@ def test_exact_gradient_equals_richardson_finite_differences(prob, pieces, seed)
     # negative control: the Euler-chain gradient (N=20) is a different quantity at this resolution
     assert np.abs(prob.discrete_gradient(theta, pieces, 20) - g).max() / max(1.0, np.abs(g).max()) > 1e-5
 
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(prob=problems, pieces=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_objective_and_gradient_from_one_pass_equal_the_separate_ones(prob, pieces, seed):
+    """``exact_objective_and_gradient`` (the optimiser's one ODE pass) returns ``exact_gradient`` bit for bit and
+    ``exact_objective`` to the ODE tolerance (rtol 1e-11: the gradient's extra components change the step
+    control); 1e-9 relative is a tolerance a wrong KL weight or sign (|beta KL| >= 1e-4 here) cannot meet."""
+    theta = 0.3 * np.random.default_rng(seed).normal(size=prob.n_params(pieces))
+    J, g = prob.exact_objective_and_gradient(theta, pieces)
+    terms = prob.exact_terms(theta, pieces)
+    assert np.array_equal(g, prob.exact_gradient(theta, pieces))
+    assert abs(J - terms["objective"]) < 1e-9 * max(1.0, abs(terms["objective"])), (J, terms["objective"])
+    assert prob.beta * terms["path_kl"] > 1e-4  # so dropping or flipping the KL term would fail the line above
+
+
 
 def test_discrete_gradient_equals_finite_differences_and_converges_at_first_order():
     prob = random_problem(3, 2, VP, True, 1.0)

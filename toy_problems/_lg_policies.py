@@ -78,13 +78,33 @@ class LinearGaussianPolicies:
                       breaks=np.array([0.0, self.T]))
 
     def _coeffs(self, tau: float, pol: Affine):
-        """``(A, c_vec, e, K, k)`` of the controlled linear SDE at ``tau``; ``e = eta g^2`` the noise variance."""
+        """``(A, c_vec, e, K, k, c, r)`` of the controlled linear SDE at ``tau``: ``e = eta g^2`` the noise variance,
+        ``c`` the action's drift coefficient and ``r = w/c`` the KL weight ratio (:meth:`_weights`), from one
+        evaluation of the schedule (the moment and value ODEs call this at every right-hand side)."""
         t = self._t_of(tau)
         f = float(self.schedule.f(t))
-        c, e, _ = self._weights(tau)
+        c, e, r = self._weights(tau)
         Ls, ls = self._score_affine(t)
         K, k = pol.K(tau), pol.k(tau)
-        return -f * np.eye(self.d) + c * (Ls + K), c * (ls + k), e, K, k
+        return -f * self._eye + c * (Ls + K), c * (ls + k), e, K, k, c, r
+
+    @property
+    def _eye(self) -> np.ndarray:
+        eye = self.__dict__.get("_eye_d")
+        if eye is None:
+            eye = self.__dict__["_eye_d"] = np.eye(self.d)
+        return eye
+
+    @staticmethod
+    def _finite_ratio(r: float) -> float:
+        """``r`` (from :meth:`_coeffs`), refusing eta = 0 as :meth:`_kl_ratio` does."""
+        if not np.isfinite(r):
+            raise ValueError("the path KL of the probability-flow ODE (noise eta = 0) is infinite")
+        return r
+
+    def _kl_rate(self, c: float, r: float, K, k) -> float:
+        """KL weight rate :math:`w = rc` of a policy piece (0 for the pretrained piece K = 0, k = 0, any eta)."""
+        return self._finite_ratio(r) * c if (np.any(K) or np.any(k)) else 0.0
 
     # ------------------------------------------------------------------ exact continuous ----------
     def _forward(self, pol: Affine, init=None, extra: Callable | None = None, n_extra: int = 0):
@@ -94,15 +114,16 @@ class LinearGaussianPolicies:
 
         def rhs(tau, z):
             m, P = z[:d], z[d : d + d * d].reshape(d, d)
-            A, c, e, K, k = self._coeffs(tau, pol)
-            dm = A @ m + c
-            dP = A @ P + P @ A.T + e * np.eye(d)
+            co = self._coeffs(tau, pol)
+            A, cvec, e, K, k, c, r = co
+            dm = A @ m + cvec
+            dP = A @ P + P @ A.T + e * self._eye
             Km = K @ m + k
-            w = self._kl_ratio(tau) * self._weights(tau)[0] if (np.any(K) or np.any(k)) else 0.0
+            w = self._kl_rate(c, r, K, k)
             dkl = 0.5 * w * (np.trace(K @ P @ K.T) + Km @ Km)
             parts = [dm, dP.ravel(), [dkl]]
             if extra is not None:
-                parts.append(extra(tau, m, P, A, c, e, K, k))
+                parts.append(extra(tau, m, P, co))
             return np.concatenate(parts)
 
         z = np.concatenate([mi, Pi.ravel(), [0.0], np.zeros(n_extra)])
@@ -148,8 +169,8 @@ class LinearGaussianPolicies:
         def rhs(tau, z):
             U = z[: d * d].reshape(d, d)
             u = z[d * d : d * d + d]
-            A, c, e, K, k = self._coeffs(tau, pol)
-            w = self._kl_ratio(tau) * self._weights(tau)[0] if (np.any(K) or np.any(k)) else 0.0
+            A, c, e, K, k, cw, r = self._coeffs(tau, pol)
+            w = self._kl_rate(cw, r, K, k)
             dU = -(A.T @ U + U @ A) - beta * w * K.T @ K
             du = -A.T @ u + U @ c + beta * w * K.T @ k
             du0 = -c @ u + 0.5 * e * np.trace(U) + 0.5 * beta * w * k @ k
@@ -200,14 +221,21 @@ class LinearGaussianPolicies:
         :math:`\int c[(-U-\beta r K)(P + mm^\top) + (u - \beta r k)m^\top]d\tau` for :math:`K_j` and
         :math:`\int c[(-U-\beta r K)m + u - \beta r k]d\tau` for :math:`k_j` over piece ``j``.
         """
+        return self.exact_objective_and_gradient(theta, pieces)[1]
+
+    def exact_objective_and_gradient(self, theta, pieces: int = 1) -> tuple[float, np.ndarray]:
+        """``(J, grad J)`` from one integration of the moment ODE (:meth:`exact_gradient`): the objective rides along
+        with the gradient's integrals, so an optimiser pays for one forward pass, not two. J agrees with
+        :meth:`exact_objective` to the ODE tolerance (rtol 1e-11; the extra components change the step control)."""
         M = self._check_pieces(pieces)
         pol = self._piece_policy(theta, M)
         vcoef = self._backward(pol)
         d, beta, npp = self.d, self.beta, self.n_params_per_piece
 
-        def extra(tau, m, P, A, cvec, e, K, k):
+        def extra(tau, m, P, co):
             U, u, _ = vcoef(tau)
-            c, br = self._weights(tau)[0], beta * self._kl_ratio(tau)
+            *_, K, k, c, r = co
+            br = beta * self._finite_ratio(r)
             G = -U - br * K
             gK = c * (G @ (P + np.outer(m, m)) + np.outer(u - br * k, m))
             gk = c * (G @ m + u - br * k)
@@ -217,8 +245,8 @@ class LinearGaussianPolicies:
             out[j * npp + d * d : (j + 1) * npp] = gk
             return out
 
-        *_, grad = self._forward(pol, extra=extra, n_extra=M * npp)
-        return grad
+        m, P, kl, grad = self._forward(pol, extra=extra, n_extra=M * npp)
+        return self._expected_reward(m, P) - beta * kl, grad
 
     # ------------------------------------------------------------------ exact discrete chain -------
     def _discrete_torch(self, theta_t: torch.Tensor, pieces: int, steps: int) -> dict:
@@ -305,10 +333,10 @@ class LinearGaussianPolicies:
         new = self._piece_policy(theta2, pieces)
         vcoef = self._backward(old)
 
-        def extra(tau, m, P, A, cvec, e, K, k):
+        def extra(tau, m, P, co):
             U, u, _ = vcoef(tau)
-            c = self._weights(tau)[0]
-            b = self.beta * self._kl_ratio(tau) if with_kl else 0.0
+            c, r = co[5], co[6]
+            b = self.beta * self._finite_ratio(r) if with_kl else 0.0
             K_old, k_old = old.K(tau), old.k(tau)
             D, dl = new.K(tau) - K_old, new.k(tau) - k_old
             G, ev = -U - b * K_old, u - b * k_old

@@ -219,7 +219,7 @@ def _problem_key(prob) -> tuple:
 
 def affine_class_optimum(prob: LinearGaussianProblem, pieces: int, polish: bool = True) -> tuple[float, np.ndarray]:
     """``(J_M*, theta*)``: the best exact objective of the piecewise-affine class with ``pieces`` pieces
-    (L-BFGS on ``prob.exact_objective`` with ``prob.exact_gradient``; cached per problem). ``polish=False``
+    (L-BFGS on ``prob.exact_objective_and_gradient``; cached per problem). ``polish=False``
     stops at the optimum of the 200-step Euler chain (its exact continuous J is returned; ~1e-3 below)."""
     key = (_problem_key(prob), pieces, polish)
     if key not in _OPT_CACHE:
@@ -232,9 +232,11 @@ def affine_class_optimum(prob: LinearGaussianProblem, pieces: int, polish: bool 
         if not polish:
             _OPT_CACHE[key] = (float(prob.exact_objective(warm.x, pieces)), warm.x)
             return _OPT_CACHE[key]
-        res = minimize(lambda th: -prob.exact_objective(th, pieces), warm.x,
-                       jac=lambda th: -prob.exact_gradient(th, pieces), method="L-BFGS-B",
-                       options={"gtol": 1e-7, "ftol": 1e-12, "maxiter": 100})
+        def neg(th):
+            J, g = prob.exact_objective_and_gradient(th, pieces)
+            return -J, -g
+
+        res = minimize(neg, warm.x, jac=True, method="L-BFGS-B", options={"gtol": 1e-7, "ftol": 1e-12, "maxiter": 100})
         _OPT_CACHE[key] = (float(-res.fun), res.x)
     return _OPT_CACHE[key]
 
