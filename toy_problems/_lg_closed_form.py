@@ -67,6 +67,7 @@ class LinearGaussianClosedForm:
         check_spd("S0^{-1} + Q/beta (tilted precision)", np.linalg.inv(self.S0) + self.Q / self.beta)
         lam, V = np.linalg.eigh(self.S0)
         self._lam, self._V = lam, V
+        self._eye = np.eye(self.d)
         self._torch_cache: dict = {}
         self._score_cache: dict = {}  # (time, dtype, device) -> the score's time coefficients (score_torch)
         self._transition_sol = None
@@ -90,7 +91,11 @@ class LinearGaussianClosedForm:
         return (0.5 * (1.0 + eta)) * g2, eta * g2, r
 
     def _kl_ratio(self, tau: float) -> float:
-        r = self._weights(tau)[2]
+        return self._finite_ratio(self._weights(tau)[2])
+
+    @staticmethod
+    def _finite_ratio(r: float) -> float:
+        """The KL weight ratio ``r`` of :meth:`_weights`, refused at eta = 0 (where the path KL is infinite)."""
         if not np.isfinite(r):
             raise ValueError("the path KL of the probability-flow ODE (noise eta = 0) is infinite")
         return r

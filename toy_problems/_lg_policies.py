@@ -88,20 +88,6 @@ class LinearGaussianPolicies:
         K, k = pol.K(tau), pol.k(tau)
         return -f * self._eye + c * (Ls + K), c * (ls + k), e, K, k, c, r
 
-    @property
-    def _eye(self) -> np.ndarray:
-        eye = self.__dict__.get("_eye_d")
-        if eye is None:
-            eye = self.__dict__["_eye_d"] = np.eye(self.d)
-        return eye
-
-    @staticmethod
-    def _finite_ratio(r: float) -> float:
-        """``r`` (from :meth:`_coeffs`), refusing eta = 0 as :meth:`_kl_ratio` does."""
-        if not np.isfinite(r):
-            raise ValueError("the path KL of the probability-flow ODE (noise eta = 0) is infinite")
-        return r
-
     def _kl_rate(self, c: float, r: float, K, k) -> float:
         """KL weight rate :math:`w = rc` of a policy piece (0 for the pretrained piece K = 0, k = 0, any eta)."""
         return self._finite_ratio(r) * c if (np.any(K) or np.any(k)) else 0.0
@@ -169,11 +155,11 @@ class LinearGaussianPolicies:
         def rhs(tau, z):
             U = z[: d * d].reshape(d, d)
             u = z[d * d : d * d + d]
-            A, c, e, K, k, cw, r = self._coeffs(tau, pol)
-            w = self._kl_rate(cw, r, K, k)
+            A, cvec, e, K, k, c, r = self._coeffs(tau, pol)
+            w = self._kl_rate(c, r, K, k)
             dU = -(A.T @ U + U @ A) - beta * w * K.T @ K
-            du = -A.T @ u + U @ c + beta * w * K.T @ k
-            du0 = -c @ u + 0.5 * e * np.trace(U) + 0.5 * beta * w * k @ k
+            du = -A.T @ u + U @ cvec + beta * w * K.T @ k
+            du0 = -cvec @ u + 0.5 * e * np.trace(U) + 0.5 * beta * w * k @ k
             return np.concatenate([dU.ravel(), du, [du0]])
 
         z = np.concatenate([self.Q.ravel(), self.w, [self.r0]])
@@ -335,7 +321,7 @@ class LinearGaussianPolicies:
 
         def extra(tau, m, P, co):
             U, u, _ = vcoef(tau)
-            c, r = co[5], co[6]
+            *_, c, r = co
             b = self.beta * self._finite_ratio(r) if with_kl else 0.0
             K_old, k_old = old.K(tau), old.k(tau)
             D, dl = new.K(tau) - K_old, new.k(tau) - k_old
