@@ -132,6 +132,7 @@ def test_exact_gradient_equals_richardson_finite_differences(prob, pieces, seed)
     # negative control: the Euler-chain gradient (N=20) is a different quantity at this resolution
     assert np.abs(prob.discrete_gradient(theta, pieces, 20) - g).max() / max(1.0, np.abs(g).max()) > 1e-5
 
+
 @settings(max_examples=4, deadline=None, derandomize=True)
 @given(prob=problems, pieces=st.integers(1, 3), seed=st.integers(0, 1000))
 def test_objective_and_gradient_from_one_pass_equal_the_separate_ones(prob, pieces, seed):
@@ -144,7 +145,6 @@ def test_objective_and_gradient_from_one_pass_equal_the_separate_ones(prob, piec
     assert np.array_equal(g, prob.exact_gradient(theta, pieces))
     assert abs(J - terms["objective"]) < 1e-9 * max(1.0, abs(terms["objective"])), (J, terms["objective"])
     assert prob.beta * terms["path_kl"] > 1e-4  # so dropping or flipping the KL term would fail the line above
-
 
 
 def test_discrete_gradient_equals_finite_differences_and_converges_at_first_order():

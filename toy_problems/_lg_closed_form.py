@@ -90,9 +90,6 @@ class LinearGaussianClosedForm:
         r = np.inf if eta == 0 else (1.0 + eta) / (2.0 * eta)
         return (0.5 * (1.0 + eta)) * g2, eta * g2, r
 
-    def _kl_ratio(self, tau: float) -> float:
-        return self._finite_ratio(self._weights(tau)[2])
-
     @staticmethod
     def _finite_ratio(r: float) -> float:
         """The KL weight ratio ``r`` of :meth:`_weights`, refused at eta = 0 (where the path KL is infinite)."""

@@ -251,13 +251,13 @@ class LinearGaussianPolicies:
             tau = n * dt
             t = self._t_of(tau)
             f = float(self.schedule.f(t))
-            c, e, _ = self._weights(tau)
+            c, e, r = self._weights(tau)
             Ls, ls = (torch.as_tensor(x, dtype=torch.float64) for x in self._score_affine(t))
             j = (n * M) // N
             K, k = Ks[j], ks[j]
             Km = K @ m + k
             if theta_t.requires_grad or bool(K.any()) or bool(k.any()):
-                kl = kl + 0.5 * (self._kl_ratio(tau) * c) * dt * (torch.trace(K @ P @ K.T) + Km @ Km)
+                kl = kl + 0.5 * (self._finite_ratio(r) * c) * dt * (torch.trace(K @ P @ K.T) + Km @ Km)
             F = I + dt * (-f * I + c * (Ls + K))
             m = F @ m + dt * c * (ls + k)
             P = F @ P @ F.T + e * dt * I
