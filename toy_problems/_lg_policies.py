@@ -127,7 +127,10 @@ class LinearGaussianPolicies:
         return float(-0.5 * (np.trace(self.Q @ P) + m @ self.Q @ m) + self.w @ m + self.r0)
 
     def _terms(self, pol: Affine, init=None) -> dict:
-        m, P, kl, _ = self._forward(pol, init)
+        return self._terms_of_moments(*self._forward(pol, init)[:3])
+
+    def _terms_of_moments(self, m, P, kl: float) -> dict:
+        """Reward, path KL and objective J = E r - beta KL from the terminal moments and the path KL."""
         er = self._expected_reward(m, P)
         return {"reward": er, "path_kl": kl, "objective": er - self.beta * kl, "mean": m, "cov": P}
 
@@ -232,7 +235,7 @@ class LinearGaussianPolicies:
             return out
 
         m, P, kl, grad = self._forward(pol, extra=extra, n_extra=M * npp)
-        return self._expected_reward(m, P) - beta * kl, grad
+        return self._terms_of_moments(m, P, kl)["objective"], grad
 
     # ------------------------------------------------------------------ exact discrete chain -------
     def _discrete_torch(self, theta_t: torch.Tensor, pieces: int, steps: int) -> dict:
