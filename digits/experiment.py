@@ -148,6 +148,10 @@ def make_config(ec: ExperimentConfig, assets: dict, method: str, seed: int, K: i
     c.log.output_dir = out_dir
     c.log.save_every, c.log.keep_last, c.log.image_every = 0, 1, 0
     c.log.tensorboard, c.log.progress = False, False
+    # the training-time path-KL curve is read at the main K only (benchmark_table's reward at a KL level); at the
+    # sweep's other K a method whose loss needs no reference (ddpo_* with beta = 0) skips that pretrained forward
+    # per sampling step (same training: it only fed the curve; the final evaluation measures the KL regardless)
+    c.log.reference_kl = K == ec.num_steps
     c.log.overwrite = True  # the experiment owns these scratch run folders and regenerates them on a re-run
     return c
 
@@ -182,7 +186,7 @@ def run_finetune(
         "queries": [(i + 1) * ec.batch_size for i in range(len(hist))],
         "reward": [h["reward_mean"] for h in hist],
         "reward_se": [h["reward_se"] for h in hist],
-        "path_kl": [h["path_kl_mean"] for h in hist],
+        "path_kl": [h.get("path_kl_mean") for h in hist],  # None: not recorded (``log.reference_kl`` false)
     }
     if evaluate:
         t1 = time.time()

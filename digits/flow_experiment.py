@@ -66,6 +66,7 @@ def make_flow_config(fc: FlowExperimentConfig, assets: dict, method: str, seed: 
     c.model.pretrained, c.model.family = assets["flow_model"], "sd3"
     c.sample.sampler, c.sample.eval_sampler = "flow", "flow"
     c.sample.flow_noise, c.sample.flow_noise_value, c.sample.flow_at_one = "eta", 1.0, "ode"
+    c.log.reference_kl = False  # no output reads the training-time KL curve; ddpo_is (beta = 0) skips that forward
     if method == "flow_grpo":
         c.sample.group_size = fc.group_size
         c.train.beta = fc.base.beta
@@ -86,7 +87,7 @@ def run_flow_finetune(fc: FlowExperimentConfig, assets: dict, method: str, seed:
     res = {"model": "flow", "method": method, "seed": seed, "K": K, "train_time_s": time.time() - t0,
            "queries": [(i + 1) * fc.base.batch_size for i in range(len(hist))],
            "reward": [h["reward_mean"] for h in hist], "reward_se": [h["reward_se"] for h in hist],
-           "path_kl": [h["path_kl_mean"] for h in hist],
+           "path_kl": [h.get("path_kl_mean") for h in hist],  # None where not recorded (ddpo_is)
            "logprob_parity_max": max(float(h.get("logprob_parity_max", 0.0)) for h in hist)}
     if evaluate:
         t1 = time.time()

@@ -236,3 +236,8 @@ def test_experiment_pool_runs_pretrained_evaluations_beside_the_runs(quick_asset
     assert sorted(seen) == sorted(["digits/pretrained_eval", f"digits/ddpo_is_s0_K{ec.num_steps}",
                                    "digits/ddpo_is_s0_K2"])
     assert {(r["method"], r["K"]) for r in res["runs"]} == {("ddpo_is", ec.num_steps), ("ddpo_is", 2)}
+    # the training-time KL curve is recorded at the main K only (the benchmark's reward at a KL level reads it);
+    # the sweep's DDPO run skips that reference pass; both final evaluations measure the path KL
+    kl = {r["K"]: r["path_kl"] for r in res["runs"]}
+    assert all(math.isfinite(v) for v in kl[ec.num_steps]) and all(v is None for v in kl[2])
+    assert all(math.isfinite(r["final"]["path_kl_mean"]) for r in res["runs"])

@@ -54,6 +54,9 @@ def test_tiny_finetune_changes_only_lora_with_logprob_parity(flow_setup, tmp_pat
     fc, assets = flow_setup
     cfg = make_flow_config(fc, assets, method, 0, fc.base.num_steps, str(tmp_path / method))
     assert cfg.sample.sampler == "flow" and (method != "flow_grpo" or cfg.sample.group_size == 4)
+    # no flow output reads the training-time KL curve, but a method whose loss needs the reference records it
+    # (path_kl_mean below); ddpo_is (beta = 0) skips it
+    assert not cfg.log.reference_kl
     tr = make_trainer(cfg)
     frozen = {f"{n}.{k}": v.clone() for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
               for k, v in getattr(tr.pipe, n).state_dict().items() if "lora_" not in k}

@@ -183,8 +183,10 @@ def _check_bf16_trainer(tr):
 def test_ddpo_return_and_reference_recording_follow_beta_as_on_the_toys(tmp_path):
     """DDPO's return is R - beta * sum_k lambda_k (sampled log-ratios, the toys' definition) with beta > 0, the
     reward with beta = 0; with ``log.reference_kl false`` a beta = 0 DDPO run skips the reference pass (no
-    pretrained actions recorded, no path-KL metrics) and still trains; sa_ac always records it."""
-    over = {**FAST, "log.reference_kl": "false"}
+    pretrained actions recorded, no path-KL metrics) and trains bitwise as with it (same rewards, same LoRA
+    weights: the pass only feeds the monitoring); sa_ac always records it."""
+    two = {**FAST, "train.num_epochs": 2}
+    over = {**two, "log.reference_kl": "false"}
     tr = make_trainer(tiny_config(tmp_path / "a", "ddpo_is", **over, **{"train.beta": 0.0}))
     assert not tr.method.needs_reference
     b = tr.sample_epoch(torch.Generator().manual_seed(0))
@@ -192,6 +194,17 @@ def test_ddpo_return_and_reference_recording_follow_beta_as_on_the_toys(tmp_path
     assert torch.equal(tr.method.path_return(b, b.rewards), b.rewards)
     m = tr.train_iteration()
     assert "path_kl_mean" not in m and m["updates"] == 1
+    # two iterations (at the first the zero-initialised LoRA policy is the reference itself): the same run with the
+    # reference recorded ends bitwise equal; a second control with beta = 0.3 differs, so the comparison can fail
+    m = tr.train_iteration()
+    lora = lora_state_dict(tr.pipe.unet)
+    for name, beta, same in (("a_ref", 0.0, True), ("a_beta", 0.3, False)):
+        ref = make_trainer(tiny_config(tmp_path / name, "ddpo_is", **two, **{"train.beta": beta}))
+        ref.train_iteration()
+        m_ref = ref.train_iteration()
+        assert math.isfinite(m_ref["path_kl_mean"]) and m_ref["reward_mean"] == m["reward_mean"]
+        lora_ref = lora_state_dict(ref.pipe.unet)
+        assert lora.keys() == lora_ref.keys() and all(torch.equal(lora[k], lora_ref[k]) for k in lora) == same, name
     tr = make_trainer(tiny_config(tmp_path / "b", "ddpo_is", **over, **{"train.beta": 0.5}))
     assert tr.method.needs_reference
     b = tr.sample_epoch(torch.Generator().manual_seed(0))
