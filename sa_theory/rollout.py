@@ -42,6 +42,7 @@ What the returned :class:`Trajectory` holds (``save_every=1``, the default):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,21 +280,31 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
     return traj
 
 
+@functools.lru_cache(maxsize=64)
+def _euler_kernel(sde: ControlledSDE, N: int):
+    """The SDE's :class:`~sa_theory.kernels.EulerKernel` on the uniform ``N``-step grid (float64), built once per equal
+    ``(sde, N)``, so the rollouts of a training loop share its per-step drift coefficients (``_euler_via_chain``)."""
+    from .kernels import EulerKernel
+
+    return EulerKernel(sde, np.linspace(0.0, float(sde.T), N + 1))
+
+
 def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, save_every, check) -> Trajectory:
     """Euler-Maruyama through the one sampling loop: :func:`~sa_theory.sampling.sample_chain` on the SDE's
     :class:`~sa_theory.kernels.EulerKernel` over ``taus`` (the step of the module docstring; same random draws as
     the loop below would take). ``save_every=None`` records nothing per step (``record=False``)."""
-    from .kernels import EulerKernel
     from .sampling import sample_chain
 
     N = taus.numel() - 1
-    kern = EulerKernel(sde, np.linspace(0.0, float(sde.T), N + 1))  # the same uniform grid, in float64
+    try:  # a noise function may hold state, and a user's schedule may not hash: those get a kernel of their own
+        kern = _euler_kernel(sde, N) if sde.constant_noise is not None else _euler_kernel.__wrapped__(sde, N)
+    except TypeError:
+        kern = _euler_kernel.__wrapped__(sde, N)
     if reference is not None:
         kl_weights(sde, taus)  # a zero noise level has an infinite path KL: raise as the loop below does
-    ref_fn = None if reference is None else (lambda k, x: _checked("reference", reference(taus[k], x, cond), x))
-    pol_fn = lambda k, x: _checked("policy", policy(taus[k], x, cond), x)  # noqa: E731  (errors name 'policy')
-    chain = sample_chain(kern, pol_fn, y0, reference_fn=ref_fn, generator=generator, noise=noise, check=check,
-                         record=save_every is not None)
+    ref_fn = None if reference is None else (lambda k, x: reference(taus[k], x, cond))
+    chain = sample_chain(kern, lambda k, x: policy(taus[k], x, cond), y0, reference_fn=ref_fn, generator=generator,
+                         noise=noise, check=check, record=save_every is not None, names=("policy", "reference"))
     traj = Trajectory(taus=taus, final=chain.final, path_kl=chain.path_kl)
     if save_every is not None:
         idx = sorted(set(range(0, N + 1, save_every)) | {N})

@@ -24,6 +24,9 @@ step; 0 on deterministic steps), and with ``reference_fn``: ``ref_actions`` and 
 :math:`\frac{\bar w_k}{2}|a_k - s_k|^2` (``kernel.step_kl``), and ``ref_log_probs`` (the sampled
 :math:`x_{k+1}` under the reference's step, same units), so ``log_probs - ref_log_probs`` is the sampled per-step
 log-ratio :math:`\lambda_k` (mean ``kl_steps``) that DDPO puts in its return (``sampled_log_ratio``).
+A recorded run keeps only states and actions inside the loop and computes these per-step terms after it, on the
+whole path at once (``kernel.grid_log_probs`` / ``grid_step_kls``: one batched call for the Euler kernel; tested bit for
+bit against the per-step formulas on every kernel), which takes five small calls out of every step of the loop.
 """
 
 from __future__ import annotations
@@ -90,18 +93,24 @@ class Chain(PathKLs):
 
 def _call(fn: StepActionFn, name: str, k: int, x: torch.Tensor) -> torch.Tensor:
     a = fn(k, x)
-    if not isinstance(a, torch.Tensor) or a.shape != x.shape:
-        got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-        raise ValueError(f"{name!r} must return a tensor of the state's shape {tuple(x.shape)} at step {k}, got {got}")
-    return check_finite(f"{name} output at step {k}", a)
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{name!r} must return a torch.Tensor (an action of the state's shape) at step {k}, got "
+                        f"{type(a).__name__}")
+    if a.shape != x.shape:
+        raise ValueError(f"{name!r} must return an action of the state's shape {tuple(x.shape)} at step {k}, got "
+                         f"{tuple(a.shape)}")
+    return check_finite(f"action returned by {name!r} at step {k}", a)
 
 
 def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tensor, *,
                  reference_fn: StepActionFn | None = None, generator: torch.Generator | None = None,
-                 noise: torch.Tensor | None = None, check: bool = True, record: bool = True) -> Chain:
+                 noise: torch.Tensor | None = None, check: bool = True, record: bool = True,
+                 names: tuple[str, str] = ("action_fn", "reference_fn")) -> Chain:
     """Run the kernel's ``K`` steps from ``x0`` (module docstring). ``noise`` ``(K, *x0.shape)`` replaces the
     draws (e.g. to hold the Brownian path fixed); else ``generator`` (default: a CPU generator seeded 0).
-    ``check`` raises ``FloatingPointError`` on a non-finite state. Autograd is left as the caller set it.
+    Every action is checked (a tensor: else ``TypeError``; of the state's shape: else ``ValueError``; finite: else
+    ``FloatingPointError``), each error naming the function by ``names`` and the step; ``check`` also raises
+    ``FloatingPointError`` on a non-finite state. Autograd is left as the caller set it.
     ``record=False`` (low memory, e.g. evaluation on many paths): ``states`` holds only ``x0`` and the final state,
     ``actions``/``noise``/``ref_actions`` are ``None`` and the per-step records are summed over the steps into one
     row (``log_probs``, ``kl_steps``, ``kl_steps_ct``, ``ref_log_probs`` of shape ``(1, B)``), so the per-path sums
@@ -119,37 +128,40 @@ def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tens
     x = x0
     states, actions, xis, logps, refs, kls, kls_ct, ref_logps = [x0], [], [], [], [], [], [], []
     for k in range(K):
-        a = _call(action_fn, "action_fn", k, x)
+        a = _call(action_fn, names[0], k, x)
         mean = kernel.mean(k, x, a)
         if noise is not None:
             xi = noise[k].to(x.dtype)
         else:
             xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
         x_next = mean + kernel.std(k) * xi
-        logps.append(kernel.log_prob(k, x_next, mean))
-        if reference_fn is not None:
-            s = _call(reference_fn, "reference_fn", k, x)
-            if record:
-                refs.append(s)
-            kls.append(kernel.step_kl(k, a, s, "chain"))
-            kls_ct.append(kernel.step_kl(k, a, s, "continuous"))
-            ref_logps.append(kernel.log_prob(k, x_next, kernel.mean(k, x, s)))
-        if check:
-            check_finite(f"state after step {k}", x_next)
-        if record:
+        s = None if reference_fn is None else _call(reference_fn, names[1], k, x)
+        if record:  # the per-step records are computed after the loop, on the whole grid at once
             states.append(x_next)
             actions.append(a)
             xis.append(xi)
+            if s is not None:
+                refs.append(s)
+        else:
+            logps.append(kernel.log_prob(k, x_next, mean))
+            if s is not None:
+                kls.append(kernel.step_kl(k, a, s, "chain"))
+                kls_ct.append(kernel.step_kl(k, a, s, "continuous"))
+                ref_logps.append(kernel.log_prob(k, x_next, kernel.mean(k, x, s)))
+        if check:
+            check_finite(f"state after step {k}", x_next)
         x = x_next
-
-    def stack(xs):
-        return torch.stack(xs) if xs else None
 
     if not record:
         def total(xs):
             return torch.stack(xs).sum(0, keepdim=True) if xs else None
         return Chain(states=torch.stack([x0, x]), actions=None, noise=None, log_probs=total(logps),
                      kl_steps=total(kls), kl_steps_ct=total(kls_ct), ref_log_probs=total(ref_logps))
-    return Chain(states=stack(states), actions=stack(actions), noise=stack(xis), log_probs=stack(logps),
-                 ref_actions=stack(refs), kl_steps=stack(kls), kl_steps_ct=stack(kls_ct),
-                 ref_log_probs=stack(ref_logps))
+    S, A, ks = torch.stack(states), torch.stack(actions), range(K)
+    chain = Chain(states=S, actions=A, noise=torch.stack(xis), log_probs=kernel.grid_log_probs(ks, S[:-1], S[1:], A))
+    if refs:
+        ref = chain.ref_actions = torch.stack(refs)
+        chain.kl_steps = kernel.grid_step_kls(ks, A, ref, "chain")
+        chain.kl_steps_ct = kernel.grid_step_kls(ks, A, ref, "continuous")
+        chain.ref_log_probs = kernel.grid_log_probs(ks, S[:-1], S[1:], ref)
+    return chain

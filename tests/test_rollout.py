@@ -382,6 +382,41 @@ def test_reproducibility():
     assert not torch.allclose(d.final, f.final)
 
 
+def test_rollouts_share_the_euler_kernel_of_an_equal_sde_but_not_of_a_noise_function():
+    """Euler rollouts of equal SDEs (constant noise level) build the kernel once and reuse its per-step drift
+    coefficients: bitwise the rollout on a kernel of its own. A noise *function* may hold state, so it gets a fresh
+    kernel every time: changing its state changes the next rollout exactly as a fresh kernel would."""
+    from sa_theory.kernels import EulerKernel
+    from sa_theory.rollout import _euler_kernel
+    from sa_theory.sampling import sample_chain
+
+    y0 = FULL.sample(FULL.T, 32, seed=5)
+    sde, twin = ControlledSDE(SCHEDULE, noise=0.5), ControlledSDE(SCHEDULE, noise=0.5)
+    a = rollout(sde, FULL.action, y0, steps=7, seed=9)
+    fresh = sample_chain(EulerKernel(sde, np.linspace(0, sde.T, 8)), lambda k, x: FULL.action(a.taus[k], x), y0,
+                         generator=torch.Generator().manual_seed(9))
+    hits = _euler_kernel.cache_info().hits
+    b = rollout(twin, FULL.action, y0, steps=7, seed=9)
+    assert _euler_kernel.cache_info().hits == hits + 1
+    assert torch.equal(a.final, fresh.final) and torch.equal(b.final, fresh.final)
+
+    class Level:  # a noise function with state
+        def __init__(self):
+            self.value = 0.5
+
+        def __call__(self, tau):
+            return self.value + 0.0 * tau
+
+    level = Level()
+    sde_fn = ControlledSDE(SCHEDULE, noise=level)
+    first = rollout(sde_fn, FULL.action, y0, steps=7, seed=9)
+    assert torch.equal(first.final, a.final)
+    level.value = 1.0
+    second = rollout(sde_fn, FULL.action, y0, steps=7, seed=9)
+    assert torch.equal(second.final, rollout(ControlledSDE(SCHEDULE, noise=1.0), FULL.action, y0, steps=7,
+                                             seed=9).final)
+    assert not torch.allclose(second.final, first.final)
+
 # ---------------------------------------------------------------------------------------------------
 # 4. path KL
 # ---------------------------------------------------------------------------------------------------

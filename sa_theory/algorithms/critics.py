@@ -208,15 +208,13 @@ class ValueCritic:
         or :math:`\nabla_y V_\psi(\tau_k, Y_k)` (``'critic'``: the continuous-time costate at the left point, off
         by O(dtau) on the chain; on the 10-step LQ chain it costs 18% of J, ``benchmarks/ablation_lq.py``)."""
         N = batch.taus.numel() - 1
-        rows = slice(1, N + 1) if self.cfg.costate == "critic_next" else slice(0, N)
+        nxt = self.cfg.costate == "critic_next"
+        rows = slice(0, N + 1) if nxt else slice(0, N)  # 'critic_next': one pass on the grid gives both
         with torch.enable_grad():
             y = batch.states[rows].detach().requires_grad_(True)
             v = values_on_grid(self.value, batch.taus[rows], y, batch.cond)
-            (grad,) = torch.autograd.grad(v.sum(), y)
-        if self.cfg.costate == "critic_next":
-            with torch.no_grad():
-                v = values_on_grid(self.value, batch.taus[:N], batch.states[:N], batch.cond)
-        return v.detach(), check_finite("critic value gradient", grad)
+            (grad,) = torch.autograd.grad(v.sum(), y)  # row k's value depends on Y_k only
+        return v[:N].detach(), check_finite("critic value gradient", grad[1:] if nxt else grad)
 
 
 class RewardBaseline:

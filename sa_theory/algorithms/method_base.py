@@ -158,11 +158,15 @@ class Method:
         """``coef`` (default ``value_coef``) times the mean over paths of :math:`(V(\tau_k, x_k) - y_k)^2` with the
         targets ``y = batch.step_data["v_target"]`` (reward units squared; 0 without a trainable value model)."""
         coef = self.cfg.value_coef if coef is None else coef
-        if coef == 0 or self.value_model is None or not any(
-                p.requires_grad for p in self.value_model.parameters()):
+        if not self._trains_critic(coef):
             return torch.zeros((), device=batch.latents.device)
         v = self.values(batch, k)
         return value_regression_loss(v[None], batch.step_data["v_target"][k][None]) * coef
+
+    def _trains_critic(self, coef: float) -> bool:
+        """Whether a critic loss of weight ``coef`` has a trainable value model to train."""
+        return coef != 0 and self.value_model is not None and any(
+            p.requires_grad for p in self.value_model.parameters())
 
     def fit_values(self, batch: RolloutBatch) -> dict[str, float]:
         """The separate critic phase, if a task set :attr:`value_fitter` (else nothing)."""
@@ -175,7 +179,10 @@ class Method:
     def _actor_critic_terms(self, actor: torch.Tensor, batch: RolloutBatch, ks: list[int], terms: dict) -> dict:
         """``loss`` = actor + the steps' share of the critic loss, and their logged parts."""
         s = self.steps_scale
-        critic = sum(s * self.critic_loss(batch, k) / batch.num_steps for k in ks)
+        if self._trains_critic(self.cfg.value_coef):
+            critic = sum(s * self.critic_loss(batch, k) / batch.num_steps for k in ks)
+        else:  # no per-step zeros to add up
+            critic = torch.zeros((), device=batch.latents.device)
         return {"loss": actor + critic, "actor_loss": actor.detach(), "critic_loss": critic.detach(),
                 "kl_to_pretrained": s * terms["kl"].detach().mean(1).sum()}
 
