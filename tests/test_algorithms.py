@@ -447,6 +447,30 @@ def test_full_actor_critic_on_the_mixture_reaches_the_tilted_mixture():
         tr.greedy_policy(beta=0.0)
 
 
+def test_distill_loss_is_the_per_path_sum_of_the_steps_girsanov_kl():
+    r"""``distill_loss`` (all steps in one call) is :math:`\sum_k \frac{w_k d\tau}{2}|\mu_\theta(\tau_k, Y_k) - a_k|^2`
+    per path, with :math:`w_k` the SDE's KL weight rate at the step's left point, written out here step by step in
+    numpy (1e-5 relative in the policy's float32); half the weight fails it, and so does the next grid point's."""
+    from sa_theory.algorithms.distill import distill_loss
+
+    s = build("sa_ac", "gmm2d", {**FAST, "num_epochs": 1, "batch_size": 8, "num_steps": 6, "critic": "tweedie",
+                                 "policy": "residual"})
+    tr, g = s.trainer, torch.Generator().manual_seed(3)
+    dt = next(tr.policy.parameters()).dtype
+    N, B, dtau = 6, 8, float(s.prob.schedule.T) / 6
+    taus = torch.arange(N + 1, dtype=dt) * dtau
+    states, target = (torch.randn(N, B, 2, generator=g, dtype=torch.float64).to(dt) for _ in range(2))
+    got = distill_loss(tr, taus[:-1], dtau, states, target).detach().double().numpy()
+    with torch.no_grad():
+        mu = torch.stack([tr.policy(taus[k], states[k]) for k in range(N)]).double().numpy()
+    w = np.array([float(tr.env.sde.kl_weight_rate(taus[k].double())) for k in range(N + 1)])
+    sq = ((mu - target.double().numpy()) ** 2).sum(-1)  # (N, B)
+    exact = (0.5 * w[:N, None] * dtau * sq).sum(0)
+    np.testing.assert_allclose(got, exact, rtol=1e-12 if dt == torch.float64 else 1e-5)
+    for wrong in (0.25 * w[:N, None] * dtau * sq, 0.5 * w[1:, None] * dtau * sq):
+        assert np.abs(wrong.sum(0) - got).max() > 1e-3 * np.abs(exact).max()
+
+
 def test_distill_reproduces_its_target_policy_and_validates_its_arguments():
     """``Trainer.distill(target)`` regresses the actor onto ``target`` on its own fresh paths (no reward
     queries): from the pretrained actor onto the exact optimal action a* of the mixture (2000 steps, 4096 paths)

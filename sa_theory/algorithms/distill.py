@@ -22,7 +22,10 @@ def distill_loss(trainer, taus: torch.Tensor, dtau: float, states: torch.Tensor,
     grid times, ``states``/``target`` ``(N, B, *event)``, ``base`` the pretrained actions there (optional)."""
     mu = grid_means(trainer.policy, taus, states, cond, base)
     g2 = trainer.env.sde.kl_weight_rate(taus)  # g^2 at noise eta = 1
-    return sum(girsanov_kl_step(g2[k], dtau, mu[k], target[k]) for k in range(taus.numel()))
+    N, B = mu.shape[:2]  # every step in one call (one weight per row), then the sum over the steps
+    rows = girsanov_kl_step(g2.repeat_interleave(B), dtau, mu.reshape(N * B, *mu.shape[2:]),
+                            target.reshape(N * B, *target.shape[2:]))
+    return rows.reshape(N, B).sum(0)
 
 
 def _distill_paths(trainer, n: int, generator: torch.Generator, target) -> tuple:
