@@ -297,9 +297,10 @@ def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, s
 
     N = taus.numel() - 1
     try:  # a noise function may hold state, and a user's schedule may not hash: those get a kernel of their own
-        kern = _euler_kernel(sde, N) if sde.constant_noise is not None else _euler_kernel.__wrapped__(sde, N)
+        shared = sde.constant_noise is not None and hash(sde) is not None
     except TypeError:
-        kern = _euler_kernel.__wrapped__(sde, N)
+        shared = False
+    kern = (_euler_kernel if shared else _euler_kernel.__wrapped__)(sde, N)
     if reference is not None:
         kl_weights(sde, taus)  # a zero noise level has an infinite path KL: raise as the loop below does
     ref_fn = None if reference is None else (lambda k, x: reference(taus[k], x, cond))
