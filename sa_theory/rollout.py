@@ -293,7 +293,7 @@ def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, s
     """Euler-Maruyama through the one sampling loop: :func:`~sa_theory.sampling.sample_chain` on the SDE's
     :class:`~sa_theory.kernels.EulerKernel` over ``taus`` (the step of the module docstring; same random draws as
     the loop below would take). ``save_every=None`` records nothing per step (``record=False``)."""
-    from .sampling import sample_chain
+    from .sampling import sample_chain, step_fns
 
     N = taus.numel() - 1
     try:  # a noise function may hold state, and a user's schedule may not hash: those get a kernel of their own
@@ -303,8 +303,8 @@ def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, s
     kern = (_euler_kernel if shared else _euler_kernel.__wrapped__)(sde, N)
     if reference is not None:
         kl_weights(sde, taus)  # a zero noise level has an infinite path KL: raise as the loop below does
-    ref_fn = None if reference is None else (lambda k, x: reference(taus[k], x, cond))
-    chain = sample_chain(kern, lambda k, x: policy(taus[k], x, cond), y0, reference_fn=ref_fn, generator=generator,
+    act_fn, ref_fn = step_fns(policy, reference, taus, cond)
+    chain = sample_chain(kern, act_fn, y0, reference_fn=ref_fn, generator=generator,
                          noise=noise, check=check, record=save_every is not None, names=("policy", "reference"))
     traj = Trajectory(taus=taus, final=chain.final, path_kl=chain.path_kl)
     if save_every is not None:

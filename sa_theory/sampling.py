@@ -39,7 +39,7 @@ import torch
 from .kernels import GaussianKernel
 from .sde import check_finite
 
-__all__ = ["Chain", "PathKLs", "sample_chain", "StepActionFn"]
+__all__ = ["Chain", "PathKLs", "sample_chain", "step_fns", "StepActionFn"]
 
 StepActionFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -165,3 +165,33 @@ def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tens
         chain.kl_steps_ct = kernel.grid_step_kls(ks, A, ref, "continuous")
         chain.ref_log_probs = kernel.grid_log_probs(ks, S[:-1], S[1:], ref)
     return chain
+
+
+def step_fns(policy, reference, taus, cond):
+    """The loop's ``(action_fn, reference_fn)`` (``(k, x) -> action``) of the actions ``policy`` and ``reference``
+    (``(tau, y, cond) -> action``, :data:`sa_theory.sde.ActionFn`) on the grid ``taus``; ``reference_fn`` is ``None``
+    without a reference. A policy that is its reference plus a residual (``policy.base is reference`` and a
+    ``residual(tau, y, cond)`` method, as the toy policies are) computes the reference once per step without autograd
+    (sampling): the action is ``s + residual`` (the sum its forward takes, so bitwise the same) and the reference
+    call at that state returns the same ``s`` (the loop calls ``action_fn`` first). With autograd on, both are called
+    as they are (sharing ``s`` would sum its two gradients in another order: the same to float noise, not bitwise)."""
+    if reference is None:
+        return (lambda k, x: policy(taus[k], x, cond)), None
+    if getattr(policy, "base", None) is not reference or not callable(getattr(policy, "residual", None)):
+        return (lambda k, x: policy(taus[k], x, cond)), (lambda k, x: reference(taus[k], x, cond))
+    last = [None, None, None]  # step, state, reference action at it
+
+    def ref_fn(k, x):
+        if last[0] == k and last[1] is x:
+            return last[2]
+        return reference(taus[k], x, cond)
+
+    def act_fn(k, x):
+        if torch.is_grad_enabled():  # autograd would sum the two uses of s in another order: not bitwise the same
+            last[0] = None
+            return policy(taus[k], x, cond)
+        s = reference(taus[k], x, cond)
+        last[:] = k, x, s
+        return s + policy.residual(taus[k], x, cond)
+
+    return act_fn, ref_fn

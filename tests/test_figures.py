@@ -98,3 +98,25 @@ def test_ablation_benchmark_runs_in_quick_mode_and_reports_the_chain_floor(tmp_p
     assert abs(res["class_optimum"] - affine_class_optimum(prob, 4)[0]) < 1e-12
     assert 0.055 < (res["class_optimum"] - res["chain_floor"]["10"]) / abs(res["class_optimum"]) < 0.07
     assert os.path.isfile(tmp_path / "ablation.json") and os.path.isfile(tmp_path / "ablation.png")
+
+
+def test_the_memoised_start_evaluation_is_the_exact_evaluation_of_the_untrained_policy():
+    """``train_curve``'s first point comes from a per-process memo only for the zero affine policy on a
+    linear-Gaussian problem (equal floats to a fresh exact evaluation); another beta, piece count or a trained
+    ``theta`` is evaluated afresh."""
+    import torch
+
+    from figures import _common
+    from toy_problems.train import build
+
+    def setup(beta, pieces):
+        return build("ddpo_is", "gauss2d", {"policy": "affine", "pieces": pieces, "beta": beta, "progress": False})
+
+    _common._START_TERMS.clear()
+    a, b, c = setup(1.0, 4), setup(1.0, 4), setup(0.5, 4)
+    ta = _common._start_terms(a)
+    assert ta == a.evaluate() and _common._start_terms(b) == ta and len(_common._START_TERMS) == 1
+    assert _common._start_terms(c) == c.evaluate() and len(_common._START_TERMS) == 2  # its own entry
+    with torch.no_grad():
+        b.policy.theta.add_(0.05)
+    assert _common._start_terms(b) == b.evaluate() != ta and len(_common._START_TERMS) == 2

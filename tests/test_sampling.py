@@ -140,3 +140,100 @@ def test_recorded_per_step_terms_are_the_kernels_formulas_bit_for_bit(kern, dtyp
         tol = {"rtol": 1e-12, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-3}
         for f in ("log_probs", "kl_steps", "kl_steps_ct", "ref_log_probs"):
             torch.testing.assert_close(getattr(low, f)[0], getattr(c, f).sum(0), **tol)
+
+
+def test_check_finite_by_its_sum_still_finds_every_nan_and_inf_and_passes_an_overflowing_finite_sum():
+    from sa_theory.sde import check_finite
+
+    big = torch.full((4, 3), 3e38, dtype=torch.float32)  # finite entries whose float32 sum overflows to inf
+    assert check_finite("big", big) is big
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.float64):
+            x = torch.zeros(5, 2, dtype=dtype)
+            x[3, 1] = bad
+            with pytest.raises(FloatingPointError, match=r"state has 1 non-finite"):
+                check_finite("state", x)
+    both = torch.tensor([[float("inf"), -float("inf")]])  # a sum of NaN, not inf: still caught
+    with pytest.raises(FloatingPointError, match="2 non-finite"):
+        check_finite("x", both)
+    assert check_finite("empty", torch.zeros(0, 2)).numel() == 0
+
+
+class _Counted:
+    """A reference action that counts its calls (a toy policy's base)."""
+
+    def __init__(self, schedule_T):
+        self.calls, self.T = 0, schedule_T
+
+    def __call__(self, tau, y, cond=None):
+        self.calls += 1
+        return -y * (1.0 + torch.as_tensor(tau, dtype=y.dtype)) + torch.sin(y)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_policy_that_is_its_reference_plus_a_residual_shares_the_reference_call_bit_for_bit(grad):
+    """``policy.base is reference``: without autograd one reference call per step instead of two, and the rollout
+    (states, actions, log-probs, step KLs, reference log-probs) is bitwise that of the policy called as a whole;
+    with autograd (where a shared call would change the gradients' float rounding) both are called, bitwise the
+    same gradients."""
+    from sa_theory.algorithms.policies import PiecewiseAffinePolicy, ResidualMLPPolicy
+
+    sde = ControlledSDE(VPLinear(), noise=1.0)
+    for make in (lambda b: PiecewiseAffinePolicy(b, 2, pieces=3, T=sde.T),
+                 lambda b: ResidualMLPPolicy(b, 2, hidden=8, depth=1, T=sde.T)):
+        ref = _Counted(sde.T)
+        pol = make(ref).double()
+        torch.manual_seed(0)
+        for p in pol.parameters():  # away from the zero start, so the residual matters
+            p.data.normal_(0, 0.3)
+        y0 = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+        def run(policy, reference):
+            with torch.set_grad_enabled(grad):
+                tr = rollout(sde, policy, y0, steps=7, reference=reference, seed=3, save_every=1)
+            loss = tr.final.sum() + tr.kl_steps.sum() if grad else None
+            g = torch.autograd.grad(loss, list(pol.parameters())) if grad else ()
+            return tr, g
+
+        shared, g_shared = run(pol, ref)
+        assert ref.calls == (14 if grad else 7)  # no grad: once per step, the action and the reference share it
+        ref.calls = 0
+        whole, g_whole = run(lambda tau, y, cond=None: pol(tau, y, cond), ref)  # no 'base': called separately
+        assert ref.calls == 14
+        for name in ("final", "actions", "log_probs", "kl_steps", "ref_actions"):
+            assert torch.equal(getattr(shared, name), getattr(whole, name)), name
+        assert torch.equal(shared.extras["ref_log_probs"], whole.extras["ref_log_probs"])
+        assert all(torch.equal(a, b) for a, b in zip(g_shared, g_whole))
+
+
+def test_piecewise_affine_policy_piece_and_blocks_fast_paths_equal_the_tensor_computation():
+    """The ``int`` piece of a number or 0-dim time equals the tensor formula at and next to every breakpoint, and
+    the blocks kept under ``no_grad`` follow ``theta`` through an optimiser step, ``load_state_dict`` and ``.data``."""
+    from sa_theory.algorithms.policies import PiecewiseAffinePolicy
+
+    pol = PiecewiseAffinePolicy(lambda tau, y, cond=None: torch.zeros_like(y), 2, pieces=5, T=0.99)
+    taus = [j * 0.99 / 5 + d for j in range(6) for d in (-1e-12, 0.0, 1e-12, 1e-7)] + [-0.1, 0.3, 2.0]
+    grid = pol.piece(torch.tensor(taus, dtype=torch.float64)).tolist()
+    for tau, want in zip(taus, grid):
+        assert pol.piece(tau) == pol.piece(torch.tensor(tau, dtype=torch.float64)) == want
+        assert pol.piece(torch.tensor(tau, dtype=torch.float32)) == int(pol.piece(torch.tensor([tau],
+                                                                                                 dtype=torch.float32)))
+    y, tau = torch.randn(4, 2, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+
+    def check():  # the cached no-grad action against a fresh one with autograd
+        with torch.no_grad():
+            fast = pol(tau, y)
+        assert torch.equal(fast, pol(tau, y).detach())
+
+    check()
+    opt = torch.optim.SGD(pol.parameters(), lr=0.1)
+    pol(tau, y).sum().backward()
+    opt.step()
+    check()
+    pol.load_state_dict({"theta": torch.randn_like(pol.theta)})
+    check()
+    pol.theta.data = torch.randn_like(pol.theta)
+    check()
+    with torch.no_grad():
+        pol.theta.mul_(2.0)
+    check()

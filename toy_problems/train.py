@@ -164,8 +164,10 @@ def make_env(prob, name: str = "toy") -> Environment:
                        reward_differentiable=True, name=name)
 
 
-def make_policy(prob, toy: ToyConfig, dtype=torch.float32):
-    d, T, base = prob.d, float(prob.schedule.T), _pretrained(prob)
+def make_policy(prob, toy: ToyConfig, dtype=torch.float32, base=None):
+    """The policy of ``toy.policy`` started at the pretrained action ``base`` (default: the problem's); :func:`build`
+    passes the environment's own, so rollouts compute it once per step for the policy and the reference."""
+    d, T, base = prob.d, float(prob.schedule.T), _pretrained(prob) if base is None else base
     if toy.policy == "residual":
         return ResidualMLPPolicy(base, d, toy.hidden, toy.depth, T=T)
     if toy.policy == "affine":
@@ -370,7 +372,7 @@ def build(algo: str = "sa_ac", problem: str | None = None, overrides: dict[str, 
     env = make_env(prob, toy.problem)
     seed_everything(cfg.seed)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-    policy = make_policy(prob, toy, dtype)
+    policy = make_policy(prob, toy, dtype, base=env.pretrained_action)
     needs_value = algo in ("sa_ac", "dpok")
     value = make_critic(prob, toy) if needs_value else None
     if algo == "dpok" and toy.critic == "tweedie":

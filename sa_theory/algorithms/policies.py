@@ -20,6 +20,7 @@ trainers use it when present.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -139,25 +140,41 @@ class PiecewiseAffinePolicy(nn.Module):
         super().__init__()
         self.base, self.dim, self.pieces, self.T = base, dim, pieces, T
         self.theta = nn.Parameter(torch.zeros(pieces * (dim * dim + dim)))
+        self._frozen_blocks = None  # (theta alias, its version, dtype, (Ks, ks)): the blocks under no_grad
 
     def _blocks(self, dtype):
+        """``(K (M, d, d), k (M, d))`` in ``dtype``. Without autograd (sampling) they are kept until ``theta`` changes
+        (its in-place version counter or its storage), so a rollout does not re-slice ``theta`` at every step."""
+        frozen = not torch.is_grad_enabled()
+        c = self._frozen_blocks
+        th = self.theta
+        if frozen and c is not None and c[0].data_ptr() == th.data_ptr() and c[1] == th._version and c[2] == dtype:
+            return c[3]
         d = self.dim
-        b = self.theta.to(dtype).reshape(self.pieces, d * d + d)
-        return b[:, : d * d].reshape(self.pieces, d, d), b[:, d * d :]
+        b = th.to(dtype).reshape(self.pieces, d * d + d)
+        blocks = b[:, : d * d].reshape(self.pieces, d, d), b[:, d * d :]
+        if frozen:  # the alias keeps theta's storage alive, so its address cannot be reused while cached
+            self._frozen_blocks = (th.detach(), th._version, dtype, tuple(x.detach() for x in blocks))
+        return blocks
 
-    def piece(self, tau) -> torch.Tensor:
+    def piece(self, tau) -> torch.Tensor | int:
+        r"""Piece index :math:`\lfloor \tau M/T + 10^{-9}\rfloor` clamped to ``[0, M-1]``: an ``int`` for a number or
+        a 0-dim tensor (the same float64 arithmetic in Python), a long tensor for a tensor of times."""
+        if isinstance(tau, (int, float)) or (isinstance(tau, torch.Tensor) and tau.dim() == 0):
+            return min(max(int(math.floor(float(tau) * self.pieces / self.T + 1e-9)), 0), self.pieces - 1)
         tau = torch.as_tensor(tau, dtype=torch.float64)
         return torch.clamp(torch.floor(tau * self.pieces / self.T + 1e-9).long(), 0, self.pieces - 1)
 
-    def correction(self, tau, y):
+    def residual(self, tau, y, cond=None):
+        """:math:`K_j y + k_j`, the policy's action minus its base (the pretrained action)."""
         Ks, ks = self._blocks(y.dtype)
         j = self.piece(tau)
-        if j.dim() == 0:
+        if isinstance(j, int):
             return y @ Ks[j].T + ks[j]
         return torch.einsum("bij,bj->bi", Ks[j], y) + ks[j]
 
     def forward(self, tau, y, cond=None):
-        return self.base(tau, y, cond) + self.correction(tau, y)
+        return self.base(tau, y, cond) + self.residual(tau, y, cond)
 
     def grid_means(self, taus, states, cond=None, base=None):
         n, B = states.shape[:2]
