@@ -167,17 +167,29 @@ def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tens
     return chain
 
 
+def _base_plus_residual(policy) -> bool:
+    """Whether the class defining ``policy``'s ``forward`` declares it ``base + residual`` (a subclass that overrides
+    ``forward`` does not inherit the declaration) and no forward hook is registered on it."""
+    if getattr(policy, "_forward_hooks", None) or getattr(policy, "_forward_pre_hooks", None):
+        return False  # a module's hooks run only when it is called: call it
+    for cls in type(policy).__mro__:
+        if "forward" in cls.__dict__:
+            return cls.__dict__.get("base_plus_residual", False) is True and callable(getattr(policy, "residual", None))
+    return False
+
+
 def step_fns(policy, reference, taus, cond):
     """The loop's ``(action_fn, reference_fn)`` (``(k, x) -> action``) of the actions ``policy`` and ``reference``
     (``(tau, y, cond) -> action``, :data:`sa_theory.sde.ActionFn`) on the grid ``taus``; ``reference_fn`` is ``None``
-    without a reference. A policy that is its reference plus a residual (``policy.base is reference`` and a
-    ``residual(tau, y, cond)`` method, as the toy policies are) computes the reference once per step without autograd
+    without a reference. A policy that is its reference plus a residual (``policy.base is reference``, and the class
+    that defines its ``forward`` declares ``base_plus_residual = True``: its forward is ``base(tau, y, cond) +
+    residual(tau, y, cond)``, as the toy policies' are) computes the reference once per step without autograd
     (sampling): the action is ``s + residual`` (the sum its forward takes, so bitwise the same) and the reference
     call at that state returns the same ``s`` (the loop calls ``action_fn`` first). With autograd on, both are called
     as they are (sharing ``s`` would sum its two gradients in another order: the same to float noise, not bitwise)."""
     if reference is None:
         return (lambda k, x: policy(taus[k], x, cond)), None
-    if getattr(policy, "base", None) is not reference or not callable(getattr(policy, "residual", None)):
+    if getattr(policy, "base", None) is not reference or not _base_plus_residual(policy):
         return (lambda k, x: policy(taus[k], x, cond)), (lambda k, x: reference(taus[k], x, cond))
     last = [None, None, None]  # step, state, reference action at it
 

@@ -206,6 +206,31 @@ def test_a_policy_that_is_its_reference_plus_a_residual_shares_the_reference_cal
         assert all(torch.equal(a, b) for a, b in zip(g_shared, g_whole))
 
 
+def test_only_a_declared_base_plus_residual_forward_without_hooks_shares_the_reference_call():
+    """A subclass that overrides ``forward`` (not base + residual any more) or a policy with a forward hook is called as
+    it is: two reference calls per step and the subclass's own actions."""
+    from sa_theory.algorithms.policies import PiecewiseAffinePolicy
+
+    class Doubled(PiecewiseAffinePolicy):
+        def forward(self, tau, y, cond=None):
+            return 2.0 * self.base(tau, y, cond) + self.residual(tau, y, cond)
+
+    sde = ControlledSDE(VPLinear(), noise=1.0)
+    y0 = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref = _Counted(sde.T)
+    dbl = Doubled(ref, 2, pieces=2, T=sde.T)
+    with torch.no_grad():
+        tr = rollout(sde, dbl, y0, steps=6, reference=ref, seed=1, save_every=1)
+    assert ref.calls == 12
+    assert torch.equal(tr.actions[0], 2.0 * ref(tr.taus[0], y0) + dbl.residual(tr.taus[0], y0))
+    plain, seen = PiecewiseAffinePolicy(ref, 2, pieces=2, T=sde.T), []
+    plain.register_forward_hook(lambda mod, args, out: seen.append(1))
+    ref.calls = 0
+    with torch.no_grad():
+        rollout(sde, plain, y0, steps=6, reference=ref, seed=1, save_every=1)
+    assert ref.calls == 12 and len(seen) == 6
+
+
 def test_piecewise_affine_policy_piece_and_blocks_fast_paths_equal_the_tensor_computation():
     """The ``int`` piece of a number or 0-dim time equals the tensor formula at and next to every breakpoint, and
     the blocks kept under ``no_grad`` follow ``theta`` through an optimiser step, ``load_state_dict`` and ``.data``."""

@@ -73,6 +73,8 @@ class ResidualMLPPolicy(nn.Module):
     initialisation, so :math:`\mu_\theta = s_\text{pre}` there. Vector states ``(B, dim)`` only.
     """
 
+    base_plus_residual = True  #: forward is base + residual (sa_theory.sampling.step_fns shares the base call)
+
     def __init__(self, base: Callable, dim: int, hidden: int = 64, depth: int = 2, cond_dim: int = 0,
                  T: float = 1.0):
         super().__init__()
@@ -125,7 +127,7 @@ class MLPPolicy(nn.Module):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 class PiecewiseAffinePolicy(nn.Module):
@@ -135,6 +137,8 @@ class PiecewiseAffinePolicy(nn.Module):
     ``[vec(K_1) row-major, k_1, ..., vec(K_M), k_M]`` (length :math:`M(d^2+d)`), the layout of
     ``LinearGaussianProblem``, so ``prob.exact_objective(policy.theta_numpy(), pieces=M)`` is exact.
     """
+
+    base_plus_residual = True  #: forward is base + residual (sa_theory.sampling.step_fns shares the base call)
 
     def __init__(self, base: Callable, dim: int, pieces: int = 1, T: float = 1.0):
         super().__init__()
