@@ -50,7 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .kernels import EulerKernel
 from .kl import euler_log_prob, girsanov_kl_rate, girsanov_kl_step
+from .sampling import check_action, sample_chain, step_fns
 from .sde import ActionFn, ControlledSDE, check_finite
 
 __all__ = ["Trajectory", "rollout", "uniform_grid", "kl_weights", "NATIVE_METHODS", "TORCHSDE_METHODS"]
@@ -175,15 +177,6 @@ def kl_weights(sde: ControlledSDE, taus: torch.Tensor) -> torch.Tensor:
     return sde.g2(taus) if sde.ode else sde.kl_weight_rate(taus)
 
 
-def _checked(name: str, a, y: torch.Tensor) -> torch.Tensor:
-    """The action ``a`` returned by ``name`` (``policy``/``reference``), checked for type, shape, finiteness."""
-    if not isinstance(a, torch.Tensor):
-        raise TypeError(f"'{name}' must return a torch.Tensor, got {type(a).__name__}")
-    if a.shape != y.shape:
-        raise ValueError(f"'{name}' must return an action of the state's shape {tuple(y.shape)}, got {tuple(a.shape)}")
-    return check_finite(f"action returned by '{name}'", a)
-
-
 def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, noise, exploration_std,
                     save_every, check=True) -> Trajectory:
     N = taus.numel() - 1
@@ -203,8 +196,8 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
     gdiff = sde.diffusion(taus)
     klw = kl_weights(sde, taus) if reference is not None else None
     if check:
-        policy_fn, reference_fn = (lambda t, x, c: _checked("policy", policy(t, x, c), x)), (
-            None if reference is None else (lambda t, x, c: _checked("reference", reference(t, x, c), x)))
+        policy_fn, reference_fn = (lambda t, x, c: check_action("policy", policy(t, x, c), x)), (
+            None if reference is None else (lambda t, x, c: check_action("reference", reference(t, x, c), x)))
     else:
         policy_fn, reference_fn = policy, reference
 
@@ -284,8 +277,6 @@ def _rollout_native(sde, policy, y0, taus, cond, reference, method, generator, n
 def _euler_kernel(sde: ControlledSDE, N: int):
     """The SDE's :class:`~sa_theory.kernels.EulerKernel` on the uniform ``N``-step grid (float64), built once per equal
     ``(sde, N)``, so the rollouts of a training loop share its per-step drift coefficients (``_euler_via_chain``)."""
-    from .kernels import EulerKernel
-
     return EulerKernel(sde, np.linspace(0.0, float(sde.T), N + 1))
 
 
@@ -293,8 +284,6 @@ def _euler_via_chain(sde, policy, y0, taus, cond, reference, generator, noise, s
     """Euler-Maruyama through the one sampling loop: :func:`~sa_theory.sampling.sample_chain` on the SDE's
     :class:`~sa_theory.kernels.EulerKernel` over ``taus`` (the step of the module docstring; same random draws as
     the loop below would take). ``save_every=None`` records nothing per step (``record=False``)."""
-    from .sampling import sample_chain, step_fns
-
     N = taus.numel() - 1
     try:  # a noise function may hold state, and a user's schedule may not hash: those get a kernel of their own
         shared = sde.constant_noise is not None and hash(sde) is not None
@@ -354,10 +343,10 @@ class _TorchsdeSystem(torch.nn.Module):
     def f(self, u, z):
         tau = self._tau(u)
         y = self._split(z)
-        a = _checked("policy", self.policy(tau, y, self.cond), y)
+        a = check_action("policy", self.policy(tau, y, self.cond), y)
         b = self.sde.drift(tau, y, a).reshape(z.shape[0], self.D)
         if self.reference is not None:
-            s = _checked("reference", self.reference(tau, y, self.cond), y)
+            s = check_action("reference", self.reference(tau, y, self.cond), y)
             rate = girsanov_kl_rate(kl_weights(self.sde, tau), a, s)
         else:
             rate = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)

@@ -39,7 +39,7 @@ import torch
 from .kernels import GaussianKernel
 from .sde import check_finite
 
-__all__ = ["Chain", "PathKLs", "sample_chain", "step_fns", "StepActionFn"]
+__all__ = ["Chain", "PathKLs", "sample_chain", "step_fns", "check_action", "StepActionFn"]
 
 StepActionFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -91,15 +91,22 @@ class Chain(PathKLs):
         return self.states[-1]
 
 
-def _call(fn: StepActionFn, name: str, k: int, x: torch.Tensor) -> torch.Tensor:
-    a = fn(k, x)
+def check_action(name: str, a, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """The action ``a`` that ``name`` returned at the state ``x`` (at step ``k``, if given), checked: a tensor (else
+    ``TypeError``) of the state's shape (else ``ValueError``) without NaN/Inf (else ``FloatingPointError``), each error
+    naming ``name`` and the step. The one action check of the sampling loop and of the rollouts' other loops."""
+    at = "" if k is None else f" at step {k}"
     if not isinstance(a, torch.Tensor):
-        raise TypeError(f"{name!r} must return a torch.Tensor (an action of the state's shape) at step {k}, got "
+        raise TypeError(f"{name!r} must return a torch.Tensor (an action of the state's shape){at}, got "
                         f"{type(a).__name__}")
     if a.shape != x.shape:
-        raise ValueError(f"{name!r} must return an action of the state's shape {tuple(x.shape)} at step {k}, got "
+        raise ValueError(f"{name!r} must return an action of the state's shape {tuple(x.shape)}{at}, got "
                          f"{tuple(a.shape)}")
-    return check_finite(f"action returned by {name!r} at step {k}", a)
+    return check_finite(f"action returned by {name!r}{at}", a)
+
+
+def _call(fn: StepActionFn, name: str, k: int, x: torch.Tensor) -> torch.Tensor:
+    return check_action(name, fn(k, x), x, k)
 
 
 def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tensor, *,

@@ -609,3 +609,18 @@ def test_mean_se_is_the_mean_and_the_standard_error_and_nan_below_two_values():
     assert all(math.isnan(v) for v in mean_se([]))
     with pytest.raises(ValueError, match="at least 2"):
         mean_and_se(torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("backend, method", [("native", "euler"), ("native", "heun"), ("torchsde", "euler")])
+def test_every_loop_checks_actions_with_the_one_check_naming_policy_or_reference(backend, method):
+    """``sampling.check_action`` in the Euler chain, the Heun loop and torchsde's system: a non-tensor is a
+    ``TypeError``, a wrong shape a ``ValueError``, NaN a ``FloatingPointError``, each naming the function."""
+    y0 = FULL.sample(FULL.T, 8, seed=28)
+    pol = FULL.action
+    bad = {TypeError: lambda tau, y, cond=None: y.numpy(), ValueError: lambda tau, y, cond=None: y[:, :1],
+           FloatingPointError: lambda tau, y, cond=None: torch.full_like(y, float("nan"))}
+    for err, fn in bad.items():
+        with pytest.raises(err, match="'policy'"):
+            rollout(SDE, fn, y0, steps=4, backend=backend, method=method)
+        with pytest.raises(err, match="'reference'"):
+            rollout(SDE, pol, y0, steps=4, backend=backend, method=method, reference=fn)
