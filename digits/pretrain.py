@@ -114,27 +114,35 @@ def cache_root(cache_dir: str | None = None) -> str:
     return os.path.join(base, "digits")
 
 
+def build_untrained_unet(cfg: PretrainConfig):
+    """The digits UNet (``diffusers.UNet2DConditionModel``) of ``cfg`` with random weights: seeds the global torch
+    generator with ``cfg.seed`` (callers that must not move it wrap the call in ``torch.random.fork_rng()``)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(cfg.seed)
+    return UNet2DConditionModel(
+        sample_size=cfg.resolution,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=8,
+        norm_num_groups=cfg.norm_num_groups,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+
+
 def build_untrained_pipeline(cfg: PretrainConfig):
     """A :class:`t2i.models.PixelPipeline` with random weights seeded by ``cfg.seed``."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from t2i.models import PixelPipeline, _write_char_tokenizer
 
     with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        unet = UNet2DConditionModel(
-            sample_size=cfg.resolution,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=tuple(cfg.block_out_channels),
-            layers_per_block=cfg.layers_per_block,
-            cross_attention_dim=cfg.text_hidden,
-            attention_head_dim=8,
-            norm_num_groups=cfg.norm_num_groups,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        )
+        unet = build_untrained_unet(cfg)
         folder = tempfile.mkdtemp(prefix="sa_digits_tok_")
         _write_char_tokenizer(folder)
         tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=cfg.max_length)

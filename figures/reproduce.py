@@ -62,10 +62,14 @@ def expected_jobs(skip_digits: bool) -> list[str]:
     return keys
 
 
-def calibrate(repeats: int = 3) -> dict[str, float]:
-    """Seconds of two fixed workloads on one thread (best of ``repeats``), recorded with the job times so that runs
-    on different machines can be compared: ``python_s`` (a pure-Python loop of 10^7 additions: the toy figures'
-    overhead) and ``torch_s`` (200 float32 256x256 matmuls: the digits models' compute)."""
+def calibrate(repeats: int = 3, digits: bool = True) -> dict[str, float]:
+    """Seconds of fixed workloads on one thread (best of ``repeats``), recorded with the job times so that runs on
+    different machines and days can be compared: ``python_s`` (a pure-Python loop of 10^7 additions), ``torch_s``
+    (200 float32 256x256 matmuls), and two slices of the real work, which register the slow days those two missed
+    (the same code's toy figures ran up to 2.7x slower on some days with unchanged ``python_s`` / ``torch_s``):
+    ``toy_s`` (8 DDPO-IS iterations on ``gauss2d``, 128 paths, N = 50, affine policy: the toy figures' small-op
+    float64 loop) and, with ``digits``, ``unet_s`` (10 no-grad forwards of the digits UNet, random weights, batch 16:
+    the digits runs' conv and attention work). The global torch generator and the thread count are left as found."""
     import torch
 
     def best(fn) -> float:
@@ -90,9 +94,61 @@ def calibrate(repeats: int = 3) -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {"python_s": round(best(py), 3), "torch_s": round(best(mm), 4)}
+        with torch.random.fork_rng():
+            out = {"python_s": round(best(py), 3), "torch_s": round(best(mm), 4), "toy_s": round(best(_toy_slice()), 4)}
+            if digits:
+                out["unet_s"] = round(best(_unet_slice()), 4)
+        return out
     finally:
         torch.set_num_threads(threads)
+
+
+def _toy_slice():
+    """:func:`calibrate`'s ``toy_s`` workload (a fresh run each call, so every repeat does the same work)."""
+    from figures._common import METHOD_OVERRIDES
+    from toy_problems.train import build
+
+    ov = {"progress": False, **METHOD_OVERRIDES["ddpo_is"], "policy": "affine", "pieces": 4, "num_epochs": 8,
+          "batch_size": 128, "num_steps": 50, "seed": 0}
+    build("ddpo_is", "gauss2d", ov).trainer.train()  # warm-up: first-call costs are not the machine's speed
+    return lambda: build("ddpo_is", "gauss2d", ov).trainer.train()
+
+
+def _unet_slice():
+    """:func:`calibrate`'s ``unet_s`` workload: the digits experiment's UNet (random weights) at batch 16."""
+    import torch
+
+    from digits.pretrain import PretrainConfig, build_untrained_unet
+
+    cfg = PretrainConfig()
+    unet = build_untrained_unet(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, cfg.resolution, cfg.resolution, generator=g)
+    text = torch.randn(16, cfg.max_length, cfg.text_hidden, generator=g)  # the text encoder's output shape
+    t = torch.full((16,), 500)
+
+    @torch.no_grad()
+    def run():
+        for _ in range(10):
+            unet(x, t, encoder_hidden_states=text)
+
+    run()  # warm-up
+    return run
+
+
+def machine_info() -> dict[str, str]:
+    """What the calibration cannot show: the CPU model and the vector instructions torch dispatches to."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cores": str(os.cpu_count()), "cpu": cpu, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def load_estimates(path: str = ESTIMATES) -> dict[str, float]:
@@ -114,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     for lib in ("DIFFUSERS", "TRANSFORMERS"):  # library chatter would interleave with the bar (workers inherit it)
         os.environ.setdefault(f"{lib}_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar, once per run
-    speed = calibrate()  # before the workers start: an idle machine
+    speed = calibrate(digits=not a.skip_digits)  # before the workers start: an idle machine
+    info = machine_info()
     keys = expected_jobs(a.skip_digits)
     est = load_estimates()
     weight = {k: est.get(k, default_estimate(k)) for k in keys}
@@ -177,10 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, p in phases.items():
         print(f"{name:8s} {p['wall_s']:8.0f} {p['job_s']:8.0f}  {p['outputs']}")
     print(f"{'total':8s} {wall:8.0f} {sum(times.values()):8.0f}  ({a.workers} worker(s); job s = one thread each)")
-    print(f"machine: {os.cpu_count()} cores; calibration {speed} (figures.reproduce.calibrate; compare machines by it)")
+    print(f"machine: {info['cores']} cores, {info['cpu']} ({info['torch_cpu_capability']}); calibration {speed} "
+          "(figures.reproduce.calibrate: compare runs by toy_s and unet_s)")
     res = {"wall_s": wall, "phases": phases, "seconds": times, "workers": a.workers,
-           "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "calibration": speed,
-           "toy_results": toy_results}
+           "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "machine_info": info,
+           "calibration": speed, "toy_results": toy_results}
     if not a.skip_digits:  # a full run: its job times are the next run's ETA weights
         atomic_write_json(ESTIMATES, res, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
     return res

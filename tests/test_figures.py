@@ -45,15 +45,18 @@ def test_make_all_runs_figures_in_worker_processes_and_rejects_bad_input(tmp_pat
         make_all(str(tmp_path), quick=True, only=[5], workers=0)
 
 
-def test_reproduce_calibration_times_two_fixed_workloads_and_restores_threads():
+def test_reproduce_calibration_times_fixed_workloads_and_leaves_threads_and_rng_alone():
     import torch
 
-    from figures.reproduce import calibrate
+    from figures.reproduce import calibrate, machine_info
 
-    before = torch.get_num_threads()
+    before, rng = torch.get_num_threads(), torch.get_rng_state()
     speed = calibrate(repeats=1)
-    assert set(speed) == {"python_s", "torch_s"} and all(0 < v < 60 for v in speed.values())
-    assert torch.get_num_threads() == before
+    assert set(speed) == {"python_s", "torch_s", "toy_s", "unet_s"} and all(0 < v < 60 for v in speed.values())
+    assert torch.get_num_threads() == before and torch.equal(torch.get_rng_state(), rng)
+    assert set(calibrate(repeats=1, digits=False)) == {"python_s", "torch_s", "toy_s"}
+    info = machine_info()
+    assert set(info) == {"cores", "cpu", "torch_cpu_capability"} and info["torch_cpu_capability"]
 
 
 def test_queries_benchmark_runs_in_quick_mode(tmp_path, capsys):
