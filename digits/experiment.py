@@ -56,6 +56,7 @@ class ExperimentConfig:
     epochs: int = 12
     batch_size: int = 16  # samples (reward queries) per epoch
     minibatch: int = 8
+    steps_per_backward: int = 0  # train.steps_per_backward: 0 = a minibatch's trained steps in one UNet pass
     learning_rate: float = 3e-3
     lora_rank: int = 4
     guidance_scale: float = 1.0
@@ -135,6 +136,7 @@ def make_config(ec: ExperimentConfig, assets: dict, method: str, seed: int, K: i
     c.train.batch_size, c.train.gradient_accumulation_steps = ec.minibatch, 1
     c.train.learning_rate = ec.learning_rate
     c.train.timestep_fraction = min(1.0, ec.train_steps_per_path / K)
+    c.train.steps_per_backward = ec.steps_per_backward
     c.train.beta = ec.beta if method in ("sa_ac", "dpok") else 0.0
     c.train.kl_penalty = ec.kl_penalty
     c.train.estimator = ec.sa_ac_estimator

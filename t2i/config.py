@@ -108,6 +108,10 @@ class TrainConfig:
     lr_warmup_steps: int = _f(0, "linear LR warm-up, in optimizer updates (then constant)")
     max_grad_norm: float = _f(1.0, "gradient clipping of actor + critic parameters (0: none)")
     timestep_fraction: float = _f(1.0, "fraction of the K steps trained on per path (random subset per epoch)")
+    steps_per_backward: int = _f(1, "trained steps per denoiser forward and backward in the update: 1 (one step's "
+                                    "batch per pass, the least memory), n (n steps' batches stacked in one pass), "
+                                    "0 (all of a minibatch's trained steps in one pass: fastest for small models); "
+                                    "the same loss and gradient up to float rounding")
     beta: float = _f(0.01, "KL weight: objective E[r] - beta * KL(P_theta || P_pre) (nats per path)")
     kl_weighting: str = _f("chain", 'which per-step KL regularises: "chain" (exact KL of the K-step sampler; bounds '
                                     'the terminal KL) or "continuous" (Girsanov rate over each step; stable across K)')

@@ -91,6 +91,25 @@ class ImageEnvironment:
     def action(self, k: int, x: torch.Tensor, text: dict, model=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def grid_actions(self, ks, states: torch.Tensor, text: dict, model=None, ref_actions=None) -> torch.Tensor:
+        """The policy's actions at the steps ``ks`` for ``states`` ``(n, B, *latent)``, ``(n, B, *latent)``, in one
+        denoiser call on the ``n B`` stacked states (row ``i B + b``: step ``ks[i]``, path ``b``; per-row timesteps,
+        the text repeated ``n`` times): an update that trains several steps of a minibatch per pass
+        (``train.steps_per_backward`` 0 or > 1) takes one forward and one backward on ``n`` times the batch instead
+        of ``n`` small ones. Equal to stacking :meth:`action` over ``ks`` up to float rounding; one step is
+        :meth:`action` itself. ``ref_actions`` is not used (the step environment contract's argument)."""
+        ks = [int(k) for k in ks]
+        if len(ks) == 1:
+            return self.action(ks[0], states[0], text, model)[None]
+        n, B = len(ks), states.shape[1]
+        rows = {key: v.repeat(n, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v for key, v in text.items()}
+        x = states.reshape(n * B, *states.shape[2:])
+        return self._rows_action(ks, B, x, rows, model).reshape(states.shape)
+
+    def _rows_action(self, ks: list[int], B: int, x: torch.Tensor, text: dict, model):  # pragma: no cover
+        """:meth:`grid_actions` on the stacked rows ``x`` ``(len(ks) B, *latent)`` with the text of every row."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def reference_action(self, k: int, x: torch.Tensor, text: dict) -> torch.Tensor:
         with pretrained(self.model):
@@ -160,6 +179,21 @@ class UNetEnvironment(ImageEnvironment):
 
         return unet_output(self.model, x, int(self.kernel.timesteps[k]), text["neg_embeds"])
 
+    def _rows_action(self, ks, B, x, text, model):
+        from .rollout import guided_eps, unet_output
+        from .scheduling import score_from_eps
+
+        ts = torch.tensor([int(self.kernel.timesteps[k]) for k in ks], device=x.device).repeat_interleave(B)
+        ab = torch.tensor([float(self.kernel.alphabar[k]) for k in ks], dtype=torch.float64, device=x.device)
+        ab = ab.repeat_interleave(B).reshape(-1, *([1] * (x.dim() - 1)))
+        uncond_out = None
+        if self.guided and not self.lora_uncond:
+            with frozen_pretrained(self.model):
+                uncond_out = unet_output(self.model, x, ts, text["neg_embeds"])
+        eps = guided_eps(model or self.model, x, ts, text["embeds"], text["neg_embeds"],
+                         self.guidance_scale if self.guided else 1.0, ab, self.prediction_type, uncond_out)
+        return score_from_eps(eps, ab)
+
     def action(self, k, x, text, model=None):
         from .scheduling import score_from_eps
 
@@ -201,6 +235,17 @@ class FlowEnvironment(ImageEnvironment):
         from .flow_models import velocity_output
 
         return velocity_output(self.model, x, self.kernel.time(k), text["neg_embeds"], text["neg_pooled"])
+
+    def _rows_action(self, ks, B, x, text, model):
+        from .flow_models import guided_velocity, velocity_output
+
+        t = torch.tensor([self.kernel.time(k) for k in ks], dtype=torch.float64, device=x.device).repeat_interleave(B)
+        uncond_out = None
+        if self.guided and not self.lora_uncond:
+            with frozen_pretrained(self.model):
+                uncond_out = velocity_output(self.model, x, t, text["neg_embeds"], text["neg_pooled"])
+        return guided_velocity(model or self.model, x, t, text, self.guidance_scale if self.guided else 1.0,
+                               uncond_out)
 
     def x0_hat(self, k, x, action):
         return x - self.kernel.time(k) * action

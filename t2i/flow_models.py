@@ -185,26 +185,33 @@ def encode_sd3_prompts(pipe, prompts: list[str], negative_prompt: str = "", guid
             "neg_pooled": neg_pooled if guidance else None}
 
 
-def velocity_output(transformer, x: torch.Tensor, t: float, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """The transformer's velocity (float32) at rectified-flow time ``t`` (timestep ``1000 t``), one call."""
+def velocity_output(transformer, x: torch.Tensor, t: float | torch.Tensor, embeds: torch.Tensor,
+                    pooled: torch.Tensor) -> torch.Tensor:
+    """The transformer's velocity (float32) at rectified-flow time ``t`` (timestep ``1000 t``), one call; ``t``: one
+    time for all rows, or a float64 ``(B,)`` tensor of one per row."""
     from .models import weights_dtype
 
     dtype = weights_dtype(transformer)
-    ts = torch.full((x.shape[0],), 1000.0 * float(t), dtype=dtype, device=x.device)
+    if torch.is_tensor(t):
+        ts = (1000.0 * t.double()).to(dtype=dtype, device=x.device)
+    else:
+        ts = torch.full((x.shape[0],), 1000.0 * float(t), dtype=dtype, device=x.device)
     return transformer(hidden_states=x.to(dtype), timestep=ts, encoder_hidden_states=embeds.to(dtype),
                        pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
 
 
-def guided_velocity(transformer, x: torch.Tensor, t: float, text: dict, guidance_scale: float,
+def guided_velocity(transformer, x: torch.Tensor, t: float | torch.Tensor, text: dict, guidance_scale: float,
                     uncond_out: torch.Tensor | None = None) -> torch.Tensor:
     """Velocity :math:`v_u + w(v_c - v_u)` (float32) at rectified-flow time ``t`` (transformer timestep ``1000 t``);
     one transformer call on the doubled batch when guided, the conditional velocity when ``w == 1`` or there
     are no negative embeddings. ``uncond_out``: :math:`v_u` computed elsewhere (the frozen pretrained branch,
-    ``model.lora_uncond = false``); then ``transformer`` runs on the conditional half only."""
+    ``model.lora_uncond = false``); then ``transformer`` runs on the conditional half only. ``t``: one time, or
+    one per row (:func:`velocity_output`)."""
     if guidance_scale == 1.0 or text.get("neg_embeds") is None:
         return velocity_output(transformer, x, t, text["embeds"], text["pooled"])
     if uncond_out is None:
-        u, c = velocity_output(transformer, torch.cat([x, x]), t, torch.cat([text["neg_embeds"], text["embeds"]]),
+        t2 = torch.cat([t, t]) if torch.is_tensor(t) else t
+        u, c = velocity_output(transformer, torch.cat([x, x]), t2, torch.cat([text["neg_embeds"], text["embeds"]]),
                                torch.cat([text["neg_pooled"], text["pooled"]])).chunk(2)
     else:
         u, c = uncond_out, velocity_output(transformer, x, t, text["embeds"], text["pooled"])

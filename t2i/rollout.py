@@ -34,8 +34,9 @@ from .scheduling import eps_from_model_output
 __all__ = ["RolloutBatch", "unet_output", "guided_eps", "sample_rollout", "sample_images"]
 
 
-def unet_output(unet, x: torch.Tensor, timestep: int, embeds: torch.Tensor) -> torch.Tensor:
-    """The UNet's raw output (float32) for latents ``x`` and text ``embeds``, one call."""
+def unet_output(unet, x: torch.Tensor, timestep: int | torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """The UNet's raw output (float32) for latents ``x`` and text ``embeds``, one call; ``timestep``: one for all
+    rows, or a ``(B,)`` tensor of one per row."""
     dtype = weights_dtype(unet)
     return unet(x.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype)).sample.float()
 
@@ -43,23 +44,25 @@ def unet_output(unet, x: torch.Tensor, timestep: int, embeds: torch.Tensor) -> t
 def guided_eps(
     unet,
     x: torch.Tensor,
-    timestep: int,
+    timestep: int | torch.Tensor,
     embeds: torch.Tensor,
     uncond: torch.Tensor | None,
     guidance_scale: float,
-    alphabar: float,
+    alphabar: float | torch.Tensor,
     prediction_type: str = "epsilon",
     uncond_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Guided noise prediction :math:`\\epsilon_u + w(\\epsilon_c - \\epsilon_u)` (float32), one UNet call
     on the doubled batch. ``uncond=None`` or ``w=1`` gives the conditional prediction. ``uncond_out``: the
     unconditional raw output computed elsewhere (the frozen pretrained branch, ``model.lora_uncond = false``);
-    then ``unet`` runs on the conditional half only."""
+    then ``unet`` runs on the conditional half only. ``timestep`` and ``alphabar`` are one step's, or per row
+    (``(B,)`` timesteps and float64 ``(B, 1, 1, 1)`` alphabars: rows of several steps in one call)."""
     if uncond is None or guidance_scale == 1.0:
         out = unet_output(unet, x, timestep, embeds)
     else:
         if uncond_out is None:
-            u, c = unet_output(unet, torch.cat([x, x]), timestep, torch.cat([uncond, embeds])).chunk(2)
+            t2 = torch.cat([timestep, timestep]) if torch.is_tensor(timestep) and timestep.dim() else timestep
+            u, c = unet_output(unet, torch.cat([x, x]), t2, torch.cat([uncond, embeds])).chunk(2)
         else:
             u, c = uncond_out, unet_output(unet, x, timestep, embeds)
         out = u + guidance_scale * (c - u)

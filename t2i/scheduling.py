@@ -47,13 +47,17 @@ def score_from_eps(eps: torch.Tensor, alphabar_t: torch.Tensor | float) -> torch
 
 
 def eps_from_model_output(
-    output: torch.Tensor, sample: torch.Tensor, alphabar_t: float, prediction_type: str
+    output: torch.Tensor, sample: torch.Tensor, alphabar_t: float | torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
     """Noise prediction from a model output of the given ``prediction_type`` (``epsilon`` or
-    ``v_prediction``)."""
+    ``v_prediction``). ``alphabar_t``: a number, or a float64 tensor broadcasting against ``output`` (one value per
+    row: rows of several steps in one batch); the coefficients are rounded to ``output``'s dtype either way."""
     if prediction_type == "epsilon":
         return output
     if prediction_type == "v_prediction":
+        if torch.is_tensor(alphabar_t):
+            a = alphabar_t.double()
+            return a.sqrt().to(output.dtype) * output + (1.0 - a).sqrt().to(output.dtype) * sample
         return math.sqrt(alphabar_t) * output + math.sqrt(1.0 - alphabar_t) * sample
     raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
 

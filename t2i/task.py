@@ -251,7 +251,7 @@ class ImageTask(CheckpointMixin):
         plan = UpdatePlan(num_inner_epochs=t.num_inner_epochs, minibatch_size=t.batch_size,
                           gradient_accumulation_steps=t.gradient_accumulation_steps, live_steps=live,
                           steps_per_minibatch=max(1, int(round(len(live) * t.timestep_fraction))),
-                          steps_per_backward=1, shuffle=True,
+                          steps_per_backward=t.steps_per_backward, shuffle=True,
                           early_stop_path_kl=t.early_stop_path_kl if t.method == "sa_ac" else 0.0)
         return self.method, batch, plan, metrics
 

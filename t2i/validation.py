@@ -133,6 +133,10 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     for name in ("num_epochs", "num_inner_epochs", "gradient_accumulation_steps", "stat_buffer_size", "stat_min_count"):
         need(getattr(t, name) >= 1, f"train.{name}: must be >= 1 (got {getattr(t, name)}; 0 makes training a no-op)")
     need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps: must be >= 0 (got {t.lr_warmup_steps})")
+    need(isinstance(t.steps_per_backward, int) and not isinstance(t.steps_per_backward, bool)
+         and t.steps_per_backward >= 0,
+         f"train.steps_per_backward: must be an integer >= 0 (0: all of a minibatch's trained steps in one pass; "
+         f"got {t.steps_per_backward!r})")
     need(t.learning_rate > 0, f"train.learning_rate: must be > 0 (got {t.learning_rate})")
     for name in ("adam_beta1", "adam_beta2"):
         need(0 <= getattr(t, name) < 1, f"train.{name}: must be in [0, 1) (got {getattr(t, name)})")

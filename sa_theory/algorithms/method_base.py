@@ -5,8 +5,8 @@ with ``kernel`` (a :class:`~sa_theory.kernels.GaussianKernel`), ``action(k, x, t
 action at step ``k``, differentiable in ``model``'s parameters) and ``value_cond(batch, k, tweedie=None)`` (the
 value model's conditioning); optionally ``grid_actions(ks, states, text, model, ref_actions)`` (the actions of
 several steps in one call, ``(n, B, *event)``) and ``grid_values(value_model, batch)`` (``(K, B)``). The image
-environments (:mod:`t2i.environments`, one network call per step, as DDP needs) and the toy problems
-(:mod:`.step_env`, one batched call over the grid) both are.
+environments (:mod:`t2i.environments`: one network call per step, or with ``grid_actions`` one call on the steps'
+stacked states) and the toy problems (:mod:`.step_env`, one batched call over the grid) both are.
 
 The interface: ``path_return(batch, R)`` (the per-path quantity a trainer may normalise), ``prepare(batch, R)``
 (advantages, value targets; returns metrics) and ``losses(batch, steps) -> dict`` with ``"loss"`` to minimise.
@@ -206,8 +206,8 @@ class Method:
 
     def losses(self, batch: RolloutBatch, steps: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """The per-step losses summed over ``steps`` (default all); ``"loss"`` is what to minimise. The steps are
-        evaluated together (one ``grid_actions`` call where the environment has it). Under DDP, call with one
-        step per backward pass (one network forward per backward)."""
+        evaluated together (one ``grid_actions`` call where the environment has it). Under DDP a backward pass may
+        follow one network forward only: one step per call, or several through the environment's ``grid_actions``."""
         ks = list(range(batch.num_steps)) if steps is None else [int(k) for k in steps]
         if not ks:
             raise ValueError("'steps' is empty")

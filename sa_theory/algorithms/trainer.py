@@ -59,8 +59,9 @@ class UpdatePlan:
     steps_per_minibatch: how many of them each minibatch trains on, a random subset drawn per minibatch (the draw
         is made even when all are used, so the random stream does not depend on the fraction); the loss is the
         method's sum over the subset times ``steps_scale = len(live_steps) / steps_per_minibatch`` (unbiased).
-    steps_per_backward: steps per backward pass (1: one denoiser forward per backward, as DDP needs; 0: all of a
-        minibatch's steps in one batched evaluation, the toys' choice).
+    steps_per_backward: steps per backward pass (1: one step's batch per denoiser forward, the least memory; 0: all
+        of a minibatch's steps in one batched evaluation, the toys' choice and, through an image environment's
+        ``grid_actions``, one denoiser forward on the stacked steps: the image config's ``train.steps_per_backward``).
     early_stop_path_kl: > 0: stop the iteration's updates once an update's mean ``kl_to_old`` diagnostic (over
         processes) exceeds it (``sa_ac``'s trust region as an early stop).
     """

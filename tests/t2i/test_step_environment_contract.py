@@ -109,7 +109,9 @@ def test_kernel_actions_and_grid_actions(setup):
     assert per_step.shape == batch.latents[:-1].shape
     if hasattr(env, "grid_actions"):
         grid = env.grid_actions(ks, batch.latents[ks], batch.text, model, batch.ref_actions)
-        torch.testing.assert_close(grid, per_step)
+        # one batched network call rounds differently from K small ones (float32: ~1e-6 of the actions' scale)
+        tol = 100 * torch.finfo(per_step.dtype).eps * float(per_step.abs().max())
+        torch.testing.assert_close(grid, per_step, rtol=0, atol=tol)
 
 
 def test_log_prob_parity_batched_kernel_and_value_conditioning(setup):
@@ -136,7 +138,9 @@ def test_every_method_loss_is_the_sum_of_its_one_step_losses(setup, name):
     b = batch.select(torch.arange(batch.batch_size))
     method.prepare(b, method.path_return(b, rewards.to(batch.log_probs)))
     method.losses(b)
-    assert method.logprob_delta() < 1e-3  # the sampling policy: recomputed = rollout log-probs
+    # the sampling policy: recomputed = rollout log-probs, up to float rounding of a sum over the latent dims (all
+    # steps in one batched call: ~1e-6 of |log-prob| in float32)
+    assert method.logprob_delta() < max(1e-3, 1e-5 * float(b.log_probs.abs().max()))
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     try:
@@ -145,7 +149,10 @@ def test_every_method_loss_is_the_sum_of_its_one_step_losses(setup, name):
         parts = [method.losses(b, [k]) for k in range(b.num_steps)]
         for key, val in whole.items():
             assert torch.isfinite(val).all(), key
-            torch.testing.assert_close(val.detach(), sum(p[key].detach() for p in parts), rtol=1e-4, atol=1e-7)
+            # rtol 1e-3: the whole is one batched call on the image environments (its per-step ratios
+            # exp(log-prob - old) carry that call's rounding, 1e-3 nats of a 4096-dim float32 log-prob); a units
+            # error (mean for sum over steps or dims) is off by a factor of K or more
+            torch.testing.assert_close(val.detach(), sum(p[key].detach() for p in parts), rtol=1e-3, atol=1e-7)
         grads = torch.autograd.grad(whole["loss"], params, allow_unused=True)
         assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
         assert float(whole.get("ratio_dev", torch.ones(()))) > 0 and float(whole.get("kl_to_old", torch.ones(()))) > 0

@@ -102,6 +102,7 @@ def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tmp_path):
         ({"sample.eta": 0}, "sample.eta"),
         ({"train.method": "ppo"}, "train.method"),
         ({"train.method": "dpok", "value.kind": "none"}, "value.kind"),
+        ({"train.steps_per_backward": -1}, "train.steps_per_backward"),
     ],
 )
 def test_bad_configs_fail_fast_naming_the_field(over, field):
