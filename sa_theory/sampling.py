@@ -105,10 +105,6 @@ def check_action(name: str, a, x: torch.Tensor, k: int | None = None) -> torch.T
     return check_finite(f"action returned by {name!r}{at}", a)
 
 
-def _call(fn: StepActionFn, name: str, k: int, x: torch.Tensor) -> torch.Tensor:
-    return check_action(name, fn(k, x), x, k)
-
-
 def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tensor, *,
                  reference_fn: StepActionFn | None = None, generator: torch.Generator | None = None,
                  noise: torch.Tensor | None = None, check: bool = True, record: bool = True,
@@ -135,14 +131,14 @@ def sample_chain(kernel: GaussianKernel, action_fn: StepActionFn, x0: torch.Tens
     x = x0
     states, actions, xis, logps, refs, kls, kls_ct, ref_logps = [x0], [], [], [], [], [], [], []
     for k in range(K):
-        a = _call(action_fn, names[0], k, x)
+        a = check_action(names[0], action_fn(k, x), x, k)
         mean = kernel.mean(k, x, a)
         if noise is not None:
             xi = noise[k].to(x.dtype)
         else:
             xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
         x_next = mean + kernel.std(k) * xi
-        s = None if reference_fn is None else _call(reference_fn, names[1], k, x)
+        s = None if reference_fn is None else check_action(names[1], reference_fn(k, x), x, k)
         if record:  # the per-step records are computed after the loop, on the whole grid at once
             states.append(x_next)
             actions.append(a)

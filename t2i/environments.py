@@ -64,6 +64,11 @@ class ImageEnvironment:
         return self.guidance_scale != 1.0 and self.negative_prompt is not None
 
     @property
+    def _w(self) -> float:
+        """The guidance scale the actions use (1 when unguided)."""
+        return self.guidance_scale if self.guided else 1.0
+
+    @property
     def model(self) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -110,6 +115,17 @@ class ImageEnvironment:
         """:meth:`grid_actions` on the stacked rows ``x`` ``(len(ks) B, *latent)`` with the text of every row."""
         raise NotImplementedError
 
+    def _step_time(self, k: int):  # pragma: no cover - abstract
+        """The denoiser's time argument at step ``k`` (a UNet's integer timestep, a flow model's time)."""
+        raise NotImplementedError
+
+    def _row_times(self, ks: list[int], B: int, device) -> torch.Tensor:
+        """:meth:`_step_time` of every stacked row (row ``i B + b``: step ``ks[i]``), ``(len(ks) B,)``: int64
+        timesteps or float64 times."""
+        t = [self._step_time(k) for k in ks]
+        dtype = torch.int64 if isinstance(t[0], int) else torch.float64
+        return torch.tensor(t, dtype=dtype, device=device).repeat_interleave(B)
+
     @torch.no_grad()
     def reference_action(self, k: int, x: torch.Tensor, text: dict) -> torch.Tensor:
         with pretrained(self.model):
@@ -124,12 +140,19 @@ class ImageEnvironment:
         c = self._uncond_cache
         if c is not None and c[0] is x and c[1] == x._version and c[2] == k and c[3] is text:
             return c[4]
-        with frozen_pretrained(self.model):
-            out = self._uncond_output(k, x, text)
+        out = self._frozen_uncond_output(self._step_time(k), x, text)
         self._uncond_cache = (x, x._version, k, text, out)
         return out
 
-    def _uncond_output(self, k: int, x: torch.Tensor, text: dict) -> torch.Tensor:  # pragma: no cover - abstract
+    def _frozen_uncond_output(self, t, x: torch.Tensor, text: dict) -> torch.Tensor | None:
+        """The pretrained unconditional output at the time argument ``t`` (one step's, or :meth:`_row_times`) when the
+        branch is frozen, else ``None``; no grad, not cached."""
+        if self.lora_uncond or not self.guided:
+            return None
+        with frozen_pretrained(self.model):
+            return self._uncond_output(t, x, text)
+
+    def _uncond_output(self, t, x: torch.Tensor, text: dict) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def encode(self, prompts: list[str]) -> dict:  # pragma: no cover - abstract
@@ -170,28 +193,26 @@ class UNetEnvironment(ImageEnvironment):
         """Guided noise prediction at step ``k`` (float32)."""
         from .rollout import guided_eps
 
-        return guided_eps(model or self.model, x, int(self.kernel.timesteps[k]), text["embeds"], text["neg_embeds"],
-                          self.guidance_scale if self.guided else 1.0, float(self.kernel.alphabar[k]),
-                          self.prediction_type, self.frozen_uncond(k, x, text))
+        return guided_eps(model or self.model, x, self._step_time(k), text["embeds"], text["neg_embeds"], self._w,
+                          float(self.kernel.alphabar[k]), self.prediction_type, self.frozen_uncond(k, x, text))
 
-    def _uncond_output(self, k, x, text):
+    def _step_time(self, k):
+        return int(self.kernel.timesteps[k])
+
+    def _uncond_output(self, t, x, text):
         from .rollout import unet_output
 
-        return unet_output(self.model, x, int(self.kernel.timesteps[k]), text["neg_embeds"])
+        return unet_output(self.model, x, t, text["neg_embeds"])
 
     def _rows_action(self, ks, B, x, text, model):
-        from .rollout import guided_eps, unet_output
+        from .rollout import guided_eps
         from .scheduling import score_from_eps
 
-        ts = torch.tensor([int(self.kernel.timesteps[k]) for k in ks], device=x.device).repeat_interleave(B)
+        ts = self._row_times(ks, B, x.device)
         ab = torch.tensor([float(self.kernel.alphabar[k]) for k in ks], dtype=torch.float64, device=x.device)
         ab = ab.repeat_interleave(B).reshape(-1, *([1] * (x.dim() - 1)))
-        uncond_out = None
-        if self.guided and not self.lora_uncond:
-            with frozen_pretrained(self.model):
-                uncond_out = unet_output(self.model, x, ts, text["neg_embeds"])
-        eps = guided_eps(model or self.model, x, ts, text["embeds"], text["neg_embeds"],
-                         self.guidance_scale if self.guided else 1.0, ab, self.prediction_type, uncond_out)
+        eps = guided_eps(model or self.model, x, ts, text["embeds"], text["neg_embeds"], self._w, ab,
+                         self.prediction_type, self._frozen_uncond_output(ts, x, text))
         return score_from_eps(eps, ab)
 
     def action(self, k, x, text, model=None):
@@ -228,24 +249,22 @@ class FlowEnvironment(ImageEnvironment):
     def action(self, k, x, text, model=None):
         from .flow_models import guided_velocity
 
-        return guided_velocity(model or self.model, x, self.kernel.time(k), text,
-                               self.guidance_scale if self.guided else 1.0, self.frozen_uncond(k, x, text))
+        return guided_velocity(model or self.model, x, self._step_time(k), text, self._w,
+                               self.frozen_uncond(k, x, text))
 
-    def _uncond_output(self, k, x, text):
+    def _step_time(self, k):
+        return self.kernel.time(k)
+
+    def _uncond_output(self, t, x, text):
         from .flow_models import velocity_output
 
-        return velocity_output(self.model, x, self.kernel.time(k), text["neg_embeds"], text["neg_pooled"])
+        return velocity_output(self.model, x, t, text["neg_embeds"], text["neg_pooled"])
 
     def _rows_action(self, ks, B, x, text, model):
-        from .flow_models import guided_velocity, velocity_output
+        from .flow_models import guided_velocity
 
-        t = torch.tensor([self.kernel.time(k) for k in ks], dtype=torch.float64, device=x.device).repeat_interleave(B)
-        uncond_out = None
-        if self.guided and not self.lora_uncond:
-            with frozen_pretrained(self.model):
-                uncond_out = velocity_output(self.model, x, t, text["neg_embeds"], text["neg_pooled"])
-        return guided_velocity(model or self.model, x, t, text, self.guidance_scale if self.guided else 1.0,
-                               uncond_out)
+        t = self._row_times(ks, B, x.device)
+        return guided_velocity(model or self.model, x, t, text, self._w, self._frozen_uncond_output(t, x, text))
 
     def x0_hat(self, k, x, action):
         return x - self.kernel.time(k) * action

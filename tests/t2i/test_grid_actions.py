@@ -75,16 +75,18 @@ def _first_update(tmp_path, steps_per_backward: int):
             "sample.guidance_scale": 3.0, "value.kind": "residual", "train.steps_per_backward": steps_per_backward}
     tr = make_trainer(tiny_config(tmp_path / str(steps_per_backward), "sa_ac", **over))
     task, unet = tr.task, tr.pipe.unet
-    grads, calls = [], []
-    step = task.optimizer_step
+    grads, calls, seen = [], [], []
+    step, backward = task.optimizer_step, task.backward
 
-    def record():
+    def record_step():
         grads.append([p.grad.clone() for p in lora_parameters(unet)])
         return step()
 
-    task.optimizer_step = record
-    task.backward = (lambda f: lambda loss: (calls.append(len(seen)), f(loss)))(task.backward)
-    seen: list = []
+    def record_backward(loss):
+        calls.append(len(seen))  # UNet forwards with grad so far
+        backward(loss)
+
+    task.optimizer_step, task.backward = record_step, record_backward
     hook = unet.register_forward_hook(lambda *a: seen.append(1) if torch.is_grad_enabled() else None)
     try:
         m = tr.train_iteration()
