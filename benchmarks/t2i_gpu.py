@@ -92,6 +92,7 @@ def run(args) -> dict:
         "batch": args.batch,
         "steps": args.steps,
         "guidance": 5.0,
+        "steps_per_backward": args.steps_per_backward,
         "rows": [],
     }
     for method in args.methods:
@@ -116,6 +117,7 @@ def run(args) -> dict:
                 "reward.name": "jpeg_compress",
                 "value.kind": "none" if method == "ddpo_is" else "critic",
                 "model.lora_uncond": str(not args.frozen_uncond).lower(),
+                "train.steps_per_backward": str(args.steps_per_backward),
             },
         )
         if not args.tiny:
@@ -159,6 +161,12 @@ def run(args) -> dict:
                 "reward_mean": m["reward_mean"],
             }
         )
+        if args.out:  # after every method: a later one that fails or is stopped keeps the earlier rows
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+        del tr
+        gc.collect()
+        _reset(device)
     return results
 
 
@@ -330,6 +338,9 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=None,
                     help="default: sa_ac ddpo_is (sd15), sa_ac flow_grpo (sd35m)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    ap.add_argument("--steps-per-backward", type=int, default=1,
+                    help="sd15: train.steps_per_backward (1: one step per forward+backward, as trained by default; "
+                         "n: n steps of a minibatch in one pass; 0: all of them)")
     ap.add_argument("--frozen-uncond", action="store_true",
                     help="sd15: model.lora_uncond false (CFG's unconditional branch stays the pretrained model's)")
     ap.add_argument(
