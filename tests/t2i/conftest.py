@@ -55,5 +55,6 @@ def run_two_processes(dist_args: list[str], script: str, out, phase: str, args: 
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"accelerate launch ({phase}) hung (> {timeout}s): {err.stderr!s:.3000}")
-    assert res.returncode == 0, res.stderr[-4000:]
+    done = [os.path.exists(os.path.join(out, f"hash_{phase}_{r}.json")) for r in (0, 1)]
+    assert res.returncode == 0, f"exit {res.returncode}; ranks that wrote their results: {done}\n{res.stderr[-4000:]}"
     return [json.load(open(os.path.join(out, f"hash_{phase}_{r}.json"))) for r in (0, 1)]

@@ -71,8 +71,12 @@ def _first_update(tmp_path, steps_per_backward: int):
     in the update pass."""
     from t2i.trainer import make_trainer
 
+    # kl_penalty 0: at the first update the KL-to-old term's gradient, (mu_new - mu_old) / sigma^2 * dmu/dtheta, is
+    # pure float noise (zero with one step per pass, the rounding of the batched pass otherwise) amplified by
+    # 1/sigma^2, and the untrained pipeline's actor gradient is small enough for it to show (3% on an AVX-512 CPU)
     over = {"sample.num_steps": 3, "sample.batch_size": 2, "train.batch_size": 2, "train.num_epochs": 1,
-            "sample.guidance_scale": 3.0, "value.kind": "residual", "train.steps_per_backward": steps_per_backward}
+            "sample.guidance_scale": 3.0, "value.kind": "residual", "train.steps_per_backward": steps_per_backward,
+            "train.kl_penalty": 0.0}
     tr = make_trainer(tiny_config(tmp_path / str(steps_per_backward), "sa_ac", **over))
     task, unet = tr.task, tr.pipe.unet
     grads, calls, seen = [], [], []
@@ -99,6 +103,9 @@ def test_steps_per_backward_0_trains_the_same_gradient_in_one_unet_call_per_mini
     g1, calls1, m1 = _first_update(tmp_path, 1)
     g0, calls0, m0 = _first_update(tmp_path, 0)
     assert calls1 == [1, 2, 3] and calls0 == [1], (calls1, calls0)  # UNet forwards with grad before each backward
+    # the batched pass may round the recomputed log-probs differently from the rollout's (ratio_dev: max |ratio - 1|,
+    # 0 where it rounds alike, 1.3e-4 on an AVX-512 CPU); the actor gradient moves by about that much relatively
+    tol = 1e-4 + 10 * m0["train/ratio_dev"]
     for a, b in zip(g1, g0):
-        assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-12
+        assert (a - b).abs().max() <= tol * a.abs().max() + 1e-12
     assert m0["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-5, abs=1e-7)
