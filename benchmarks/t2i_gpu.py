@@ -382,9 +382,6 @@ def main(argv=None):
             f"{r['method']:>8} | {r['sampling_images_per_s']:12.3f} | {r['sampling_peak_gb']:9.2f} | "
             f"{r['train_samples_per_s']:12.3f} | {r['train_peak_gb']:8.2f} | {r['mfu']:6.3f}"
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
     return res
 
 

@@ -10,10 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
-def tiny_config(tmp_path, method="sa_ac", **over):
+def tiny_config(tmp_path, method="sa_ac", preset="tiny_cpu", **over):
     from t2i.config import apply_overrides, get_preset
 
-    cfg = get_preset("tiny_cpu")
+    cfg = get_preset(preset)
     cfg.train.method = method
     cfg.log.output_dir = str(tmp_path / f"run_{method}")
     cfg.log.tensorboard = False
@@ -32,6 +32,19 @@ def tiny_pipe():
     pipe = build_tiny_pipeline(0)
     add_lora(pipe.unet, 4, init_seed=0)
     return pipe
+
+
+def end_worker(acc) -> None:
+    """The end of a launched test worker (``ddp_worker.py``, ``test_fsdp.py``): wait for every rank, destroy the
+    process group, and leave without interpreter finalisation, where a rank once aborted under CI load (SIGABRT,
+    "terminate called without an active exception": a C++ thread still joinable at exit; cause not established)."""
+    import sys
+
+    acc.wait_for_everyone()
+    acc.end_training()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_two_processes(dist_args: list[str], script: str, out, phase: str, args: list[str], timeout: int) -> list[dict]:

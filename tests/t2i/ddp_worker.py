@@ -11,6 +11,7 @@ torch.set_num_threads(1)
 from t2i.config import apply_overrides, get_preset  # noqa: E402
 from t2i.models import denoiser  # noqa: E402
 from t2i.trainer import lora_hash, make_trainer  # noqa: E402
+from tests.t2i.conftest import end_worker  # noqa: E402  (PYTHONPATH: the repository root)
 
 
 def main(out_dir: str, phase: str, preset: str = "tiny_cpu") -> None:
@@ -44,15 +45,8 @@ def main(out_dir: str, phase: str, preset: str = "tiny_cpu") -> None:
             },
             f,
         )
-    tr.acc.wait_for_everyone()
-    tr.acc.end_training()  # destroy the process group before exit
+    end_worker(tr.acc)
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    # done, the process group destroyed: leave without interpreter finalisation, where a rank once aborted
-    # under CI load (SIGABRT, "terminate called without an active exception": a C++ thread still joinable at
-    # exit; cause not established)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

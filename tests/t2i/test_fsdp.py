@@ -37,6 +37,7 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
     )
     from t2i.models import denoiser, lora_parameters
     from t2i.trainer import make_trainer
+    from tests.t2i.conftest import end_worker  # the launched script's import (PYTHONPATH: the repository root)
 
     cfg = get_preset(preset)
     apply_overrides(cfg, {
@@ -74,8 +75,7 @@ def _worker(out_dir: str, phase: str, preset: str, *extra: str) -> None:
     save_file(lora, os.path.join(out_dir, f"lora_{phase}_{rank}.safetensors"))
     with open(os.path.join(out_dir, f"hash_{phase}_{rank}.json"), "w") as f:
         json.dump(info, f)
-    tr.acc.wait_for_everyone()
-    tr.acc.end_training()  # destroy the process group before exit (gloo threads aborted at teardown otherwise)
+    end_worker(tr.acc)
 
 
 # ----------------------------------------------------------------------------------------------- launcher
@@ -274,9 +274,3 @@ def test_fsdp1_is_refused(monkeypatch):
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
-    # done, the process group destroyed: leave without interpreter finalisation, where a rank once aborted
-    # under CI load (SIGABRT, "terminate called without an active exception": a C++ thread still joinable at
-    # exit; cause not established)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

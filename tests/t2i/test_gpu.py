@@ -20,7 +20,7 @@ from .conftest import tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-FLOW = {"model.pretrained": "tiny_sd3", "model.family": "sd3", "sample.sampler": "flow", "sample.eval_sampler": "flow"}
+PRESET = {"unet": "tiny_cpu", "sd3": "tiny_flow_cpu"}
 
 
 def _rollout(cfg, device):
@@ -32,7 +32,6 @@ def _rollout(cfg, device):
     torch.manual_seed(0)
     pipe = build_pipeline(cfg, device, torch.float32)
     add_lora(denoiser(pipe), 4, targets=lora_targets(pipe), init_seed=0)
-    pipe.to(device)
     env = make_environment(pipe, cfg.sample)
     with torch.no_grad():
         return sample_rollout(env, ["a cat", "a dog", "a cat", "a dog"], torch.Generator().manual_seed(1))
@@ -40,7 +39,7 @@ def _rollout(cfg, device):
 
 @pytest.mark.parametrize("family", ["unet", "sd3"])
 def test_cuda_rollout_equals_the_cpu_rollout_in_float32(tmp_path, family):
-    cfg = tiny_config(tmp_path, "sa_ac", **(FLOW if family == "sd3" else {}))
+    cfg = tiny_config(tmp_path, "sa_ac", PRESET[family])
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -61,14 +60,13 @@ def test_one_bf16_iteration_on_cuda_trains_only_fp32_lora(tmp_path, family, meth
     from t2i.models import denoiser
     from t2i.trainer import make_trainer
 
-    over = {"model.mixed_precision": "bf16", "log.save_every": 0, "train.num_epochs": 1,
-            **(FLOW if family == "sd3" else {})}
+    over = {"model.mixed_precision": "bf16", "log.save_every": 0, "train.num_epochs": 1}
     if method == "flow_grpo":
         over.update({"sample.flow_noise": "flow_grpo", "sample.flow_noise_value": 0.7, "train.logprob_units": "mean",
                      "value.kind": "none", "sample.group_size": 2})
     AcceleratorState._reset_state(True)
     try:
-        tr = make_trainer(tiny_config(tmp_path, method, **over))
+        tr = make_trainer(tiny_config(tmp_path, method, PRESET[family], **over))
         assert tr.acc.device.type == "cuda"
         net = denoiser(tr.pipe)
         lora = {n: p for n, p in net.named_parameters() if "lora_" in n}
